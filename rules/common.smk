@@ -1,0 +1,72 @@
+# Input functions and helpers shared by the rules.
+import json
+from pathlib import Path
+
+from workflow_scripts.code import module_sources
+from workflow_scripts.config import analysis_pairs, extract_options
+from workflow_scripts.sources import source_scheme
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+    shard=r"\d+",
+
+
+def code_files(module):
+    """The package files a stage's entry module runs: declared as inputs of its rule."""
+    return module_sources(module)
+
+
+def model_spec(wildcards):
+    """A model's config entry, as JSON: everything fetch_model uses comes in through params."""
+    return json.dumps(config["models"][wildcards.model], sort_keys=True)
+
+
+def local_model_files(wildcards):
+    """A local: model's files, so a change to them refetches it."""
+    scheme, path = source_scheme(config["models"][wildcards.model]["source"])
+    if scheme != "local":
+        return []
+    return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+
+
+def dataset_spec(wildcards):
+    spec = dict(config["datasets"][wildcards.dataset])
+    spec.pop("shards", None)  # extraction's business, not the data's
+    return json.dumps(spec, sort_keys=True)
+
+
+def dataset_source_files(wildcards):
+    """A parquet: or imagefolder: dataset's files, so a change to them reprepares it."""
+    scheme, path = source_scheme(config["datasets"][wildcards.dataset]["source"])
+    if scheme == "parquet":
+        return [path]
+    if scheme == "imagefolder":
+        return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+    return []
+
+
+def extraction_options(wildcards):
+    return json.dumps(extract_options(config, wildcards.model), sort_keys=True)
+
+
+def shard_count(dataset):
+    return config["datasets"][dataset]["shards"]
+
+
+def activation_shards(model, dataset):
+    return expand(
+        "results/activations/{model}/{dataset}/shard-{shard}.zarr",
+        model=model,
+        dataset=dataset,
+        shard=range(shard_count(dataset)),
+    )
+
+
+def all_activations():
+    return [
+        path
+        for model, dataset in analysis_pairs(config)
+        for path in activation_shards(model, dataset)
+    ]

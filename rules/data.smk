@@ -1,0 +1,17 @@
+# prepare_data: results/data/{dataset}.parquet from any dataset source.
+
+
+rule prepare_data:
+    input:
+        code=code_files("workflow_scripts.prepare_data"),
+        source=dataset_source_files,
+    output:
+        "results/data/{dataset}.parquet",
+    params:
+        spec=dataset_spec,
+        name=lambda wildcards: wildcards.dataset,
+    log:
+        "results/logs/prepare_data/{dataset}.log",
+    shell:
+        "python -m workflow_scripts.prepare_data --spec {params.spec:q} --name {params.name:q} "
+        "--out {output:q} 2> {log:q}"

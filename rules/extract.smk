@@ -1,0 +1,21 @@
+# extract: results/activations/{model}/{dataset}/shard-{shard}.zarr, one job per shard.
+
+
+rule extract:
+    input:
+        model="results/models/{model}",
+        data="results/data/{dataset}.parquet",
+        code=code_files("workflow_scripts.extract"),
+    output:
+        directory("results/activations/{model}/{dataset}/shard-{shard}.zarr"),
+    params:
+        shard=lambda wildcards: int(wildcards.shard),
+        shards=lambda wildcards: shard_count(wildcards.dataset),
+        options=extraction_options,
+    log:
+        "results/logs/extract/{model}/{dataset}/shard-{shard}.log",
+    threads: 1
+    shell:
+        "python -m workflow_scripts.extract --model {input.model:q} --data {input.data:q} "
+        "--shard {params.shard} --shards {params.shards} --options {params.options:q} "
+        "--code {input.code:q} --threads {threads} --out {output:q} 2> {log:q}"

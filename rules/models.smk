@@ -1,0 +1,18 @@
+# fetch_model: results/models/{model}/ in the stored layout (weights, config, manifest.json).
+# A localrule: cluster compute nodes often have no internet.
+
+
+rule fetch_model:
+    input:
+        code=code_files("workflow_scripts.fetch_model"),
+        local=local_model_files,
+    output:
+        directory("results/models/{model}"),
+    params:
+        spec=model_spec,
+    log:
+        "results/logs/fetch_model/{model}.log",
+    localrule: True
+    shell:
+        "python -m workflow_scripts.fetch_model --spec {params.spec:q} --out {output:q} "
+        "2> {log:q}"

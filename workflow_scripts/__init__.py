@@ -1,0 +1,1 @@
+"""residual-streams: the logic of the workflow's stages. The rules in rules/*.smk call it."""

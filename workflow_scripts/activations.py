@@ -1,0 +1,112 @@
+"""The activation store: one Zarr v3 group per extraction shard.
+
+Arrays:
+  ``layer-{k}``  ``[rows, width]`` stream at read-out point k (float16 by default), chunked by rows
+                 and stored with the sharding codec (``chunks_per_shard`` chunks per file);
+                 every chunk carries a crc32c checksum, so a corrupted chunk fails to read.
+  ``example_id`` ``[rows]`` int64, the dataset example each row comes from;
+  ``position``   ``[rows]`` int32, the token position (0 for images);
+  ``is_padding`` ``[rows]`` bool, true for rows at padding tokens.
+Group attributes: ``readouts`` (index, stage, block, name, width), ``pooling``, ``dtype``,
+``rows``, the shard's place in the dataset, the extraction options and ``digests`` of the model,
+dataset and code that produced it.
+
+The writer buffers one Zarr shard of rows per read-out point and writes whole shards, so memory is
+bounded by ``readouts x chunk_rows x chunks_per_shard x width`` whatever the number of rows.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from workflow_scripts.models.adapter import Readout
+
+INDEX_ARRAYS = {"example_id": np.int64, "position": np.int32, "is_padding": np.bool_}
+
+
+def layer_name(index: int) -> str:
+    return f"layer-{index}"
+
+
+class ShardWriter:
+    """Writes the rows of one extraction shard in order; call :meth:`append` per batch and
+    :meth:`close` at the end. Rows go to ``path`` exactly as given (no reordering)."""
+
+    def __init__(self, path: str | Path, readouts: list[Readout], rows: int, dtype: str,
+                 chunk_rows: int, chunks_per_shard: int):
+        if rows <= 0:
+            raise ValueError(f"{path}: nothing to write (0 rows)")
+        self.path, self.rows, self.dtype = Path(path), rows, np.dtype(dtype)
+        chunk = min(chunk_rows, rows)
+        self.block = chunk * min(chunks_per_shard, math.ceil(rows / chunk))
+        self.group = zarr.open_group(self.path, mode="w", zarr_format=3)
+        codecs = dict(compressors=[ZstdCodec(level=1), Crc32cCodec()])
+        self.arrays, self.buffers = [], []
+        for readout in readouts:
+            self.arrays.append(self.group.create_array(
+                layer_name(readout.index), shape=(rows, readout.width), dtype=self.dtype,
+                chunks=(chunk, readout.width), shards=(self.block, readout.width), **codecs))
+            self.buffers.append(np.empty((self.block, readout.width), self.dtype))
+        for name, index_dtype in INDEX_ARRAYS.items():
+            self.arrays.append(self.group.create_array(
+                name, shape=(rows,), dtype=index_dtype, chunks=(chunk,), shards=(self.block,),
+                **codecs))
+            self.buffers.append(np.empty((self.block,), index_dtype))
+        self.written = 0  # rows already in the store
+        self.filled = 0  # rows waiting in the buffers
+
+    def append(self, streams: list[np.ndarray], example_id: np.ndarray, position: np.ndarray,
+               is_padding: np.ndarray) -> None:
+        columns = [*streams, example_id, position, is_padding]
+        n = len(example_id)
+        if any(len(c) != n for c in columns):
+            raise ValueError("every read-out and index array of a batch needs the same rows")
+        if self.written + self.filled + n > self.rows:
+            raise ValueError(f"{self.path}: more rows than the {self.rows} announced")
+        offset = 0
+        while offset < n:
+            take = min(n - offset, self.block - self.filled)
+            for buffer, column in zip(self.buffers, columns):
+                buffer[self.filled:self.filled + take] = column[offset:offset + take]
+            self.filled += take
+            offset += take
+            if self.filled == self.block:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.filled == 0:
+            return
+        end = self.written + self.filled
+        for array, buffer in zip(self.arrays, self.buffers):
+            array[self.written:end] = buffer[:self.filled]
+        self.written, self.filled = end, 0
+
+    def close(self, attributes: dict) -> None:
+        self._flush()
+        if self.written != self.rows:
+            raise ValueError(f"{self.path}: wrote {self.written} rows of {self.rows} announced")
+        self.group.attrs.update(attributes)
+
+
+def temporary_path(final: str | Path) -> Path:
+    """Where a shard is written before it is complete: a hidden sibling of ``final``."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def open_shard(path: str | Path) -> zarr.Group:
+    """A finished shard, read-only."""
+    group = zarr.open_group(Path(path), mode="r", zarr_format=3)
+    if "readouts" not in group.attrs:
+        raise ValueError(f"{path}: not a finished activation shard (no read-out attributes)")
+    return group

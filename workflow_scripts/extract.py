@@ -1,0 +1,208 @@
+"""extract: the residual stream of one model on one shard of a dataset, into a Zarr group.
+
+The shard is a contiguous block of the dataset's rows. Text is tokenized once up front (so the
+number of rows is known), then run in batches; every token position becomes a row, padding
+included and flagged. Images give one row per image: the block output mean-pooled over space.
+The group is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from workflow_scripts.activations import ShardWriter, temporary_path
+from workflow_scripts.code import code_digest
+from workflow_scripts.data import table
+from workflow_scripts.data.table import DatasetError
+from workflow_scripts.models import load_adapter
+from workflow_scripts.models.store import MANIFEST, sha256_file
+
+log = logging.getLogger("extract")
+# the options that change what is stored, recorded in the shard's attributes
+CONTENT_OPTIONS = ("dtype", "max_tokens", "padding", "rows_per_example", "gpt2_final_readout",
+                   "seed", "batch_size", "autocast")
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    example_id: np.ndarray  # per example
+    padding: np.ndarray | None  # [examples, tokens] bool for text, None for images
+
+
+def shard_bounds(rows: int, shards: int, shard: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard ``shard`` of ``shards`` near-equal contiguous blocks."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is outside 0..{shards - 1}")
+    if shards > rows:
+        raise DatasetError(f"{shards} shards for {rows} rows; shards must not exceed rows")
+    return rows * shard // shards, rows * (shard + 1) // shards
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("extract.device is cuda, but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def text_batches(tokenizer, frame, kind: str, options: dict) -> tuple[list[Batch], int]:
+    """The batches of a text shard and the number of rows they give."""
+    max_tokens, size = options["max_tokens"], options["batch_size"]
+    if kind == "pairs":
+        encoded = tokenizer(list(frame["premise"]), list(frame["hypothesis"]), truncation=True,
+                            max_length=max_tokens)
+    else:
+        encoded = tokenizer(list(frame["text"]), truncation=True, max_length=max_tokens)
+    ids = frame["example_id"].to_numpy()
+    batches, rows = [], 0
+    for start in range(0, len(frame), size):
+        part = {k: v[start:start + size] for k, v in encoded.items()}
+        inputs = tokenizer.pad(part, padding=options["padding"], max_length=max_tokens,
+                               return_tensors="pt")
+        padding = (inputs["attention_mask"] == 0).numpy()
+        batches.append(Batch(dict(inputs), ids[start:start + size], padding))
+        rows += sum(len(_kept_positions(padding.shape[1], e, options)) for e in ids[start:start + size])
+    return batches, rows
+
+
+def _kept_positions(tokens: int, example_id: int, options: dict) -> np.ndarray:
+    """Token positions of one example that become rows: all, or a seeded random subset."""
+    keep = options.get("rows_per_example")
+    if keep is None or keep >= tokens:
+        return np.arange(tokens)
+    rng = np.random.default_rng([options["seed"], int(example_id)])
+    return np.sort(rng.choice(tokens, size=keep, replace=False))
+
+
+def image_batches(preprocess: dict, frame, options: dict) -> tuple[list, int]:
+    """Batches of an image shard, decoded lazily (a generator) and the number of rows."""
+    size = options["batch_size"]
+
+    def generate():
+        for start in range(0, len(frame), size):
+            part = frame.iloc[start:start + size]
+            pixels = [_preprocess(table.decode_image(data, f"example {i}"), preprocess, i)
+                      for i, data in zip(part["example_id"], part["image"])]
+            shapes = {tuple(p.shape) for p in pixels}
+            if len(shapes) > 1:
+                raise DatasetError(f"images of different sizes {sorted(shapes)} in one batch and "
+                                   "the model's preprocessing does not crop; set image_resize "
+                                   "on the dataset or use a model with a crop")
+            yield Batch({"pixel_values": torch.stack(pixels)}, part["example_id"].to_numpy(), None)
+
+    return generate(), len(frame)
+
+
+def _preprocess(image, preprocess: dict, example_id) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    x = F.to_dtype(F.to_image(image), torch.float32, scale=True)
+    if preprocess.get("resize"):
+        x = F.resize(x, preprocess["resize"], antialias=True)
+    if preprocess.get("crop"):
+        x = F.center_crop(x, preprocess["crop"])
+    return F.normalize(x, preprocess["mean"], preprocess["std"])
+
+
+def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: int,
+            out: str | Path, options: dict, code_files: list[str] = ()) -> None:
+    """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``."""
+    adapter, manifest = load_adapter(model_dir, options["gpt2_final_readout"])
+    frame, kind, _ = table.read(data_path)
+    if (adapter.modality == "image") != (kind == "image"):
+        raise DatasetError(f"model {model_dir} reads {adapter.modality}, but {data_path} holds "
+                           f"{kind}")
+    start, stop = shard_bounds(len(frame), shards, shard)
+    part = frame.iloc[start:stop].reset_index(drop=True)
+    device = pick_device(options["device"])
+    adapter.to(device)
+    if adapter.modality == "text":
+        batches, rows = text_batches(adapter.tokenizer, part, kind, options)
+    else:
+        batches, rows = image_batches(adapter.preprocess, part, options)
+    attributes = {
+        "readouts": [r.as_dict() for r in adapter.readouts], "pooling": adapter.pooling,
+        "dtype": options["dtype"], "modality": adapter.modality, "family": manifest["family"],
+        "rows": rows, "examples": len(part), "shard": shard, "shards": shards,
+        "example_range": [start, stop],
+        "options": {k: options.get(k) for k in CONTENT_OPTIONS},
+        "digests": {"model": sha256_file(Path(model_dir, MANIFEST)),
+                    "dataset": sha256_file(data_path),
+                    "code": code_digest(list(code_files))},
+    }
+    tmp = temporary_path(out)
+    try:
+        writer = ShardWriter(tmp, adapter.readouts, rows, options["dtype"], options["chunk_rows"],
+                             options["chunks_per_shard"])
+        total = (len(part) + options["batch_size"] - 1) // options["batch_size"]
+        for batch in tqdm(batches, total=total, desc=f"extract shard {shard}", unit="batch",
+                          file=sys.stderr, mininterval=5):
+            _write_batch(adapter, batch, writer, device, options)
+        writer.close(attributes)
+        if Path(out).exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s: %d rows x %d read-outs", out, rows, len(adapter.readouts))
+
+
+def _autocast(device: torch.device, dtype: str | None):
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+
+def _write_batch(adapter, batch: Batch, writer: ShardWriter, device, options) -> None:
+    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    store_dtype = getattr(torch, options["dtype"])
+    with torch.inference_mode(), _autocast(device, options["autocast"]):
+        streams = adapter.streams(inputs)
+    if batch.padding is None:  # images: one row per example
+        arrays = [s.to(store_dtype).cpu().numpy() for s in streams]
+        n = len(batch.example_id)
+        writer.append(arrays, batch.example_id, np.zeros(n, np.int32), np.zeros(n, bool))
+        return
+    examples, tokens = batch.padding.shape
+    keep = [_kept_positions(tokens, e, options) for e in batch.example_id]
+    rows = np.concatenate([i * tokens + k for i, k in enumerate(keep)])
+    flat_rows = torch.from_numpy(rows).to(device)
+    arrays = [s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype)
+              .cpu().numpy() for s in streams]
+    writer.append(arrays, np.repeat(batch.example_id, [len(k) for k in keep]),
+                  (rows % tokens).astype(np.int32), batch.padding.reshape(-1)[rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument("--data", required=True, help="dataset Parquet file")
+    parser.add_argument("--shard", type=int, required=True)
+    parser.add_argument("--shards", type=int, required=True)
+    parser.add_argument("--options", required=True, help="extraction options, as JSON")
+    parser.add_argument("--code", nargs="*", default=[], help="source files, for the digest")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, help="the Zarr group to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    extract(args.model, args.data, args.shard, args.shards, args.out, json.loads(args.options),
+            args.code)
+
+
+if __name__ == "__main__":
+    main()

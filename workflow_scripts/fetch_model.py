@@ -1,0 +1,155 @@
+"""fetch_model: write a model directory in the stored layout from any source.
+
+Sources: ``init:`` (random initialisation from architecture settings and a seed),
+``local:<path>`` (a directory in the stored layout, or a Hugging Face ``save_pretrained`` one),
+``hf:<repo>[@<revision>]`` (the revision is pinned to a commit) and ``torchvision:<arch>``
+(ImageNet weights). The directory is assembled under a temporary name and moved into place only
+when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from workflow_scripts.sources import source_scheme
+from workflow_scripts.models import resnet, transformers_text
+from workflow_scripts.models.store import (CONFIG, MANIFEST, WEIGHTS, ModelDirError,
+                                           publish, read_manifest, temporary_sibling,
+                                           verify_files, write_manifest)
+
+log = logging.getLogger("fetch_model")
+# Hugging Face model_type of each text family
+MODEL_TYPES = {"gpt2": "gpt2", "gptr2": "gpt2", "roberta": "roberta", "bert": "bert"}
+
+
+def fetch(spec: dict, out: str | Path, hub_api=None) -> dict:
+    """Write the model that ``spec`` describes to ``out``; returns its manifest."""
+    scheme, rest = source_scheme(spec["source"])
+    fetchers = {"init": _init, "local": _local, "hf": _hub, "torchvision": _torchvision}
+    if scheme not in fetchers:
+        raise ValueError(f"unknown model source scheme {scheme!r} in {spec['source']!r}; "
+                         f"allowed: {', '.join(s + ':' for s in fetchers)}")
+    tmp = temporary_sibling(out)
+    try:
+        fields = _hub(spec, rest, tmp, hub_api) if scheme == "hf" else fetchers[scheme](spec, rest, tmp)
+        verify_files(tmp, {})
+        manifest = write_manifest(tmp, source=spec["source"], family=spec["family"],
+                                  parameters=count_parameters(tmp / WEIGHTS), **fields)
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s: %s parameters from %s", out, manifest["parameters"], spec["source"])
+    return manifest
+
+
+def count_parameters(weights: Path) -> int:
+    """Parameters stored in a safetensors file, read from its header (tied weights once)."""
+    with safe_open(weights, framework="pt") as handle:
+        return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+
+
+def _init(spec: dict, _rest: str, tmp: Path) -> dict:
+    settings = {k: spec[k] for k in ("arch", "seed", "head", "num_labels") if k in spec}
+    if spec["family"] == "resnet":
+        model, config = resnet.build(spec)
+        save_file(model.state_dict(), tmp / WEIGHTS)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    else:
+        tokenizer = transformers_text.builtin_tokenizer(spec["family"])
+        model = transformers_text.build(spec, tokenizer)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return {"revision": None, "init": settings}
+
+
+def _local(spec: dict, path: str, tmp: Path) -> dict:
+    source = Path(path)
+    if not source.is_dir():
+        raise ModelDirError(f"local model path {path!r} is not a directory")
+    fields = {"revision": None}
+    if (source / MANIFEST).exists():
+        manifest = read_manifest(source)
+        if manifest["family"] != spec["family"]:
+            raise ModelDirError(f"local model {path!r} is family {manifest['family']!r}, "
+                                f"but the config says {spec['family']!r}")
+        fields = {"revision": manifest.get("revision"), "origin": manifest["source"]}
+    else:
+        verify_files(source, {})
+    for item in sorted(source.iterdir()):
+        if item.name == MANIFEST:
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    return fields
+
+
+def resolve_revision(repo: str, revision: str, api) -> str:
+    """The commit a branch or tag of a hub repository points to now (a commit is kept)."""
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    commit = api.model_info(repo, revision=revision).sha
+    if not commit or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise ValueError(f"hub repository {repo!r} at {revision!r} resolved to {commit!r}, "
+                         "not a commit")
+    return commit
+
+
+def _hub(spec: dict, repo_and_revision: str, tmp: Path, api=None) -> dict:
+    import transformers
+    from huggingface_hub import HfApi
+
+    repo, _, revision = repo_and_revision.partition("@")
+    commit = resolve_revision(repo, revision or "main", api or HfApi())
+    log.info("hf:%s at %s is commit %s", repo, revision or "main", commit)
+    config = transformers.AutoConfig.from_pretrained(repo, revision=commit)
+    expected = MODEL_TYPES.get(spec["family"])
+    if config.model_type != expected:
+        raise ValueError(f"hf:{repo} is a {config.model_type!r} model, not family "
+                         f"{spec['family']!r} (model_type {expected!r})")
+    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    model = model_class.from_pretrained(repo, revision=commit)
+    model.save_pretrained(tmp)
+    transformers.AutoTokenizer.from_pretrained(repo, revision=commit).save_pretrained(tmp)
+    return {"revision": commit, "requested_revision": revision or "main"}
+
+
+def _torchvision(spec: dict, arch: str, tmp: Path) -> dict:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    model = torchvision.models.get_model(arch, weights=weights)
+    if not hasattr(model, "layer1"):
+        raise ValueError(f"torchvision:{arch} is not a ResNet (no layer1); "
+                         "only ResNet-layout architectures are supported")
+    transform = weights.transforms()
+    config = {"family": "resnet", "architecture": arch,
+              "num_classes": len(weights.meta["categories"]),
+              "label_names": list(weights.meta["categories"]),
+              "preprocess": resnet.imagenet_preprocess(resize=transform.resize_size[0],
+                                                       crop=transform.crop_size[0])}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {"revision": str(weights), "url": weights.url}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True, help="the model's config entry, as JSON")
+    parser.add_argument("--out", required=True, help="the model directory to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    fetch(json.loads(args.spec), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

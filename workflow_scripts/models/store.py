@@ -1,0 +1,90 @@
+"""The stored model directory: weights, config, tokenizer files and ``manifest.json``.
+
+The manifest records where the model came from (source, pinned revision), its family, its
+parameter count, and the sha256 of every other file, so a reader can refuse a directory whose
+files changed or went missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class ModelDirError(ValueError):
+    """A model directory that is missing, incomplete or altered."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(directory: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file under ``directory`` but the manifest, by relative path."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(directory: str | os.PathLike, **fields) -> dict:
+    """Write ``manifest.json`` with ``fields`` and the digest of every file; returns it."""
+    manifest = {**fields, "files": file_digests(directory)}
+    Path(directory, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of a model directory after checking the directory matches it."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ModelDirError(f"model directory {str(root)!r} does not exist")
+    if not (root / MANIFEST).is_file():
+        raise ModelDirError(f"model directory {str(root)!r} has no {MANIFEST}")
+    manifest = json.loads((root / MANIFEST).read_text())
+    verify_files(root, manifest["files"])
+    return manifest
+
+
+def verify_files(directory: str | os.PathLike, expected: dict[str, str]) -> None:
+    """Raise ModelDirError unless the weights and config exist and every file matches."""
+    root = Path(directory)
+    for required in (WEIGHTS, CONFIG):
+        if not (root / required).is_file():
+            raise ModelDirError(f"model directory {str(root)!r} has no {required}")
+    for name, digest in expected.items():
+        path = root / name
+        if not path.is_file():
+            raise ModelDirError(f"model directory {str(root)!r}: {name} is listed in "
+                                f"{MANIFEST} but missing")
+        if sha256_file(path) != digest:
+            raise ModelDirError(f"model directory {str(root)!r}: {name} does not match its "
+                                f"sha256 in {MANIFEST} (file changed or corrupted)")
+
+
+def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a finished directory into place, replacing what was there."""
+    final = Path(final)
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+
+
+def temporary_sibling(final: str | os.PathLike) -> Path:
+    """A fresh, empty working directory next to ``final``, on the same filesystem."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp

@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import shutil
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from workflow_scripts.sources import source_scheme
@@ -43,7 +41,7 @@ def fetch(spec: dict, out: str | Path, hub_api=None) -> dict:
         fields = _hub(spec, rest, tmp, hub_api) if scheme == "hf" else fetchers[scheme](spec, rest, tmp)
         verify_files(tmp, {})
         manifest = write_manifest(tmp, source=spec["source"], family=spec["family"],
-                                  parameters=count_parameters(tmp / WEIGHTS), **fields)
+                                  parameters=count_parameters(tmp, spec["family"]), **fields)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -52,10 +50,14 @@ def fetch(spec: dict, out: str | Path, hub_api=None) -> dict:
     return manifest
 
 
-def count_parameters(weights: Path) -> int:
-    """Parameters stored in a safetensors file, read from its header (tied weights once)."""
-    with safe_open(weights, framework="pt") as handle:
-        return sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+def count_parameters(directory: Path, family: str) -> int:
+    """Parameters of the model stored in ``directory`` (tied weights once, buffers not at all),
+    by loading it: a directory that does not load fails here, not in a later stage."""
+    if family == "resnet":
+        model, _ = resnet.load(directory)
+    else:
+        model, _ = transformers_text.load(directory, family)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _init(spec: dict, _rest: str, tmp: Path) -> dict:

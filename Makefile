@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(BIN)/snakemake --cores $(CORES) --profile profiles/default $(SNAKEMAKE_ARGS)
+	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest tests

@@ -1,17 +1,17 @@
 # residual-streams: does a network's residual stream have a privileged basis?
 # Layout and stage contract: README.md. Config: config.yaml (validated against
 # workflow_scripts/config.schema.yaml before any job runs).
-import os
+import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
 
-# Jobs import the workflow_scripts package and run the Python that runs Snakemake.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
-)
-os.environ["PATH"] = os.pathsep.join((os.path.dirname(sys.executable), os.environ["PATH"]))
+# The rules run `python -m workflow_scripts.<stage>`: jobs find the package in this folder.
 sys.path.insert(0, workflow.basedir)
+shell.prefix(
+    "set -euo pipefail; "
+    f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 
 from workflow_scripts.config import ConfigError, check_config
 

@@ -12,6 +12,8 @@ rule prepare_data:
         name=lambda wildcards: wildcards.dataset,
     log:
         "results/logs/prepare_data/{dataset}.log",
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.prepare_data --spec {params.spec:q} --name {params.name:q} "
         "--out {output:q} 2> {log:q}"

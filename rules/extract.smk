@@ -15,6 +15,8 @@ rule extract:
     log:
         "results/logs/extract/{model}/{dataset}/shard-{shard}.log",
     threads: 1
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.extract --model {input.model:q} --data {input.data:q} "
         "--shard {params.shard} --shards {params.shards} --options {params.options:q} "

@@ -13,6 +13,8 @@ rule fetch_model:
     log:
         "results/logs/fetch_model/{model}.log",
     localrule: True
+    conda:
+        "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.fetch_model --spec {params.spec:q} --out {output:q} "
         "2> {log:q}"

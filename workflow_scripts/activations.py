@@ -17,8 +17,6 @@ bounded by ``readouts x chunk_rows x chunks_per_shard x width`` whatever the num
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +90,6 @@ class ShardWriter:
         if self.written != self.rows:
             raise ValueError(f"{self.path}: wrote {self.written} rows of {self.rows} announced")
         self.group.attrs.update(attributes)
-
-
-def temporary_path(final: str | Path) -> Path:
-    """Where a shard is written before it is complete: a hidden sibling of ``final``."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    return tmp
 
 
 def open_shard(path: str | Path) -> zarr.Group:

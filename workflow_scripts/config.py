@@ -30,7 +30,7 @@ def check_config(config: dict) -> dict:
     config.setdefault("extract", {})
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     error = jsonschema.exceptions.best_match(
-        jsonschema.Draft7Validator(schema).iter_errors(copy.deepcopy(config)))
+        jsonschema.Draft202012Validator(schema).iter_errors(copy.deepcopy(config)))
     if error is not None:
         raise ConfigError(describe(error))
     validate(config, str(SCHEMA_PATH), set_default=True)

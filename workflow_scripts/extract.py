@@ -11,8 +11,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.activations import ShardWriter, temporary_path
+from workflow_scripts.activations import ShardWriter
+from workflow_scripts.atomic import discard, publish, temporary_sibling
 from workflow_scripts.code import code_digest
 from workflow_scripts.data import table
 from workflow_scripts.data.table import DatasetError
@@ -143,7 +142,7 @@ def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: in
                     "dataset": sha256_file(data_path),
                     "code": code_digest(list(code_files))},
     }
-    tmp = temporary_path(out)
+    tmp = temporary_sibling(out)
     try:
         writer = ShardWriter(tmp, adapter.readouts, rows, options["dtype"], options["chunk_rows"],
                              options["chunks_per_shard"])
@@ -152,11 +151,9 @@ def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: in
                           file=sys.stderr, mininterval=5):
             _write_batch(adapter, batch, writer, device, options)
         writer.close(attributes)
-        if Path(out).exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     log.info("wrote %s: %d rows x %d read-outs", out, rows, len(adapter.readouts))
 
 

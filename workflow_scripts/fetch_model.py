@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 
 from workflow_scripts.sources import source_scheme
 from workflow_scripts.models import resnet, transformers_text
+from workflow_scripts.atomic import discard, publish, temporary_sibling
 from workflow_scripts.models.store import (CONFIG, MANIFEST, WEIGHTS, ModelDirError,
-                                           publish, read_manifest, temporary_sibling,
-                                           verify_files, write_manifest)
+                                           read_manifest, verify_files, write_manifest)
 
 log = logging.getLogger("fetch_model")
 # Hugging Face model_type of each text family
@@ -37,15 +37,15 @@ def fetch(spec: dict, out: str | Path, hub_api=None) -> dict:
         raise ValueError(f"unknown model source scheme {scheme!r} in {spec['source']!r}; "
                          f"allowed: {', '.join(s + ':' for s in fetchers)}")
     tmp = temporary_sibling(out)
+    tmp.mkdir()
     try:
         fields = _hub(spec, rest, tmp, hub_api) if scheme == "hf" else fetchers[scheme](spec, rest, tmp)
         verify_files(tmp, {})
         manifest = write_manifest(tmp, source=spec["source"], family=spec["family"],
                                   parameters=count_parameters(tmp, spec["family"]), **fields)
         publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        discard(tmp)
     log.info("wrote %s: %s parameters from %s", out, manifest["parameters"], spec["source"])
     return manifest
 

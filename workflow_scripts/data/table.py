@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from workflow_scripts.atomic import discard, publish, temporary_sibling
 
 COLUMNS = {
     "pairs": ["example_id", "premise", "hypothesis", "label"],
@@ -77,14 +78,12 @@ def write(frame: pd.DataFrame, path: str | Path, kind: str, label_names: list[st
     if label_names is not None:
         metadata[b"label_names"] = json.dumps(label_names).encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_sibling(path)
     try:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
 
 
 def read(path: str | Path) -> tuple[pd.DataFrame, str, list[str] | None]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -69,22 +68,3 @@ def verify_files(directory: str | os.PathLike, expected: dict[str, str]) -> None
         if sha256_file(path) != digest:
             raise ModelDirError(f"model directory {str(root)!r}: {name} does not match its "
                                 f"sha256 in {MANIFEST} (file changed or corrupted)")
-
-
-def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move a finished directory into place, replacing what was there."""
-    final = Path(final)
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)
-
-
-def temporary_sibling(final: str | os.PathLike) -> Path:
-    """A fresh, empty working directory next to ``final``, on the same filesystem."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp

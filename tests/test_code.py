@@ -1,0 +1,40 @@
+"""The code a stage runs: found from its imports, declared as its rule's inputs, digested."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import REPO
+from workflow_scripts.code import code_digest, module_sources
+
+
+def names(paths):
+    return {str(Path(p).relative_to(REPO)) for p in paths}
+
+
+def test_extraction_runs_the_models_and_the_store_but_not_other_stages():
+    files = names(module_sources("workflow_scripts.extract"))
+    assert {"workflow_scripts/extract.py", "workflow_scripts/activations.py",
+            "workflow_scripts/models/__init__.py", "workflow_scripts/models/resnet.py",
+            "workflow_scripts/models/transformers_text.py", "workflow_scripts/data/builtin.py",
+            "workflow_scripts/__init__.py"} <= files
+    assert "workflow_scripts/prepare_data.py" not in files
+    assert "workflow_scripts/fetch_model.py" not in files
+    assert "workflow_scripts/config.py" not in files  # validation edits rerun nothing
+
+
+def test_data_preparation_does_not_run_model_code():
+    files = names(module_sources("workflow_scripts.prepare_data"))
+    assert "workflow_scripts/data/table.py" in files
+    assert not any(f.startswith("workflow_scripts/models/") for f in files)
+
+
+def test_digest_follows_content_and_package_path_not_location(tmp_path):
+    files = module_sources("workflow_scripts.prepare_data")
+    copy = tmp_path / "checkout"
+    shutil.copytree(REPO / "workflow_scripts", copy / "workflow_scripts")
+    moved = [str(copy / Path(f).relative_to(REPO)) for f in files]
+    assert code_digest(moved) == code_digest(files)  # another checkout, same digest
+    with open(moved[0], "a") as handle:
+        handle.write("\n# edited\n")
+    assert code_digest(moved) != code_digest(files)

@@ -1,0 +1,224 @@
+"""extract: the Zarr layout, stored values equal to the adapters' streams, row bookkeeping, and
+nothing half-written."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from zarr.codecs import ShardingCodec
+
+from conftest import REPO
+from workflow_scripts import extract as extraction
+from workflow_scripts.activations import open_shard
+from workflow_scripts.code import code_digest, module_sources
+from workflow_scripts.data import builtin, table
+from workflow_scripts.data.table import DatasetError
+from workflow_scripts.models import load_adapter
+from workflow_scripts.models.store import ModelDirError
+
+OPTIONS = {"dtype": "float16", "batch_size": 5, "max_tokens": 40, "padding": "longest",
+           "rows_per_example": None, "device": "cpu", "autocast": None, "chunk_rows": 16,
+           "chunks_per_shard": 4, "gpt2_final_readout": "raw", "seed": 0}
+
+
+def run(model_dir, data, out, shard=0, shards=1, **changes):
+    options = {**OPTIONS, **changes}
+    extraction.extract(model_dir, data, shard, shards, out, options,
+                       module_sources("workflow_scripts.extract"))
+    return open_shard(out)
+
+
+def reference_streams(adapter, frame, kind, options):
+    """The adapter's streams, per example, computed one example at a time in float32."""
+    out = {}
+    for _, row in frame.iterrows():
+        if kind == "pairs":
+            enc = adapter.tokenizer([row["premise"]], [row["hypothesis"]], truncation=True,
+                                    max_length=options["max_tokens"], return_tensors="pt")
+        else:
+            enc = adapter.tokenizer([row["text"]], truncation=True,
+                                    max_length=options["max_tokens"], return_tensors="pt")
+        with torch.no_grad():
+            out[row["example_id"]] = [s[0].numpy() for s in adapter.streams(dict(enc))]
+    return out
+
+
+@pytest.mark.parametrize("family,dataset", [("gpt2", "pairs"), ("bert", "pairs"),
+                                            ("gptr2", "corpus")])
+def test_stored_stream_equals_the_model_at_every_token(model_dirs, dataset_files, tmp_path,
+                                                       family, dataset):
+    group = run(model_dirs[family], dataset_files[dataset], tmp_path / "s.zarr", dtype="float32")
+    adapter, _ = load_adapter(model_dirs[family])
+    frame, kind, _ = table.read(dataset_files[dataset])
+    reference = reference_streams(adapter, frame, kind, OPTIONS)
+    ids, pos, pad = (group[n][:] for n in ("example_id", "position", "is_padding"))
+    assert sorted(set(ids)) == sorted(reference)
+    for example_id, streams in reference.items():
+        rows = ids == example_id
+        length = streams[0].shape[0]
+        assert pos[rows][:length].tolist() == list(range(length))
+        assert not pad[rows][:length].any() and pad[rows][length:].all()  # padding flagged, kept
+        for k, stream in enumerate(streams):
+            stored = group[f"layer-{k}"][:][rows][:length]
+            np.testing.assert_allclose(stored, stream, rtol=1e-4, atol=1e-5)
+
+
+def test_layout_attributes_and_codecs(model_dirs, dataset_files, tmp_path):
+    group = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "s.zarr")
+    attrs = dict(group.attrs)
+    assert [r["name"] for r in attrs["readouts"]] == ["embeddings", "block.0", "block.1"]
+    assert attrs["readouts"][1] == {"index": 1, "stage": 0, "block": 1, "name": "block.0",
+                                    "width": 32}
+    assert attrs["pooling"] == "none" and attrs["dtype"] == "float16"
+    assert attrs["examples"] == 24 and attrs["example_range"] == [0, 24]
+    assert attrs["digests"]["dataset"] == extraction.sha256_file(dataset_files["pairs"])
+    assert attrs["digests"]["code"] == code_digest(module_sources("workflow_scripts.extract"))
+    assert len(attrs["digests"]["model"]) == 64
+    rows = attrs["rows"]
+    for k in range(3):
+        array = group[f"layer-{k}"]
+        assert array.shape == (rows, 32) and array.dtype == np.float16
+        assert array.chunks == (16, 32) and array.shards == (64, 32)
+        assert isinstance(array.metadata.codecs[0], ShardingCodec)
+    assert group["example_id"].shape == group["position"].shape == group["is_padding"].shape == (rows,)
+
+
+def test_shards_split_the_rows_without_overlap(model_dirs, dataset_files, tmp_path):
+    ids = []
+    for shard in range(3):
+        group = run(model_dirs["roberta"], dataset_files["pairs"], tmp_path / f"{shard}.zarr",
+                    shard=shard, shards=3)
+        ids.append(np.unique(group["example_id"][:]))
+        assert group.attrs["shard"] == shard and group.attrs["shards"] == 3
+    assert np.concatenate(ids).tolist() == list(range(24))
+
+
+def test_max_length_padding_and_token_cap(model_dirs, dataset_files, tmp_path):
+    group = run(model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "s.zarr",
+                padding="max_length", max_tokens=20)
+    assert group.attrs["rows"] == 12 * 20
+    assert np.bincount(group["example_id"][:]).tolist() == [20] * 12
+
+
+def test_row_subsample_is_seeded_and_shared_by_all_layers(model_dirs, dataset_files, tmp_path):
+    a = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "a.zarr", rows_per_example=3)
+    b = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "b.zarr", rows_per_example=3)
+    full = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "full.zarr")
+    assert a.attrs["rows"] == 24 * 3
+    np.testing.assert_array_equal(a["position"][:], b["position"][:])
+    # every kept row equals the same (example, position) row of the full extraction
+    key = {(e, p): i for i, (e, p) in enumerate(zip(full["example_id"][:], full["position"][:]))}
+    index = [key[(e, p)] for e, p in zip(a["example_id"][:], a["position"][:])]
+    for k in range(3):
+        np.testing.assert_array_equal(a[f"layer-{k}"][:], full[f"layer-{k}"][:][index])
+
+
+def test_images_one_pooled_row_per_image(model_dirs, dataset_files, tmp_path):
+    group = run(model_dirs["resnet"], dataset_files["shapes"], tmp_path / "s.zarr",
+                dtype="float32", batch_size=6)
+    adapter, _ = load_adapter(model_dirs["resnet"])
+    frame, _, _ = table.read(dataset_files["shapes"])
+    pixels = torch.stack([extraction._preprocess(table.decode_image(d, ""), adapter.preprocess, 0)
+                          for d in frame["image"]])
+    assert pixels.shape == (20, 3, 32, 32) and -1 <= pixels.min() < pixels.max() <= 1
+    with torch.no_grad():
+        streams = adapter.streams({"pixel_values": pixels})
+    assert group.attrs["pooling"] == "spatial_mean" and group.attrs["rows"] == 20
+    assert [(r["stage"], r["block"]) for r in group.attrs["readouts"]] == [(1, 0), (2, 0), (2, 1)]
+    np.testing.assert_array_equal(group["example_id"][:], np.arange(20))
+    assert not group["is_padding"][:].any()
+    for k, stream in enumerate(streams):
+        np.testing.assert_allclose(group[f"layer-{k}"][:], stream.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_float16_rounding_is_the_only_difference(model_dirs, dataset_files, tmp_path):
+    half = run(model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "h.zarr")
+    full = run(model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "f.zarr", dtype="float32")
+    for k in range(3):
+        np.testing.assert_array_equal(half[f"layer-{k}"][:],
+                                      full[f"layer-{k}"][:].astype(np.float16))
+
+
+def test_model_directory_without_weights(model_dirs, dataset_files, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(model_dirs["gpt2"], broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ModelDirError, match="has no model.safetensors"):
+        run(broken, dataset_files["pairs"], tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_model_and_data_of_different_kinds(model_dirs, dataset_files, tmp_path):
+    with pytest.raises(DatasetError, match="reads text.*holds image"):
+        run(model_dirs["gpt2"], dataset_files["shapes"], tmp_path / "s.zarr")
+
+
+def test_more_shards_than_rows(model_dirs, dataset_files, tmp_path):
+    with pytest.raises(DatasetError, match="30 shards for 12 rows"):
+        run(model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "s.zarr", shard=0, shards=30)
+
+
+def test_image_that_does_not_decode(model_dirs, tmp_path):
+    frame = builtin.generate("shapes", 6, 0)
+    frame.loc[4, "image"] = b"not an image"
+    path = tmp_path / "bad.parquet"
+    table.write(frame, path, "image", builtin.label_names("shapes"))  # bypasses prepare's check
+    with pytest.raises(DatasetError, match="example 4: image does not decode"):
+        run(model_dirs["resnet"], path, tmp_path / "s.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet"]
+
+
+def test_failure_midway_leaves_nothing_and_keeps_an_older_shard(model_dirs, dataset_files,
+                                                                tmp_path, monkeypatch):
+    out = tmp_path / "s.zarr"
+    before = run(model_dirs["gpt2"], dataset_files["pairs"], out)["layer-1"][:]
+    calls = []
+    real = extraction._write_batch
+
+    def fail_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated failure")
+        real(*args)
+
+    monkeypatch.setattr(extraction, "_write_batch", fail_on_third)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(model_dirs["gpt2"], dataset_files["pairs"], out, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+    np.testing.assert_array_equal(open_shard(out)["layer-1"][:], before)
+
+
+def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
+    frame = builtin.generate("corpus", 400, 0)
+    data = tmp_path / "corpus.parquet"
+    table.write(frame, data, "text", None)
+    out = tmp_path / "shard-0.zarr"
+    options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workflow_scripts.extract", "--model", str(model_dirs["gpt2"]),
+         "--data", str(data), "--shard", "0", "--shards", "1", "--options",
+         __import__("json").dumps(options), "--out", str(out)],
+        env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    temporary = []
+    while time.monotonic() < deadline and not temporary:  # wait until chunks are being written
+        temporary = [p for p in tmp_path.glob(".shard-0.zarr.tmp-*/layer-0/c/*")]
+        time.sleep(0.05)
+    assert temporary, "extraction never started writing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    assert list(tmp_path.glob(".shard-0.zarr.tmp-*"))  # the killed run's partial output
+    group = run(model_dirs["gpt2"], data, out, batch_size=64)  # the rerun clears it
+    assert group.attrs["examples"] == 400
+    assert not list(tmp_path.glob(".shard-0.zarr.tmp-*"))

@@ -1,0 +1,84 @@
+"""The workflow end to end: a real Snakemake run of a tiny config in a temporary folder."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, TINY_SPECS
+from workflow_scripts.activations import open_shard
+
+TINY_CONFIG = {
+    "models": {"gpt2-tiny": TINY_SPECS["gpt2"], "roberta-tiny": TINY_SPECS["roberta"],
+               "resnet-tiny": TINY_SPECS["resnet"]},
+    "datasets": {"pairs": {"source": "builtin:pairs", "rows": 20, "shards": 2},
+                 "shapes": {"source": "builtin:shapes", "rows": 12, "shards": 1}},
+    "analyses": [{"models": ["gpt2-tiny", "roberta-tiny"], "datasets": ["pairs"]},
+                 {"models": ["resnet-tiny"], "datasets": ["shapes"]}],
+    "extract": {"batch_size": 8, "max_tokens": 32},
+}
+
+
+def snakemake(workdir, *args):
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+               "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
+               "--cores", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("workflow")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+def test_every_model_and_dataset_is_extracted(finished_run):
+    expected = {("gpt2-tiny", "pairs", 2), ("roberta-tiny", "pairs", 2),
+                ("resnet-tiny", "shapes", 1)}
+    for model, dataset, shards in expected:
+        ids = []
+        for shard in range(shards):
+            group = open_shard(finished_run / f"results/activations/{model}/{dataset}/shard-{shard}.zarr")
+            ids.append(np.unique(group["example_id"][:]))
+        rows = TINY_CONFIG["datasets"][dataset]["rows"]
+        assert np.concatenate(ids).tolist() == list(range(rows))
+    assert sorted(p.name for p in (finished_run / "results/models").iterdir()) == [
+        "gpt2-tiny", "resnet-tiny", "roberta-tiny"]
+
+
+def test_every_job_writes_its_log(finished_run):
+    logs = finished_run / "results/logs"
+    assert (logs / "fetch_model/gpt2-tiny.log").read_text().strip()
+    assert (logs / "prepare_data/pairs.log").read_text().strip()
+    extract_log = (logs / "extract/roberta-tiny/pairs/shard-1.log").read_text()
+    assert "extract shard 1: 100%" in extract_log  # the progress bar goes to the log
+
+
+def test_a_second_run_has_nothing_to_do(finished_run):
+    result = snakemake(finished_run, "-n")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_a_single_target_builds_only_what_it_needs(finished_run, tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    result = snakemake(tmp_path, "-n", "results/activations/resnet-tiny/shapes/shard-0.zarr")
+    assert result.returncode == 0, result.stderr
+    jobs = result.stdout + result.stderr
+    assert "fetch_model" in jobs and "extract" in jobs
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", jobs[jobs.index("Job stats"):], re.M))
+    assert counts == {"fetch_model": "1", "prepare_data": "1", "extract": "1", "total": "3"}
+
+
+def test_lint_is_clean():
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr, result.stdout

@@ -1,16 +1,23 @@
 # residual-streams: does a network's residual stream have a privileged basis?
 # Layout and stage contract: README.md. Config: config.yaml (validated against
 # workflow_scripts/config.schema.yaml before any job runs).
+import os
 import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
-# The rules run `python -m workflow_scripts.<stage>`: jobs find the package in this folder.
+# The rules run `python -m workflow_scripts.<stage>`: jobs find the package in this folder and,
+# unless rules run in their conda environment, use the Python that runs Snakemake.
 sys.path.insert(0, workflow.basedir)
+job_path = ""
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    job_path = f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; "
 shell.prefix(
     "set -euo pipefail; "
     f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    + job_path
 )
 
 from workflow_scripts.config import ConfigError, check_config

@@ -19,8 +19,10 @@ def code_files(module):
 
 
 def model_spec(wildcards):
-    """A model's config entry, as JSON: everything fetch_model uses comes in through params."""
-    return json.dumps(config["models"][wildcards.model], sort_keys=True)
+    """A model's config entry, as JSON: everything fetch_model uses comes in through params.
+    Its extraction options are extraction's business: changing them must not refetch."""
+    spec = {k: v for k, v in config["models"][wildcards.model].items() if k != "extract"}
+    return json.dumps(spec, sort_keys=True)
 
 
 def local_model_files(wildcards):

@@ -64,7 +64,7 @@ def test_every_job_writes_its_log(finished_run):
 def test_a_second_run_has_nothing_to_do(finished_run):
     result = snakemake(finished_run, "-n")
     assert result.returncode == 0
-    assert "Nothing to be done" in result.stdout + result.stderr
+    assert job_counts(result) == {}
 
 
 def test_a_single_target_builds_only_what_it_needs(finished_run, tmp_path):
@@ -73,8 +73,7 @@ def test_a_single_target_builds_only_what_it_needs(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr
     jobs = result.stdout + result.stderr
     assert "fetch_model" in jobs and "extract" in jobs
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", jobs[jobs.index("Job stats"):], re.M))
-    assert counts == {"fetch_model": "1", "prepare_data": "1", "extract": "1", "total": "3"}
+    assert job_counts(result) == {"fetch_model": 1, "prepare_data": 1, "extract": 1, "total": 3}
 
 
 def test_lint_is_clean():
@@ -82,3 +81,23 @@ def test_lint_is_clean():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Lints for" not in result.stdout + result.stderr, result.stdout
+
+
+def job_counts(result) -> dict[str, int]:
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    return {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", text[text.index("Job stats"):], re.M)}
+
+
+def test_an_extraction_option_of_one_model_reruns_only_its_extraction(finished_run):
+    changed = {**TINY_CONFIG, "models": {**TINY_CONFIG["models"]}}
+    changed["models"]["gpt2-tiny"] = {**TINY_SPECS["gpt2"], "extract": {"dtype": "float32"}}
+    config = finished_run / "changed.yaml"
+    config.write_text(yaml.safe_dump(changed))
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+               "--directory", str(finished_run), "--configfile", str(config), "-n"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result) == {"extract": 2, "all": 1, "total": 3}
+    assert "gpt2-tiny/pairs/shard-0.zarr" in result.stdout + result.stderr

@@ -36,9 +36,10 @@ include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/data.smk"
 include: "rules/extract.smk"
+include: "rules/stats.smk"
 
 
 rule all:
     input:
-        all_activations(),
+        all_stats(),
     default_target: True

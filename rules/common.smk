@@ -3,14 +3,15 @@ import json
 from pathlib import Path
 
 from workflow_scripts.code import module_sources
-from workflow_scripts.config import analysis_pairs, extract_options
-from workflow_scripts.sources import source_scheme
+from workflow_scripts.config import analysis_pairs, extract_options, thresholds
+from workflow_scripts.sources import readout_count, source_scheme
 
 
 wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     shard=r"\d+",
+    layer=r"\d+",
 
 
 def code_files(module):
@@ -66,9 +67,22 @@ def activation_shards(model, dataset):
     )
 
 
-def all_activations():
+def stats_options():
+    """The stats options that change the numbers (thresholds come per model)."""
+    return {k: v for k, v in config["stats"].items() if k != "thresholds"}
+
+
+def layer_stats_files(model, dataset):
+    return expand(
+        "results/stats/{model}/{dataset}/layer-{layer}.parquet",
+        model=model,
+        dataset=dataset,
+        layer=range(readout_count(config["models"][model])),
+    )
+
+
+def all_stats():
     return [
-        path
+        f"results/stats/{model}/{dataset}.parquet"
         for model, dataset in analysis_pairs(config)
-        for path in activation_shards(model, dataset)
     ]

@@ -12,6 +12,7 @@ rule extract:
         shard=lambda wildcards: int(wildcards.shard),
         shards=lambda wildcards: shard_count(wildcards.dataset),
         options=extraction_options,
+        readouts=lambda wildcards: readout_count(config["models"][wildcards.model]),
     log:
         "results/logs/extract/{model}/{dataset}/shard-{shard}.log",
     threads: 1
@@ -20,4 +21,5 @@ rule extract:
     shell:
         "python -m workflow_scripts.extract --model {input.model:q} --data {input.data:q} "
         "--shard {params.shard} --shards {params.shards} --options {params.options:q} "
-        "--code {input.code:q} --threads {threads} --out {output:q} 2> {log:q}"
+        "--readouts {params.readouts} --code {input.code:q} --threads {threads} --out {output:q} "
+        "2> {log:q}"

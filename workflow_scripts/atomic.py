@@ -36,3 +36,13 @@ def discard(tmp: str | os.PathLike) -> None:
     """Remove a temporary output that will not be published."""
     if os.path.lexists(tmp):
         _remove(Path(tmp))
+
+
+def write_parquet(frame, path: str | os.PathLike) -> None:
+    """Write a pandas frame to ``path`` atomically, without its index."""
+    tmp = temporary_sibling(path)
+    try:
+        frame.to_parquet(tmp, index=False)
+        publish(tmp, path)
+    finally:
+        discard(tmp)

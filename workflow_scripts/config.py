@@ -11,7 +11,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from workflow_scripts.sources import BUILTIN_KINDS, dataset_kind, model_kind, source_scheme
+from workflow_scripts.sources import (BUILTIN_KINDS, TORCHVISION_RESNETS, dataset_kind,
+                                      model_kind, source_scheme)
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -28,12 +29,16 @@ def check_config(config: dict) -> dict:
     from snakemake.utils import validate  # fills in the schema's defaults
 
     config.setdefault("extract", {})
+    config.setdefault("stats", {})
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(schema).iter_errors(copy.deepcopy(config)))
     if error is not None:
         raise ConfigError(describe(error))
     validate(config, str(SCHEMA_PATH), set_default=True)
+    # a user's thresholds for some families keep the defaults of the others
+    family_defaults = schema["definitions"]["stats"]["properties"]["thresholds"]["default"]
+    config["stats"]["thresholds"] = {**family_defaults, **config["stats"]["thresholds"]}
     _check_models(config)
     _check_datasets(config)
     _check_analyses(config)
@@ -70,6 +75,13 @@ def _check_models(config: dict) -> None:
         if scheme == "torchvision" and spec["family"] != "resnet":
             raise ConfigError(f"config error at {where}.source: torchvision: models are ResNets; "
                               f"set family: resnet (got {spec['family']!r})")
+        if scheme in ("hf", "local") and "blocks" not in spec:
+            raise ConfigError(f"config error at {where}: an {scheme}: model needs 'blocks', its "
+                              "number of residual blocks (e.g. 12 for gpt2), so the per-layer "
+                              "jobs are known before the model is fetched")
+        if scheme == "torchvision" and rest not in TORCHVISION_RESNETS:
+            raise ConfigError(f"config error at {where}.source: {rest!r} is not a known "
+                              f"torchvision ResNet; known: {', '.join(TORCHVISION_RESNETS)}")
         if scheme == "local" and not os.path.isdir(rest):
             raise ConfigError(f"config error at {where}.source: local path {rest!r} is not a "
                               "directory (paths are relative to the working directory)")
@@ -159,3 +171,10 @@ def analysis_pairs(config: dict) -> list[tuple[str, str]]:
                 if (model, dataset) not in pairs:
                     pairs.append((model, dataset))
     return pairs
+
+
+def thresholds(config: dict, model: str) -> list[float]:
+    """The outlier thresholds of a model: its own, else its family's."""
+    spec = config["models"][model]
+    value = spec.get("thresholds", config["stats"]["thresholds"][spec["family"]])
+    return [float(v) for v in (value if isinstance(value, list) else [value])]

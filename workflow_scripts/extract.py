@@ -117,9 +117,14 @@ def _preprocess(image, preprocess: dict, example_id) -> torch.Tensor:
 
 
 def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: int,
-            out: str | Path, options: dict, code_files: list[str] = ()) -> None:
-    """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``."""
+            out: str | Path, options: dict, code_files: list[str] = (),
+            readouts: int | None = None) -> None:
+    """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``.
+    ``readouts``: the number of read-out points the config promises (checked)."""
     adapter, manifest = load_adapter(model_dir, options["gpt2_final_readout"])
+    if readouts is not None and readouts != len(adapter.readouts):
+        raise ValueError(f"model {model_dir} has {len(adapter.readouts)} read-out points, but "
+                         f"its config entry says {readouts} (check 'blocks' in the config)")
     frame, kind, _ = table.read(data_path)
     if (adapter.modality == "image") != (kind == "image"):
         raise DatasetError(f"model {model_dir} reads {adapter.modality}, but {data_path} holds "
@@ -191,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, required=True)
     parser.add_argument("--options", required=True, help="extraction options, as JSON")
     parser.add_argument("--code", nargs="*", default=[], help="source files, for the digest")
+    parser.add_argument("--readouts", type=int, help="expected number of read-out points")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="the Zarr group to write")
     args = parser.parse_args(argv)
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     extract(args.model, args.data, args.shard, args.shards, args.out, json.loads(args.options),
-            args.code)
+            args.code, args.readouts)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,26 @@ def dataset_kind(spec: dict) -> str:
 def model_kind(spec: dict) -> str:
     """text or image: what a model of this family reads."""
     return "text" if spec["family"] in TEXT_FAMILIES else "image"
+
+
+# blocks per stage of the torchvision ResNet architectures
+TORCHVISION_RESNETS = {
+    "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
+    "resnet101": [3, 4, 23, 3], "resnet152": [3, 8, 36, 3],
+    "wide_resnet50_2": [3, 4, 6, 3], "wide_resnet101_2": [3, 4, 23, 3],
+    "resnext50_32x4d": [3, 4, 6, 3], "resnext101_32x8d": [3, 4, 23, 3],
+    "resnext101_64x4d": [3, 4, 23, 3],
+}
+
+
+def readout_count(spec: dict) -> int:
+    """The number of read-out points of a model, from its config entry alone (no fetching):
+    transformers read the embedding output and every block's output, ResNets every block's."""
+    scheme, rest = source_scheme(spec["source"])
+    if scheme == "torchvision":
+        return sum(TORCHVISION_RESNETS[rest])
+    if scheme == "init":
+        layers = spec["arch"]["layers"]
+        return sum(layers) if spec["family"] == "resnet" else layers + 1
+    blocks = spec["blocks"]
+    return blocks if spec["family"] == "resnet" else blocks + 1

@@ -1,0 +1,102 @@
+"""layer_stats: the statistics of one read-out point over every shard of a model and dataset.
+
+Reads ``layer-{k}`` of each shard in blocks of rows (one pass, memory bounded by the block),
+drops padding rows unless asked not to, and writes one Parquet file in long form.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from workflow_scripts.activations import layer_name, open_shard
+from workflow_scripts.atomic import write_parquet
+from workflow_scripts.statistics import LayerStatistics, StatisticsError, random_rotation
+
+log = logging.getLogger("layer_stats")
+BLOCK_BYTES = 64 << 20  # float32 bytes of one block of rows
+
+
+def _layer_arrays(shards: list[str | Path], layer: int):
+    """The shards' arrays of ``layer`` and its read-out record, after checking they agree."""
+    arrays, readout = [], None
+    for path in shards:
+        group = open_shard(path)
+        readouts = group.attrs["readouts"]
+        if layer >= len(readouts):
+            raise StatisticsError(f"{path}: has {len(readouts)} read-out points, no layer {layer}")
+        array = group[layer_name(layer)]
+        if readout is not None and (readouts[layer] != readout or array.dtype != arrays[0][0].dtype):
+            raise StatisticsError(
+                f"shards disagree on layer {layer}: {shards[0]} has {readout} as "
+                f"{arrays[0][0].dtype}, {path} has {readouts[layer]} as {array.dtype}")
+        readout = readouts[layer]
+        arrays.append((array, group["example_id"], group["is_padding"]))
+    return arrays, readout
+
+
+def compute(shards: list[str | Path], layer: int, thresholds: list[float], options: dict) -> pd.DataFrame:
+    """Long-form statistics of read-out point ``layer`` over ``shards`` (in example order)."""
+    if not shards:
+        raise StatisticsError("no shards given")
+    arrays, readout = _layer_arrays(shards, layer)
+    width = readout["width"]
+    rotations = [random_rotation(width, options["seed"], layer, r)
+                 for r in range(options["rotations"])]
+    stats = LayerStatistics(width, rotations)
+    total = sum(a.shape[0] for a, _, _ in arrays)
+    with tqdm(total=total, desc=f"layer {layer}", unit="row", file=sys.stderr,
+              mininterval=5) as progress:
+        for array, example_id, is_padding in arrays:
+            block = max(array.chunks[0], BLOCK_BYTES // (4 * width) // array.chunks[0] * array.chunks[0])
+            for start in range(0, array.shape[0], block):
+                stop = min(start + block, array.shape[0])
+                x, ids = array[start:stop], example_id[start:stop]
+                if not options["include_padding"]:
+                    keep = ~is_padding[start:stop]
+                    x, ids = x[keep], ids[keep]
+                stats.update(x, ids)
+                progress.update(stop - start)
+    try:
+        records = stats.results(thresholds, options["top_features"])
+    except StatisticsError as error:
+        hint = "" if options["include_padding"] else " (padding rows excluded; see stats.include_padding)"
+        raise StatisticsError(f"layer {layer}: {error}{hint}") from None
+    frame = pd.DataFrame(records)
+    frame.insert(0, "layer", layer)
+    for i, key in enumerate(("stage", "block", "name"), start=1):
+        frame.insert(i, key, readout[key])
+    frame["feature"] = frame["feature"].astype("Int64")
+    return frame
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", nargs="+", required=True, help="Zarr groups, in order")
+    parser.add_argument("--layer", type=int, required=True)
+    parser.add_argument("--thresholds", type=float, nargs="+", required=True)
+    parser.add_argument("--options", required=True, help="the stats options, as JSON")
+    parser.add_argument("--model", required=True, help="model name, written in each row")
+    parser.add_argument("--dataset", required=True, help="dataset name, written in each row")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    frame = compute(args.shards, args.layer, args.thresholds, json.loads(args.options))
+    frame.insert(0, "dataset", args.dataset)
+    frame.insert(0, "model", args.model)
+    write_parquet(frame, args.out)
+    log.info("wrote %s: %d records", args.out, len(frame))
+
+
+if __name__ == "__main__":
+    main()

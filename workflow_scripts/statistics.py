@@ -1,0 +1,189 @@
+"""Statistics of one read-out point, accumulated in one streaming pass over chunks of rows.
+
+Per feature (for outliers and the top features): the largest and smallest value seen.
+Per row, averaged over rows:
+  kurtosis            Pearson kurtosis of the row across its features (Gaussian: 3);
+  rotated_kurtosis    the same after a fixed random orthogonal rotation, averaged over the
+                      rotations (``rotated_kurtosis_sd`` is the spread of the per-rotation means);
+  rms                 root mean square of the row;
+  max_over_median     the row's largest |x| over its median |x| (massive activations); rows
+                      whose median |x| is 0 have no ratio and are counted apart.
+Every row mean carries a standard error over examples: the rows of one example are not
+independent, so the error is cluster-robust with examples as clusters. Memory is bounded by the
+chunk: the per-example sums are closed as soon as the example's rows have passed (the rows of an
+example are contiguous, as extraction writes them).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+ROW_METRICS = ("kurtosis", "rotated_kurtosis", "rms")
+
+
+class StatisticsError(ValueError):
+    """Activations that statistics cannot be computed from: say why, never a wrong number."""
+
+
+def random_rotation(width: int, seed: int, layer: int, index: int) -> np.ndarray:
+    """A Haar-random orthogonal matrix, fixed by (seed, layer, index): QR of a Gaussian matrix
+    with the signs of R's diagonal moved into Q."""
+    rng = np.random.default_rng([seed, layer, index])
+    q, r = np.linalg.qr(rng.standard_normal((width, width)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def row_kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Pearson kurtosis of every row (two-pass: centred moments, no cancellation)."""
+    d = x - x.mean(dim=1, keepdim=True)
+    d2 = d * d
+    m2 = d2.mean(dim=1)
+    return (d2 * d2).mean(dim=1) / (m2 * m2)
+
+
+def row_median(x: torch.Tensor) -> torch.Tensor:
+    """Median of every row, the mean of the two middle values for an even width (as numpy)."""
+    width = x.shape[1]
+    lower = x.kthvalue((width + 1) // 2, dim=1).values
+    if width % 2:
+        return lower
+    return (lower + x.kthvalue(width // 2 + 1, dim=1).values) / 2
+
+
+class ClusterMeans:
+    """Means of several per-row values, with standard errors over clusters of rows (examples).
+
+    Rows arrive in order; a cluster's rows are contiguous. Keeps O(metrics) numbers.
+    """
+
+    def __init__(self, metrics: int):
+        self.sum = np.zeros(metrics)  # sum over rows
+        self.sum_sq = np.zeros(metrics)  # sum over clusters of (cluster sum)^2
+        self.sum_cross = np.zeros(metrics)  # sum over clusters of cluster sum * cluster rows
+        self.rows_sq = 0.0  # sum over clusters of (cluster rows)^2
+        self.rows = 0
+        self.clusters = 0
+        self.open_id, self.open_sum, self.open_rows = None, np.zeros(metrics), 0
+
+    def update(self, values: np.ndarray, cluster: np.ndarray) -> None:
+        """``values``: [rows, metrics] in float64; ``cluster``: [rows] ids."""
+        if len(cluster) == 0:
+            return
+        starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]])
+        sums = np.add.reduceat(values, starts, axis=0)
+        counts = np.diff(np.r_[starts, len(cluster)])
+        ids = cluster[starts]
+        if ids[0] == self.open_id:  # the open cluster continues into this chunk
+            sums[0] += self.open_sum
+            counts[0] += self.open_rows
+        elif self.open_id is not None:
+            self._close(self.open_sum[None], np.array([self.open_rows]))
+        self._close(sums[:-1], counts[:-1])
+        self.open_id, self.open_sum, self.open_rows = ids[-1], sums[-1], int(counts[-1])
+
+    def _close(self, sums: np.ndarray, counts: np.ndarray) -> None:
+        self.sum += sums.sum(axis=0)
+        self.sum_sq += (sums * sums).sum(axis=0)
+        self.sum_cross += (sums * counts[:, None]).sum(axis=0)
+        self.rows_sq += float((counts.astype(np.float64) ** 2).sum())
+        self.rows += int(counts.sum())
+        self.clusters += len(counts)
+
+    @property
+    def total_rows(self) -> int:
+        return self.rows + self.open_rows
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """Means and their standard errors (NaN with fewer than two clusters)."""
+        if self.open_id is not None:
+            self._close(self.open_sum[None], np.array([self.open_rows]))
+            self.open_id, self.open_rows = None, 0
+        mean = self.sum / self.rows
+        g = self.clusters
+        if g < 2:
+            return mean, np.full_like(mean, np.nan)
+        residual = self.sum_sq - 2 * mean * self.sum_cross + mean * mean * self.rows_sq
+        variance = np.maximum(residual, 0) / self.rows**2 * g / (g - 1)
+        return mean, np.sqrt(variance)
+
+
+class LayerStatistics:
+    """Accumulates the statistics of one read-out point over chunks of rows."""
+
+    def __init__(self, width: int, rotations: list[np.ndarray]):
+        self.width = width
+        self.rotations = [torch.from_numpy(q) for q in rotations]
+        self.feature_max = torch.full((width,), -math.inf)
+        self.feature_min = torch.full((width,), math.inf)
+        # per-row values: kurtosis, rotation-averaged kurtosis, rms, then each rotation
+        self.means = ClusterMeans(len(ROW_METRICS) + len(rotations))
+        self.ratio = ClusterMeans(1)
+        self.largest_ratio = -math.inf
+        self.zero_median_rows = 0
+
+    def update(self, chunk: np.ndarray, example_id: np.ndarray) -> None:
+        """Add rows ``chunk`` ([rows, width], any float dtype) of examples ``example_id``."""
+        if len(chunk) == 0:
+            return
+        x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(dim=1).nonzero()[:, 0]
+            raise StatisticsError(f"{len(bad)} row(s) hold NaN or inf (first of example "
+                                  f"{int(example_id[int(bad[0])])}); statistics refused")
+        kurtosis = row_kurtosis(x)
+        if not torch.isfinite(kurtosis).all():
+            bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0]
+            raise StatisticsError(f"{len(bad)} row(s) are constant across features (first of "
+                                  f"example {int(example_id[int(bad[0])])}): kurtosis undefined")
+        rotated = torch.stack([row_kurtosis(x @ q) for q in self.rotations], dim=1)
+        rms = x.pow(2).mean(dim=1).sqrt()
+        values = torch.cat([torch.stack([kurtosis, rotated.mean(dim=1), rms], dim=1), rotated],
+                           dim=1)
+        self.means.update(values.double().numpy(), example_id)
+        magnitude = x.abs()
+        median = row_median(magnitude)
+        has_ratio = median > 0
+        ratio = magnitude.max(dim=1).values[has_ratio] / median[has_ratio]
+        self.ratio.update(ratio.double().numpy()[:, None], example_id[has_ratio.numpy()])
+        self.zero_median_rows += int((~has_ratio).sum())
+        if len(ratio):
+            self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
+        self.feature_max = torch.maximum(self.feature_max, x.max(dim=0).values)
+        self.feature_min = torch.minimum(self.feature_min, x.min(dim=0).values)
+
+    def results(self, thresholds: list[float], top_features: int) -> list[dict]:
+        """Long-form records: metric, setting, value, spread, rows (and feature, for the top
+        features)."""
+        rows = self.means.total_rows
+        if rows == 0:
+            raise StatisticsError("no rows to compute statistics from")
+        mean, error = self.means.finish()
+        records = []
+
+        def add(metric, setting, value, spread=math.nan, feature=None, rows=rows):
+            records.append({"metric": metric, "setting": setting, "value": float(value),
+                            "spread": float(spread), "rows": rows, "feature": feature})
+
+        n_rot = len(self.rotations)
+        add("kurtosis", "standard basis", mean[0], error[0])
+        add("rotated_kurtosis", f"mean of {n_rot} rotation(s)", mean[1], error[1])
+        per_rotation = mean[len(ROW_METRICS):]
+        add("rotated_kurtosis_sd", f"sd over {n_rot} rotation(s)",
+            per_rotation.std(ddof=1) if n_rot > 1 else math.nan)
+        add("rms", "row mean", mean[2], error[2])
+        ratio_rows = rows - self.zero_median_rows
+        if ratio_rows:
+            ratio_mean, ratio_error = self.ratio.finish()
+            add("max_over_median", "row mean", ratio_mean[0], ratio_error[0], rows=ratio_rows)
+            add("max_over_median", "row max", self.largest_ratio, rows=ratio_rows)
+        add("max_over_median", "rows with median |x| = 0", self.zero_median_rows)
+        magnitude = torch.maximum(self.feature_max, -self.feature_min)
+        for t in thresholds:
+            add("outlier_fraction", f"signed x > {t:g}", float((self.feature_max > t).double().mean()))
+            add("outlier_fraction", f"magnitude |x| > {t:g}", float((magnitude > t).double().mean()))
+        top = torch.argsort(magnitude, descending=True, stable=True)[:top_features]
+        for rank, feature in enumerate(top.tolist(), start=1):
+            add("top_feature_max_abs", f"rank {rank}", magnitude[feature], feature=feature)
+        return records

@@ -114,7 +114,7 @@ def test_more_shards_than_rows(default_config):
 
 
 def test_missing_local_path(default_config, tmp_path):
-    default_config["models"]["gpt2-init"] = {"family": "gpt2",
+    default_config["models"]["gpt2-init"] = {"family": "gpt2", "blocks": 2,
                                              "source": f"local:{tmp_path}/nothing"}
     message = error_for(default_config)
     assert "models.gpt2-init.source" in message and "nothing" in message
@@ -143,3 +143,35 @@ def test_snakemake_stops_before_any_job(tmp_path, default_config):
     assert "config error at models.gpt2-init.family: 'gpt3' is not allowed" in run.stderr + run.stdout
     assert not (tmp_path / "results").exists()
     assert time.monotonic() - start < 30
+
+
+def test_hub_and_local_models_need_their_block_count(default_config):
+    default_config["models"]["gpt2-init"] = {"family": "gpt2", "source": "hf:openai-community/gpt2"}
+    message = error_for(default_config)
+    assert "models.gpt2-init" in message and "'blocks'" in message
+
+
+def test_unknown_torchvision_resnet(default_config):
+    default_config["models"]["resnet-init"] = {"family": "resnet", "source": "torchvision:resnet19"}
+    message = error_for(default_config)
+    assert "'resnet19'" in message and "resnet18" in message
+
+
+def test_read_out_counts_come_from_the_config_alone():
+    from workflow_scripts.sources import readout_count
+    assert readout_count({"family": "gpt2", "source": "init:", "arch": {"layers": 4}}) == 5
+    assert readout_count({"family": "resnet", "source": "init:", "arch": {"layers": [2, 3]}}) == 5
+    assert readout_count({"family": "resnet", "source": "torchvision:resnet50"}) == 16
+    assert readout_count({"family": "resnet", "source": "torchvision:resnet152"}) == 50
+    assert readout_count({"family": "roberta", "source": "hf:FacebookAI/roberta-base", "blocks": 12}) == 13
+
+
+def test_thresholds_per_family_and_per_model(default_config):
+    from workflow_scripts.config import thresholds
+    default_config["stats"] = {"thresholds": {"gpt2": [5, 10]}}
+    default_config["models"]["roberta-init"]["thresholds"] = 2.5
+    config = check_config(default_config)
+    assert thresholds(config, "gpt2-init") == [5.0, 10.0]
+    assert thresholds(config, "gptr2-init") == [10.0]  # the family default is kept
+    assert thresholds(config, "roberta-init") == [2.5]
+    assert thresholds(config, "resnet-init") == [6.0]

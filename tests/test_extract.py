@@ -222,3 +222,9 @@ def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
     group = run(model_dirs["gpt2"], data, out, batch_size=64)  # the rerun clears it
     assert group.attrs["examples"] == 400
     assert not list(tmp_path.glob(".shard-0.zarr.tmp-*"))
+
+
+def test_read_out_count_must_match_the_config(model_dirs, dataset_files, tmp_path):
+    with pytest.raises(ValueError, match="has 3 read-out points, but its config entry says 13"):
+        extraction.extract(model_dirs["gpt2"], dataset_files["pairs"], 0, 1, tmp_path / "s.zarr",
+                           OPTIONS, readouts=13)

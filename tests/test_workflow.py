@@ -53,6 +53,19 @@ def test_every_model_and_dataset_is_extracted(finished_run):
         "gpt2-tiny", "resnet-tiny", "roberta-tiny"]
 
 
+def test_statistics_for_every_model_and_dataset(finished_run):
+    import pandas as pd
+    for model, dataset, layers in (("gpt2-tiny", "pairs", 3), ("roberta-tiny", "pairs", 3),
+                                   ("resnet-tiny", "shapes", 3)):
+        frame = pd.read_parquet(finished_run / f"results/stats/{model}/{dataset}.parquet")
+        assert sorted(frame["layer"].unique()) == list(range(layers))
+        assert (frame["model"] == model).all() and (frame["dataset"] == dataset).all()
+        kurtosis = frame[frame["metric"] == "kurtosis"]
+        assert len(kurtosis) == layers and kurtosis["value"].between(1, 1000).all()
+        threshold = {"gpt2-tiny": "10", "roberta-tiny": "4", "resnet-tiny": "6"}[model]
+        assert f"signed x > {threshold}" in set(frame["setting"])
+
+
 def test_every_job_writes_its_log(finished_run):
     logs = finished_run / "results/logs"
     assert (logs / "fetch_model/gpt2-tiny.log").read_text().strip()
@@ -90,7 +103,7 @@ def job_counts(result) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", text[text.index("Job stats"):], re.M)}
 
 
-def test_an_extraction_option_of_one_model_reruns_only_its_extraction(finished_run):
+def test_an_extraction_option_of_one_model_reruns_only_that_model_from_extraction_on(finished_run):
     changed = {**TINY_CONFIG, "models": {**TINY_CONFIG["models"]}}
     changed["models"]["gpt2-tiny"] = {**TINY_SPECS["gpt2"], "extract": {"dtype": "float32"}}
     config = finished_run / "changed.yaml"
@@ -99,5 +112,6 @@ def test_an_extraction_option_of_one_model_reruns_only_its_extraction(finished_r
                "--directory", str(finished_run), "--configfile", str(config), "-n"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert job_counts(result) == {"extract": 2, "all": 1, "total": 3}
+    assert job_counts(result) == {"extract": 2, "layer_stats": 3, "merge_stats": 1, "all": 1,
+                                  "total": 7}
     assert "gpt2-tiny/pairs/shard-0.zarr" in result.stdout + result.stderr

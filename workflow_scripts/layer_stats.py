@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,36 @@ def _layer_arrays(shards: list[str | Path], layer: int):
     return arrays, readout
 
 
+def _blocks(arrays, width: int, include_padding: bool):
+    """Functions that each read one block of rows: (activations, example ids), in order."""
+    for array, example_id, is_padding in arrays:
+        chunk = array.chunks[0]
+        size = max(chunk, BLOCK_BYTES // (4 * width) // chunk * chunk)
+        for start in range(0, array.shape[0], size):
+            def read(start=start, stop=min(start + size, array.shape[0]), array=array,
+                     example_id=example_id, is_padding=is_padding):
+                x, ids = array[start:stop], example_id[start:stop]
+                if include_padding:
+                    return x, ids
+                keep = ~is_padding[start:stop]
+                return x[keep], ids[keep]
+            yield read
+
+
+def _prefetched(readers):
+    """The results of ``readers`` in order, each read in a thread while the previous one is
+    being used, so decoding overlaps computing."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for read in readers:
+            upcoming = pool.submit(read)
+            if pending is not None:
+                yield pending.result()
+            pending = upcoming
+        if pending is not None:
+            yield pending.result()
+
+
 def compute(shards: list[str | Path], layer: int, thresholds: list[float], options: dict) -> pd.DataFrame:
     """Long-form statistics of read-out point ``layer`` over ``shards`` (in example order)."""
     if not shards:
@@ -54,16 +85,9 @@ def compute(shards: list[str | Path], layer: int, thresholds: list[float], optio
     total = sum(a.shape[0] for a, _, _ in arrays)
     with tqdm(total=total, desc=f"layer {layer}", unit="row", file=sys.stderr,
               mininterval=5) as progress:
-        for array, example_id, is_padding in arrays:
-            block = max(array.chunks[0], BLOCK_BYTES // (4 * width) // array.chunks[0] * array.chunks[0])
-            for start in range(0, array.shape[0], block):
-                stop = min(start + block, array.shape[0])
-                x, ids = array[start:stop], example_id[start:stop]
-                if not options["include_padding"]:
-                    keep = ~is_padding[start:stop]
-                    x, ids = x[keep], ids[keep]
-                stats.update(x, ids)
-                progress.update(stop - start)
+        for x, ids in _prefetched(_blocks(arrays, width, options["include_padding"])):
+            stats.update(x, ids)
+            progress.update(len(ids))
     try:
         records = stats.results(thresholds, options["top_features"])
     except StatisticsError as error:

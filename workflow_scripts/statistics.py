@@ -35,21 +35,25 @@ def random_rotation(width: int, seed: int, layer: int, index: int) -> np.ndarray
     return (q * np.sign(np.diag(r))).astype(np.float32)
 
 
-def row_kurtosis(x: torch.Tensor) -> torch.Tensor:
-    """Pearson kurtosis of every row (two-pass: centred moments, no cancellation)."""
-    d = x - x.mean(dim=1, keepdim=True)
-    d2 = d * d
+def row_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, second central moment and Pearson kurtosis of every row (two-pass: centred
+    moments, no cancellation)."""
+    mean = x.mean(dim=1, keepdim=True)
+    d2 = (x - mean).square_()
     m2 = d2.mean(dim=1)
-    return (d2 * d2).mean(dim=1) / (m2 * m2)
+    return mean[:, 0], m2, d2.square_().mean(dim=1) / m2.square()
+
+
+def row_kurtosis(x: torch.Tensor) -> torch.Tensor:
+    """Pearson kurtosis of every row."""
+    return row_moments(x)[2]
 
 
 def row_median(x: torch.Tensor) -> torch.Tensor:
     """Median of every row, the mean of the two middle values for an even width (as numpy)."""
     width = x.shape[1]
-    lower = x.kthvalue((width + 1) // 2, dim=1).values
-    if width % 2:
-        return lower
-    return (lower + x.kthvalue(width // 2 + 1, dim=1).values) / 2
+    middle = sorted({(width - 1) // 2, width // 2})
+    return torch.from_numpy(np.partition(x.numpy(), middle, axis=1)[:, middle].mean(axis=1))
 
 
 class ClusterMeans:
@@ -127,31 +131,36 @@ class LayerStatistics:
         """Add rows ``chunk`` ([rows, width], any float dtype) of examples ``example_id``."""
         if len(chunk) == 0:
             return
-        x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
-        if not torch.isfinite(x).all():
-            bad = (~torch.isfinite(x)).any(dim=1).nonzero()[:, 0]
-            raise StatisticsError(f"{len(bad)} row(s) hold NaN or inf (first of example "
-                                  f"{int(example_id[int(bad[0])])}); statistics refused")
-        kurtosis = row_kurtosis(x)
+        x = torch.from_numpy(np.ascontiguousarray(chunk)).to(torch.float32)
+        mean, m2, kurtosis = row_moments(x)
         if not torch.isfinite(kurtosis).all():
             bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0]
-            raise StatisticsError(f"{len(bad)} row(s) are constant across features (first of "
-                                  f"example {int(example_id[int(bad[0])])}): kurtosis undefined")
+            first = int(example_id[int(bad[0])])
+            if not torch.isfinite(x[bad]).all():
+                bad = (~torch.isfinite(x)).any(dim=1).nonzero()[:, 0]
+                raise StatisticsError(f"{len(bad)} row(s) hold NaN or inf (first of example "
+                                      f"{int(example_id[int(bad[0])])}); statistics refused")
+            if (m2[bad] == 0).any():
+                raise StatisticsError(f"{int((m2 == 0).sum())} row(s) are constant across "
+                                      f"features (first of example {first}): kurtosis undefined")
+            raise StatisticsError(f"kurtosis overflows float32 in {len(bad)} row(s) (first of "
+                                  f"example {first})")
         rotated = torch.stack([row_kurtosis(x @ q) for q in self.rotations], dim=1)
-        rms = x.pow(2).mean(dim=1).sqrt()
+        rms = (m2 + mean.square()).sqrt()
         values = torch.cat([torch.stack([kurtosis, rotated.mean(dim=1), rms], dim=1), rotated],
                            dim=1)
         self.means.update(values.double().numpy(), example_id)
         magnitude = x.abs()
         median = row_median(magnitude)
         has_ratio = median > 0
-        ratio = magnitude.max(dim=1).values[has_ratio] / median[has_ratio]
+        ratio = magnitude.amax(dim=1)[has_ratio] / median[has_ratio]
         self.ratio.update(ratio.double().numpy()[:, None], example_id[has_ratio.numpy()])
         self.zero_median_rows += int((~has_ratio).sum())
         if len(ratio):
             self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
-        self.feature_max = torch.maximum(self.feature_max, x.max(dim=0).values)
-        self.feature_min = torch.minimum(self.feature_min, x.min(dim=0).values)
+        low, high = torch.aminmax(x, dim=0)
+        self.feature_max = torch.maximum(self.feature_max, high)
+        self.feature_min = torch.minimum(self.feature_min, low)
 
     def results(self, thresholds: list[float], top_features: int) -> list[dict]:
         """Long-form records: metric, setting, value, spread, rows (and feature, for the top

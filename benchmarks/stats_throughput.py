@@ -1,0 +1,124 @@
+"""Time and memory of layer_stats on one float16 layer, against a floor and the study's approach.
+
+Measured side by side in one run, on a synthetic layer (Gaussian with a few outlier features,
+128 rows per example, written with the extraction's default chunking):
+
+  ours   workflow_scripts.layer_stats.compute: every statistic, one pass, one fixed rotation;
+  floor  reading and decoding the same array block by block plus one matrix product of each block
+         by the rotation (nothing less can give a rotated kurtosis);
+  study  the study's approach: per batch of 32 examples, scipy.stats.kurtosis in float64 and a new
+         random rotation (QR of a Gaussian matrix) applied to the batch.
+
+Then peak RSS of `compute` in a fresh process with N and 10 N rows.
+
+    .venv/bin/python benchmarks/stats_throughput.py            # 200k x 768, about 3 minutes
+    .venv/bin/python benchmarks/stats_throughput.py --rows 20000   # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workflow_scripts.activations import ShardWriter  # noqa: E402
+from workflow_scripts.layer_stats import compute  # noqa: E402
+from workflow_scripts.models.adapter import Readout  # noqa: E402
+from workflow_scripts.statistics import random_rotation  # noqa: E402
+
+OPTIONS = {"include_padding": False, "rotations": 1, "seed": 0, "top_features": 5}
+TOKENS = 128  # rows per example
+
+
+def write_layer(path: Path, rows: int, width: int) -> Path:
+    rng = np.random.default_rng(0)
+    writer = ShardWriter(path, [Readout(0, 0, 0, "block", width)], rows, "float16", 1024, 8)
+    for start in range(0, rows, 8192):
+        n = min(8192, rows - start)
+        x = rng.standard_normal((n, width), dtype=np.float32)
+        x[:, [7, 300]] *= 40
+        ids = (start + np.arange(n)) // TOKENS
+        writer.append([x.astype(np.float16)], ids, (start + np.arange(n)) % TOKENS,
+                      np.zeros(n, bool))
+    writer.close({"readouts": [Readout(0, 0, 0, "block", width).as_dict()]})
+    return path
+
+
+def floor(path: Path, width: int) -> None:
+    import zarr
+    array = zarr.open_group(path, mode="r")["layer-0"]
+    q = torch.from_numpy(random_rotation(width, 0, 0, 0))
+    block = 64 * 1024 * 1024 // (4 * width) // 1024 * 1024
+    for start in range(0, array.shape[0], block):
+        x = torch.from_numpy(array[start:start + block].astype(np.float32))
+        (x @ q).sum()
+
+
+def study(path: Path, width: int) -> None:
+    import zarr
+    array = zarr.open_group(path, mode="r")["layer-0"]
+    rng = np.random.default_rng(0)
+    batch = 32 * TOKENS
+    means = []
+    for start in range(0, array.shape[0], batch):
+        x = array[start:start + batch].astype(np.float64)
+        q, _ = np.linalg.qr(rng.standard_normal((width, width)))
+        means.append(scipy.stats.kurtosis(x, axis=1, fisher=False).mean())
+        means.append(scipy.stats.kurtosis(x @ q, axis=1, fisher=False).mean())
+
+
+def timed(function, *args) -> float:
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(path: Path) -> float:
+    """Peak RSS of a fresh process that runs compute on ``path``."""
+    code = (f"import sys, resource, json; sys.path.insert(0, {str(Path(__file__).parents[1])!r});"
+            "from workflow_scripts.layer_stats import compute;"
+            f"compute([{str(path)!r}], 0, [10.0], {OPTIONS!r});"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_layer(Path(tmp) / "layer.zarr", args.rows, args.width)
+        print(f"layer: {args.rows} rows x {args.width} float16, {TOKENS} rows per example")
+        ours, low, theirs = [], [], []
+        for _ in range(args.repeats):  # interleaved, so machine noise hits all three alike
+            low.append(timed(floor, path, args.width))
+            ours.append(timed(compute, [path], 0, [10.0], OPTIONS))
+            theirs.append(timed(study, path, args.width))
+        o, f, s = min(ours), min(low), min(theirs)
+        print(f"floor (read + decode + one rotation): {f:7.2f} s")
+        print(f"layer_stats (every statistic):        {o:7.2f} s   {o / f:.2f}x the floor")
+        print(f"study (scipy + rotation per batch):   {s:7.2f} s   layer_stats is {s / o:.1f}x faster")
+        small = write_layer(Path(tmp) / "small.zarr", args.rows // 10, args.width)
+        rss_small, rss_large = peak_rss_mb(small), peak_rss_mb(path)
+        print(f"peak RSS: {rss_small:.0f} MB at {args.rows // 10} rows, {rss_large:.0f} MB at "
+              f"{args.rows} rows: {rss_large / rss_small:.2f}x for 10x the rows")
+        print(json.dumps({"floor_s": f, "ours_s": o, "study_s": s, "ours_over_floor": o / f,
+                          "study_over_ours": s / o, "rss_ratio": rss_large / rss_small}))
+
+
+if __name__ == "__main__":
+    main()

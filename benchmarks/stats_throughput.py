@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -83,14 +82,26 @@ def timed(function, *args) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss_mb(path: Path) -> float:
-    """Peak RSS of a fresh process that runs compute on ``path``."""
-    code = (f"import sys, resource, json; sys.path.insert(0, {str(Path(__file__).parents[1])!r});"
-            "from workflow_scripts.layer_stats import compute;"
-            f"compute([{str(path)!r}], 0, [10.0], {OPTIONS!r});"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+RSS_PROBE = """
+import re, sys
+sys.path.insert(0, {root!r})
+from workflow_scripts.layer_stats import compute
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+rss = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+compute([{path!r}], 0, [10.0], {options!r})
+print(rss, status("VmHWM"))
+"""
+
+
+def peak_rss_mb(path: Path) -> tuple[float, float]:
+    """RSS of a fresh process after its imports, and its peak RSS while it ran compute."""
+    code = RSS_PROBE.format(root=str(Path(__file__).resolve().parents[1]), path=str(path),
+                            options=OPTIONS)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
+    before, peak = (int(v) / 1024 for v in out.stdout.split()[-2:])
+    return before, peak
 
 
 def main() -> None:
@@ -113,9 +124,11 @@ def main() -> None:
         print(f"layer_stats (every statistic):        {o:7.2f} s   {o / f:.2f}x the floor")
         print(f"study (scipy + rotation per batch):   {s:7.2f} s   layer_stats is {s / o:.1f}x faster")
         small = write_layer(Path(tmp) / "small.zarr", args.rows // 10, args.width)
-        rss_small, rss_large = peak_rss_mb(small), peak_rss_mb(path)
+        (base, rss_small), (_, rss_large) = peak_rss_mb(small), peak_rss_mb(path)
         print(f"peak RSS: {rss_small:.0f} MB at {args.rows // 10} rows, {rss_large:.0f} MB at "
-              f"{args.rows} rows: {rss_large / rss_small:.2f}x for 10x the rows")
+              f"{args.rows} rows: {rss_large / rss_small:.2f}x for 10x the rows "
+              f"({base:.0f} MB after imports, so {rss_small - base:.0f} MB and "
+              f"{rss_large - base:.0f} MB of work)")
         print(json.dumps({"floor_s": f, "ours_s": o, "study_s": s, "ours_over_floor": o / f,
                           "study_over_ours": s / o, "rss_ratio": rss_large / rss_small}))
 

@@ -22,7 +22,7 @@ from workflow_scripts.atomic import write_parquet
 from workflow_scripts.statistics import LayerStatistics, StatisticsError, random_rotation
 
 log = logging.getLogger("layer_stats")
-BLOCK_BYTES = 64 << 20  # float32 bytes of one block of rows
+BLOCK_BYTES = 16 << 20  # float32 bytes of one block of rows
 
 
 def _layer_arrays(shards: list[str | Path], layer: int):

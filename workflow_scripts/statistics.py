@@ -15,6 +15,7 @@ example are contiguous, as extraction writes them).
 """
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,20 +51,27 @@ def row_kurtosis(x: torch.Tensor) -> torch.Tensor:
     return row_moments(x)[2]
 
 
-def row_median(x: torch.Tensor) -> torch.Tensor:
-    """Median of every row, the mean of the two middle values for an even width (as numpy).
-    numpy's partition releases the GIL: row blocks run in parallel on torch's thread count."""
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads)
+
+
+def row_median_and_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median (the mean of the two middle values for an even width, as numpy's) and maximum of
+    every row, in float32, from one partial sort. numpy's partition releases the GIL, so blocks of
+    rows run in parallel."""
     width = x.shape[1]
     middle = sorted({(width - 1) // 2, width // 2})
 
-    def median(rows: np.ndarray) -> np.ndarray:
-        return np.partition(rows, middle, axis=1)[:, middle].mean(axis=1)
+    def median_and_max(rows: np.ndarray) -> np.ndarray:
+        parted = np.partition(rows, [*middle, width - 1], axis=1)
+        return np.stack([parted[:, middle].astype(np.float32).mean(axis=1),
+                         parted[:, width - 1].astype(np.float32)], axis=1)
 
-    parts = np.array_split(x.numpy(), max(1, min(torch.get_num_threads(), len(x) // 1024)))
-    if len(parts) == 1:
-        return torch.from_numpy(median(parts[0]))
-    with ThreadPoolExecutor(len(parts)) as pool:
-        return torch.from_numpy(np.concatenate(list(pool.map(median, parts))))
+    threads = max(1, torch.get_num_threads())  # the job's thread count
+    parts = np.array_split(x, max(1, min(threads, len(x) // 1024)))
+    both = np.concatenate(list(_pool(threads).map(median_and_max, parts)))
+    return both[:, 0], both[:, 1]
 
 
 class ClusterMeans:
@@ -129,8 +137,8 @@ class LayerStatistics:
     def __init__(self, width: int, rotations: list[np.ndarray]):
         self.width = width
         self.rotations = [torch.from_numpy(q) for q in rotations]
-        self.feature_max = torch.full((width,), -math.inf)
-        self.feature_min = torch.full((width,), math.inf)
+        self.feature_max = np.full(width, -np.inf, np.float32)
+        self.feature_min = np.full(width, np.inf, np.float32)
         # per-row values: kurtosis, rotation-averaged kurtosis, rms, then each rotation
         self.means = ClusterMeans(len(ROW_METRICS) + len(rotations))
         self.ratio = ClusterMeans(1)
@@ -141,7 +149,8 @@ class LayerStatistics:
         """Add rows ``chunk`` ([rows, width], any float dtype) of examples ``example_id``."""
         if len(chunk) == 0:
             return
-        x = torch.from_numpy(np.ascontiguousarray(chunk)).to(torch.float32)
+        chunk = np.ascontiguousarray(chunk)
+        x = torch.from_numpy(chunk).to(torch.float32)
         mean, m2, kurtosis = row_moments(x)
         if not torch.isfinite(kurtosis).all():
             bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0]
@@ -160,17 +169,17 @@ class LayerStatistics:
         values = torch.cat([torch.stack([kurtosis, rotated.mean(dim=1), rms], dim=1), rotated],
                            dim=1)
         self.means.update(values.double().numpy(), example_id)
-        magnitude = x.abs()
-        median = row_median(magnitude)
+        # |x| in the stored dtype: exact, and float16 halves the work of the partial sort
+        median, largest = row_median_and_max(np.abs(chunk))
         has_ratio = median > 0
-        ratio = magnitude.amax(dim=1)[has_ratio] / median[has_ratio]
-        self.ratio.update(ratio.double().numpy()[:, None], example_id[has_ratio.numpy()])
+        ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
+        self.ratio.update(ratio[:, None], example_id[has_ratio])
         self.zero_median_rows += int((~has_ratio).sum())
         if len(ratio):
             self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
-        low, high = torch.aminmax(x, dim=0)
-        self.feature_max = torch.maximum(self.feature_max, high)
-        self.feature_min = torch.minimum(self.feature_min, low)
+        values = x.numpy()  # numpy reduces over rows much faster than torch here
+        self.feature_max = np.maximum(self.feature_max, values.max(axis=0))
+        self.feature_min = np.minimum(self.feature_min, values.min(axis=0))
 
     def results(self, thresholds: list[float], top_features: int) -> list[dict]:
         """Long-form records: metric, setting, value, spread, rows (and feature, for the top
@@ -198,11 +207,11 @@ class LayerStatistics:
             add("max_over_median", "row mean", ratio_mean[0], ratio_error[0], rows=ratio_rows)
             add("max_over_median", "row max", self.largest_ratio, rows=ratio_rows)
         add("max_over_median", "rows with median |x| = 0", self.zero_median_rows)
-        magnitude = torch.maximum(self.feature_max, -self.feature_min)
+        magnitude = np.maximum(self.feature_max, -self.feature_min)
         for t in thresholds:
-            add("outlier_fraction", f"signed x > {t:g}", float((self.feature_max > t).double().mean()))
-            add("outlier_fraction", f"magnitude |x| > {t:g}", float((magnitude > t).double().mean()))
-        top = torch.argsort(magnitude, descending=True, stable=True)[:top_features]
+            add("outlier_fraction", f"signed x > {t:g}", float((self.feature_max > t).mean()))
+            add("outlier_fraction", f"magnitude |x| > {t:g}", float((magnitude > t).mean()))
+        top = np.argsort(-magnitude, kind="stable")[:top_features]
         for rank, feature in enumerate(top.tolist(), start=1):
             add("top_feature_max_abs", f"rank {rank}", magnitude[feature], feature=feature)
         return records

@@ -29,7 +29,7 @@ log = logging.getLogger("fetch_model")
 MODEL_TYPES = {"gpt2": "gpt2", "gptr2": "gpt2", "roberta": "roberta", "bert": "bert"}
 
 
-def fetch(spec: dict, out: str | Path, hub_api=None) -> dict:
+def fetch(spec: dict, out: str | Path) -> dict:
     """Write the model that ``spec`` describes to ``out``; returns its manifest."""
     scheme, rest = source_scheme(spec["source"])
     fetchers = {"init": _init, "local": _local, "hf": _hub, "torchvision": _torchvision}
@@ -39,7 +39,7 @@ def fetch(spec: dict, out: str | Path, hub_api=None) -> dict:
     tmp = temporary_sibling(out)
     tmp.mkdir()
     try:
-        fields = _hub(spec, rest, tmp, hub_api) if scheme == "hf" else fetchers[scheme](spec, rest, tmp)
+        fields = fetchers[scheme](spec, rest, tmp)
         verify_files(tmp, {})
         manifest = write_manifest(tmp, source=spec["source"], family=spec["family"],
                                   parameters=count_parameters(tmp, spec["family"]), **fields)
@@ -105,12 +105,12 @@ def resolve_revision(repo: str, revision: str, api) -> str:
     return commit
 
 
-def _hub(spec: dict, repo_and_revision: str, tmp: Path, api=None) -> dict:
+def _hub(spec: dict, repo_and_revision: str, tmp: Path) -> dict:
     import transformers
     from huggingface_hub import HfApi
 
     repo, _, revision = repo_and_revision.partition("@")
-    commit = resolve_revision(repo, revision or "main", api or HfApi())
+    commit = resolve_revision(repo, revision or "main", HfApi())
     log.info("hf:%s at %s is commit %s", repo, revision or "main", commit)
     config = transformers.AutoConfig.from_pretrained(repo, revision=commit)
     expected = MODEL_TYPES.get(spec["family"])

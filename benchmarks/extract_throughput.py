@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workflow_scripts.activations import ShardWriter  # noqa: E402
 from workflow_scripts.data import builtin, table  # noqa: E402
-from workflow_scripts.extract import (  # noqa: E402
-    Batch, _kept_positions, _write_batch, text_batches)
+from workflow_scripts.batches import Batch, text_batches  # noqa: E402
+from workflow_scripts.extract import _kept_positions, _write_batch  # noqa: E402
 from workflow_scripts.fetch_model import fetch  # noqa: E402
 from workflow_scripts.models import load_adapter  # noqa: E402
 
@@ -68,7 +68,10 @@ def text_case(work: Path, examples: int):
     adapter, _ = load_adapter(work / "gpt2", OPTIONS["gpt2_final_readout"])
     table.write(builtin.generate("corpus", examples, seed=0), work / "corpus.parquet", "text", None)
     frame, kind, _ = table.read(work / "corpus.parquet")
-    batches, rows = text_batches(adapter.tokenizer, frame, kind, OPTIONS)
+    batches = text_batches(adapter.tokenizer, frame, kind, OPTIONS["batch_size"],
+                           OPTIONS["max_tokens"], OPTIONS["padding"])
+    rows = sum(len(_kept_positions(b.padding.shape[1], e, OPTIONS))
+               for b in batches for e in b.example_id)
     return adapter, batches, rows
 
 
@@ -80,7 +83,7 @@ def image_case(work: Path, images: int):
     pixels = torch.randn(images, 3, 224, 224, generator=generator)
     size = OPTIONS["batch_size"]
     batches = [Batch({"pixel_values": pixels[s:s + size]}, np.arange(s, min(s + size, images)),
-                     None) for s in range(0, images, size)]
+                     None, None) for s in range(0, images, size)]
     return adapter, batches, images
 
 

@@ -19,6 +19,7 @@ from zarr.codecs import ShardingCodec
 from conftest import REPO
 from workflow_scripts import extract as extraction
 from workflow_scripts.activations import open_shard
+from workflow_scripts.batches import preprocess_image
 from workflow_scripts.code import code_digest, module_sources
 from workflow_scripts.data import builtin, table
 from workflow_scripts.data.table import DatasetError
@@ -127,7 +128,7 @@ def test_images_one_pooled_row_per_image(model_dirs, dataset_files, tmp_path):
                 dtype="float32", batch_size=6)
     adapter, _ = load_adapter(model_dirs["resnet"])
     frame, _, _ = table.read(dataset_files["shapes"])
-    pixels = torch.stack([extraction._preprocess(table.decode_image(d, ""), adapter.preprocess, 0)
+    pixels = torch.stack([preprocess_image(table.decode_image(d, ""), adapter.preprocess)
                           for d in frame["image"]])
     assert pixels.shape == (20, 3, 32, 32) and -1 <= pixels.min() < pixels.max() <= 1
     with torch.no_grad():

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.atomic import discard, publish, temporary_sibling
+from workflow_scripts.batches import Batch, image_batches, pick_device, text_batches
 from workflow_scripts.code import code_digest
 from workflow_scripts.data import table
 from workflow_scripts.data.table import DatasetError
@@ -33,13 +33,6 @@ CONTENT_OPTIONS = ("dtype", "max_tokens", "padding", "rows_per_example", "gpt2_f
                    "seed", "batch_size", "autocast")
 
 
-@dataclass
-class Batch:
-    inputs: dict[str, torch.Tensor]
-    example_id: np.ndarray  # per example
-    padding: np.ndarray | None  # [examples, tokens] bool for text, None for images
-
-
 def shard_bounds(rows: int, shards: int, shard: int) -> tuple[int, int]:
     """Rows [start, stop) of shard ``shard`` of ``shards`` near-equal contiguous blocks."""
     if not 0 <= shard < shards:
@@ -49,34 +42,6 @@ def shard_bounds(rows: int, shards: int, shard: int) -> tuple[int, int]:
     return rows * shard // shards, rows * (shard + 1) // shards
 
 
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("extract.device is cuda, but no CUDA device is available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def text_batches(tokenizer, frame, kind: str, options: dict) -> tuple[list[Batch], int]:
-    """The batches of a text shard and the number of rows they give."""
-    max_tokens, size = options["max_tokens"], options["batch_size"]
-    if kind == "pairs":
-        encoded = tokenizer(list(frame["premise"]), list(frame["hypothesis"]), truncation=True,
-                            max_length=max_tokens)
-    else:
-        encoded = tokenizer(list(frame["text"]), truncation=True, max_length=max_tokens)
-    ids = frame["example_id"].to_numpy()
-    batches, rows = [], 0
-    for start in range(0, len(frame), size):
-        part = {k: v[start:start + size] for k, v in encoded.items()}
-        inputs = tokenizer.pad(part, padding=options["padding"], max_length=max_tokens,
-                               return_tensors="pt")
-        padding = (inputs["attention_mask"] == 0).numpy()
-        batches.append(Batch(dict(inputs), ids[start:start + size], padding))
-        rows += sum(len(_kept_positions(padding.shape[1], e, options)) for e in ids[start:start + size])
-    return batches, rows
-
-
 def _kept_positions(tokens: int, example_id: int, options: dict) -> np.ndarray:
     """Token positions of one example that become rows: all, or a seeded random subset."""
     keep = options.get("rows_per_example")
@@ -84,36 +49,6 @@ def _kept_positions(tokens: int, example_id: int, options: dict) -> np.ndarray:
         return np.arange(tokens)
     rng = np.random.default_rng([options["seed"], int(example_id)])
     return np.sort(rng.choice(tokens, size=keep, replace=False))
-
-
-def image_batches(preprocess: dict, frame, options: dict) -> tuple[list, int]:
-    """Batches of an image shard, decoded lazily (a generator) and the number of rows."""
-    size = options["batch_size"]
-
-    def generate():
-        for start in range(0, len(frame), size):
-            part = frame.iloc[start:start + size]
-            pixels = [_preprocess(table.decode_image(data, f"example {i}"), preprocess, i)
-                      for i, data in zip(part["example_id"], part["image"])]
-            shapes = {tuple(p.shape) for p in pixels}
-            if len(shapes) > 1:
-                raise DatasetError(f"images of different sizes {sorted(shapes)} in one batch and "
-                                   "the model's preprocessing does not crop; set image_resize "
-                                   "on the dataset or use a model with a crop")
-            yield Batch({"pixel_values": torch.stack(pixels)}, part["example_id"].to_numpy(), None)
-
-    return generate(), len(frame)
-
-
-def _preprocess(image, preprocess: dict, example_id) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as F
-
-    x = F.to_dtype(F.to_image(image), torch.float32, scale=True)
-    if preprocess.get("resize"):
-        x = F.resize(x, preprocess["resize"], antialias=True)
-    if preprocess.get("crop"):
-        x = F.center_crop(x, preprocess["crop"])
-    return F.normalize(x, preprocess["mean"], preprocess["std"])
 
 
 def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: int,
@@ -134,9 +69,12 @@ def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: in
     device = pick_device(options["device"])
     adapter.to(device)
     if adapter.modality == "text":
-        batches, rows = text_batches(adapter.tokenizer, part, kind, options)
+        batches = text_batches(adapter.tokenizer, part, kind, options["batch_size"],
+                               options["max_tokens"], options["padding"])
+        rows = sum(len(_kept_positions(b.padding.shape[1], e, options))
+                   for b in batches for e in b.example_id)
     else:
-        batches, rows = image_batches(adapter.preprocess, part, options)
+        batches, rows = image_batches(adapter.preprocess, part, options["batch_size"]), len(part)
     attributes = {
         "readouts": [r.as_dict() for r in adapter.readouts], "pooling": adapter.pooling,
         "dtype": options["dtype"], "modality": adapter.modality, "family": manifest["family"],

@@ -37,9 +37,11 @@ include: "rules/models.smk"
 include: "rules/data.smk"
 include: "rules/extract.smk"
 include: "rules/stats.smk"
+include: "rules/ablate.smk"
 
 
 rule all:
     input:
         all_stats(),
+        all_ablations(),
     default_target: True

@@ -86,3 +86,14 @@ def all_stats():
         f"results/stats/{model}/{dataset}.parquet"
         for model, dataset in analysis_pairs(config)
     ]
+
+
+def ablation_options():
+    return {k: v for k, v in config["ablation"].items() if k != "analyses"}
+
+
+def all_ablations():
+    return [
+        f"results/ablation/{model}/{dataset}.parquet"
+        for model, dataset in analysis_pairs(config, config["ablation"]["analyses"])
+    ]

@@ -20,6 +20,8 @@ TINY_CONFIG = {
     "analyses": [{"models": ["gpt2-tiny", "roberta-tiny"], "datasets": ["pairs"]},
                  {"models": ["resnet-tiny"], "datasets": ["shapes"]}],
     "extract": {"batch_size": 8, "max_tokens": 32},
+    "ablation": {"analyses": [{"models": ["roberta-tiny"], "datasets": ["pairs"]},
+                              {"models": ["resnet-tiny"], "datasets": ["shapes"]}]},
 }
 
 
@@ -64,6 +66,16 @@ def test_statistics_for_every_model_and_dataset(finished_run):
         assert len(kurtosis) == layers and kurtosis["value"].between(1, 1000).all()
         threshold = {"gpt2-tiny": "10", "roberta-tiny": "4", "resnet-tiny": "6"}[model]
         assert f"signed x > {threshold}" in set(frame["setting"])
+
+
+def test_ablation_for_every_ablation_pair(finished_run):
+    import pandas as pd
+    frame = pd.read_parquet(finished_run / "results/ablation/resnet-tiny/shapes.parquet")
+    assert set(frame["direction"]) == {"head", "tail"} and set(frame["metric"]) == {"top1", "top5"}
+    assert (frame["examples"] == 12).all()
+    frame = pd.read_parquet(finished_run / "results/ablation/roberta-tiny/pairs.parquet")
+    assert sorted(frame["layer"].unique()) == [0, 1, 2]
+    assert not (finished_run / "results/ablation/gpt2-tiny").exists()
 
 
 def test_every_job_writes_its_log(finished_run):

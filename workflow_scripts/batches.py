@@ -6,6 +6,7 @@ batch at a time.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,13 @@ def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(choice)
+
+
+def autocast(device: torch.device, dtype: str | None):
+    """Autocast to ``dtype`` on CUDA; nothing on the CPU or without a dtype."""
+    if dtype is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, dtype))
 
 
 def _labels(frame, start: int, stop: int) -> np.ndarray | None:

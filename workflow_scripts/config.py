@@ -11,8 +11,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from workflow_scripts.sources import (BUILTIN_KINDS, TORCHVISION_RESNETS, dataset_kind,
-                                      model_kind, source_scheme)
+from workflow_scripts.sources import (ABLATION_HEADS, BUILTIN_KINDS, TORCHVISION_RESNETS,
+                                      dataset_kind, model_head, model_kind, source_scheme)
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -30,6 +30,7 @@ def check_config(config: dict) -> dict:
 
     config.setdefault("extract", {})
     config.setdefault("stats", {})
+    config.setdefault("ablation", {})
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(schema).iter_errors(copy.deepcopy(config)))
@@ -142,19 +143,25 @@ def _check_datasets(config: dict) -> None:
 
 
 def _check_analyses(config: dict) -> None:
-    for i, analysis in enumerate(config["analyses"]):
+    for where, analysis in [(f"analyses.{i}", a) for i, a in enumerate(config["analyses"])] + \
+            [(f"ablation.analyses.{i}", a) for i, a in enumerate(config["ablation"]["analyses"])]:
         for key, defined in (("models", config["models"]), ("datasets", config["datasets"])):
             for name in analysis[key]:
                 if name not in defined:
-                    raise ConfigError(f"config error at analyses.{i}.{key}: {name!r} is not "
+                    raise ConfigError(f"config error at {where}.{key}: {name!r} is not "
                                       f"defined; defined {key}: {', '.join(sorted(defined))}")
         for model in analysis["models"]:
             for dataset in analysis["datasets"]:
                 mk = model_kind(config["models"][model])
                 dk = dataset_kind(config["datasets"][dataset])
                 if (mk == "image") != (dk == "image"):
-                    raise ConfigError(f"config error at analyses.{i}: model {model!r} reads "
+                    raise ConfigError(f"config error at {where}: model {model!r} reads "
                                       f"{mk} but dataset {dataset!r} holds {dk}")
+                head, needed = model_head(config["models"][model]), ABLATION_HEADS[dk]
+                if where.startswith("ablation") and head != needed:
+                    raise ConfigError(f"config error at {where}: model {model!r} has head "
+                                      f"{head!r}; ablation on {dk} dataset {dataset!r} needs "
+                                      f"{needed}")
 
 
 def extract_options(config: dict, model: str) -> dict:
@@ -162,10 +169,10 @@ def extract_options(config: dict, model: str) -> dict:
     return {**config["extract"], **config["models"][model].get("extract", {})}
 
 
-def analysis_pairs(config: dict) -> list[tuple[str, str]]:
+def analysis_pairs(config: dict, analyses: list[dict] | None = None) -> list[tuple[str, str]]:
     """Every (model, dataset) pair the analyses name, in order, without repeats."""
     pairs = []
-    for analysis in config["analyses"]:
+    for analysis in config["analyses"] if analyses is None else analyses:
         for model in analysis["models"]:
             for dataset in analysis["datasets"]:
                 if (model, dataset) not in pairs:

@@ -8,7 +8,6 @@ The group is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.atomic import discard, publish, temporary_sibling
-from workflow_scripts.batches import Batch, image_batches, pick_device, text_batches
+from workflow_scripts.batches import Batch, autocast, image_batches, pick_device, text_batches
 from workflow_scripts.code import code_digest
 from workflow_scripts.data import table
 from workflow_scripts.data.table import DatasetError
@@ -100,16 +99,10 @@ def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: in
     log.info("wrote %s: %d rows x %d read-outs", out, rows, len(adapter.readouts))
 
 
-def _autocast(device: torch.device, dtype: str | None):
-    if dtype is None or device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=getattr(torch, dtype))
-
-
 def _write_batch(adapter, batch: Batch, writer: ShardWriter, device, options) -> None:
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     store_dtype = getattr(torch, options["dtype"])
-    with torch.inference_mode(), _autocast(device, options["autocast"]):
+    with torch.inference_mode(), autocast(device, options["autocast"]):
         streams = adapter.streams(inputs)
     if batch.padding is None:  # images: one row per example
         arrays = [s.to(store_dtype).cpu().numpy() for s in streams]

@@ -21,6 +21,20 @@ def dataset_kind(spec: dict) -> str:
     return spec["kind"]
 
 
+DEFAULT_HEADS = {"gpt2": "causal_lm", "gptr2": "causal_lm", "roberta": "sequence_classification",
+                 "bert": "sequence_classification", "resnet": "image_classification"}
+
+
+# the head a model needs to be scored on each kind of dataset by ablation
+ABLATION_HEADS = {"pairs": "sequence_classification", "image": "image_classification",
+                  "text": "causal_lm"}
+
+
+def model_head(spec: dict) -> str:
+    """The kind of output a model has: its ``head`` key, else its family's default."""
+    return spec.get("head", DEFAULT_HEADS[spec["family"]])
+
+
 def model_kind(spec: dict) -> str:
     """text or image: what a model of this family reads."""
     return "text" if spec["family"] in TEXT_FAMILIES else "image"

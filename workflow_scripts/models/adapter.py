@@ -1,9 +1,11 @@
-"""The interface every model family implements for extraction (and later ablation)."""
+"""The interface every model family implements for extraction and ablation."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -25,14 +27,20 @@ class Readout:
 
 
 class Adapter:
-    """A loaded model in eval mode with its read-out points.
+    """A loaded model in eval mode with its read-out points and residual blocks.
 
-    Subclasses set ``modality`` ("text" or "image"), ``pooling`` and ``readouts`` and implement
-    :meth:`streams`.
+    Subclasses set ``modality`` ("text" or "image"), ``pooling``, ``readouts``, ``head`` (the
+    kind of output: causal_lm, masked_lm, sequence_classification, image_classification),
+    ``num_labels`` and ``block_slots`` (where each residual block sits: its container and
+    index, in order), and implement :meth:`streams`, :meth:`logits`, :meth:`without_branch` and
+    :meth:`blocks_applied`.
     """
     modality: str
     pooling: str
     readouts: list[Readout]
+    head: str
+    num_labels: int | None
+    block_slots: list[tuple[nn.Module, int]]
 
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
@@ -55,3 +63,31 @@ class Adapter:
     def forward(self, inputs: dict[str, torch.Tensor]):
         """The bare forward pass of the underlying network on the same inputs."""
         raise NotImplementedError
+
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's own output: class logits ``[batch, classes]`` or, for language models,
+        next-token logits ``[batch, tokens, vocabulary]``."""
+        raise NotImplementedError
+
+    def without_branch(self, block: nn.Module) -> nn.Module:
+        """What stands in for ``block`` when it is ablated: its shortcut alone."""
+        raise NotImplementedError
+
+    def blocks_applied(self, readout: int) -> int:
+        """How many residual blocks produce the stream at read-out point ``readout``."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def ablated(self, blocks: set[int]):
+        """Run the model with the residual branch of every block in ``blocks`` removed."""
+        originals = {}
+        try:
+            for i in sorted(blocks):
+                container, index = self.block_slots[i]
+                originals[i] = container[index]
+                container[index] = self.without_branch(container[index])
+            yield self
+        finally:
+            for i, block in originals.items():
+                container, index = self.block_slots[i]
+                container[index] = block

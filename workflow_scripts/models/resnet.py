@@ -107,6 +107,19 @@ def load(directory: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), config
 
 
+class ShortcutOnly(nn.Module):
+    """A residual block with its branch removed: ``relu(shortcut(x))``, where the shortcut is
+    the identity or the block's downsample projection. (The block computes
+    ``relu(branch(x) + shortcut(x))``.)"""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.downsample = block.downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x if self.downsample is None else self.downsample(x))
+
+
 class ResNetAdapter(Adapter):
     modality = "image"
     pooling = "spatial_mean"
@@ -115,6 +128,9 @@ class ResNetAdapter(Adapter):
         super().__init__(model)
         self.preprocess = preprocess
         self.stages = stages(model)
+        self.head = "image_classification"
+        self.num_labels = model.fc.out_features
+        self.block_slots = [(stage, b) for stage in self.stages for b in range(len(stage))]
         self.readouts = []
         for s, stage in enumerate(self.stages, start=1):
             for b, block in enumerate(stage):
@@ -136,3 +152,12 @@ class ResNetAdapter(Adapter):
 
     def forward(self, inputs):
         return self.model(inputs["pixel_values"])
+
+    def logits(self, inputs):
+        return self.model(inputs["pixel_values"])
+
+    def without_branch(self, block):
+        return ShortcutOnly(block)
+
+    def blocks_applied(self, readout: int) -> int:
+        return readout + 1

@@ -21,6 +21,7 @@ from torch import nn
 from workflow_scripts.data import builtin
 from workflow_scripts.models.adapter import Adapter, Readout
 from workflow_scripts.models.store import WEIGHTS
+from workflow_scripts.sources import model_head
 
 HEAD_CLASSES = {
     "gpt2": {"causal_lm": "GPT2LMHeadModel",
@@ -30,8 +31,6 @@ HEAD_CLASSES = {
     "bert": {"masked_lm": "BertForMaskedLM",
              "sequence_classification": "BertForSequenceClassification"},
 }
-DEFAULT_HEAD = {"gpt2": "causal_lm", "gptr2": "causal_lm", "roberta": "sequence_classification",
-                "bert": "sequence_classification"}
 
 # special tokens of the built-in word-level tokenizer, per family, in vocabulary order
 SPECIALS = {
@@ -99,7 +98,7 @@ def build(spec: dict, tokenizer) -> transformers.PreTrainedModel:
     """A random-initialised model from ``spec`` (family, arch, head, num_labels, seed)."""
     family, arch = spec["family"], spec["arch"]
     group = _architecture_family(family)
-    head = spec.get("head", DEFAULT_HEAD[family])
+    head = model_head(spec)
     if head not in HEAD_CLASSES[group]:
         raise ValueError(f"family {family} has no head {head!r}; "
                          f"choose one of {sorted(HEAD_CLASSES[group])}")
@@ -148,6 +147,23 @@ def load(directory: str | Path, family: str):
     return model.eval(), tokenizer
 
 
+class SkippedBlock(nn.Module):
+    """A transformer block with its residual branches removed: the stream passes unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _head(model) -> str:
+    name = type(model).__name__
+    for suffix, head in (("ForSequenceClassification", "sequence_classification"),
+                         ("LMHeadModel", "causal_lm"), ("ForCausalLM", "causal_lm"),
+                         ("ForMaskedLM", "masked_lm")):
+        if name.endswith(suffix):
+            return head
+    return "none"
+
+
 class TextAdapter(Adapter):
     modality = "text"
     pooling = "none"
@@ -158,11 +174,15 @@ class TextAdapter(Adapter):
         self.family = family
         self.base = model.base_model
         if _architecture_family(family) == "gpt2":
-            self.embedding, self.blocks = self.base.drop, list(self.base.h)
+            self.embedding, container = self.base.drop, self.base.h
             self.final_norm = self.base.ln_f
         else:
-            self.embedding, self.blocks = self.base.embeddings, list(self.base.encoder.layer)
+            self.embedding, container = self.base.embeddings, self.base.encoder.layer
             self.final_norm = None
+        self.blocks = list(container)
+        self.block_slots = [(container, i) for i in range(len(container))]
+        self.head = _head(model)
+        self.num_labels = model.config.num_labels if self.head == "sequence_classification" else None
         if final_readout not in ("raw", "final_norm"):
             raise ValueError(f"final_readout must be raw or final_norm, not {final_readout!r}")
         self.final_readout = final_readout
@@ -188,3 +208,13 @@ class TextAdapter(Adapter):
 
     def forward(self, inputs):
         return self.base(**inputs).last_hidden_state
+
+    def logits(self, inputs):
+        return self.model(**inputs, use_cache=False).logits if self.head == "causal_lm" \
+            else self.model(**inputs).logits
+
+    def without_branch(self, block):
+        return SkippedBlock()
+
+    def blocks_applied(self, readout: int) -> int:
+        return readout

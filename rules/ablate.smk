@@ -1,0 +1,23 @@
+# ablate: results/ablation/{model}/{dataset}.parquet, accuracy under head and tail ablation.
+
+
+rule ablate:
+    input:
+        model="results/models/{model}",
+        data="results/data/{dataset}.parquet",
+        code=code_files("workflow_scripts.ablate"),
+    output:
+        "results/ablation/{model}/{dataset}.parquet",
+    params:
+        options=lambda wildcards: json.dumps(ablation_options(), sort_keys=True),
+        model=lambda wildcards: wildcards.model,
+        dataset=lambda wildcards: wildcards.dataset,
+    log:
+        "results/logs/ablate/{model}/{dataset}.log",
+    threads: 1
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow_scripts.ablate --model {input.model:q} --data {input.data:q} "
+        "--options {params.options:q} --model-name {params.model:q} "
+        "--dataset-name {params.dataset:q} --threads {threads} --out {output:q} 2> {log:q}"

@@ -1,0 +1,134 @@
+"""ablate: accuracy as residual blocks are removed from the end ("tail") or the start ("head").
+
+For every read-out point k, whose stream comes from the first b(k) blocks:
+  tail  every block from b(k) on is ablated: the stream at k goes through the model's own final
+        norm and head (for a language model this is the logit lens);
+  head  every block before b(k) is ablated.
+Ablating a block removes its residual branch and keeps its shortcut (the identity in a
+transformer; the identity or the downsample projection, then the block's ReLU, in a ResNet).
+Accuracy is top-1 and, with more than five classes, top-5: of the label for classifiers, of the
+next token for causal language models. One forward pass over the dataset per distinct set of
+ablated blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from workflow_scripts.atomic import write_parquet
+from workflow_scripts.batches import autocast, image_batches, pick_device, text_batches
+from workflow_scripts.data import table
+from workflow_scripts.data.table import DatasetError
+from workflow_scripts.models import load_adapter
+from workflow_scripts.sources import ABLATION_HEADS
+
+log = logging.getLogger("ablate")
+
+
+def check_compatible(adapter, kind: str, frame: pd.DataFrame, label_names, where: str) -> None:
+    """Stop before any forward pass if the model cannot be scored on this dataset."""
+    needed = ABLATION_HEADS[kind]
+    if adapter.head != needed:
+        what = "a classification head for a labelled dataset" if kind != "text" else \
+            "a causal language-model head for a text dataset (next-token accuracy)"
+        raise DatasetError(f"{where}: the model has head {adapter.head!r}, but ablation needs "
+                           f"{what} ({needed})")
+    if "label" in frame:
+        labels = frame["label"].to_numpy()
+        outside = (labels < 0) | (labels >= adapter.num_labels)
+        if outside.any():
+            raise DatasetError(
+                f"{where}: label(s) {sorted(set(labels[outside].tolist()))[:5]} outside the "
+                f"head's {adapter.num_labels} classes (examples "
+                f"{frame['example_id'][outside].head(5).tolist()}); dataset labels: {label_names}")
+
+
+def score(adapter, batches, device, autocast_dtype: str | None, top5: bool) -> tuple[int, int, int]:
+    """(top-1 correct, top-5 correct, predictions) of the model as it stands."""
+    correct1 = correct5 = count = 0
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+        with torch.inference_mode(), autocast(device, autocast_dtype):
+            logits = adapter.logits(inputs).float()
+        if adapter.head == "causal_lm":  # position t predicts token t + 1
+            mask = inputs["attention_mask"][:, 1:].bool() & inputs["attention_mask"][:, :-1].bool()
+            logits, targets = logits[:, :-1][mask], inputs["input_ids"][:, 1:][mask]
+        else:
+            targets = torch.tensor(batch.labels, device=device)
+        correct1 += int((logits.argmax(dim=-1) == targets).sum())
+        if top5:
+            correct5 += int((logits.topk(5, dim=-1).indices == targets[:, None]).any(dim=-1).sum())
+        count += len(targets)
+    return correct1, correct5, count
+
+
+def ablate(model_dir: str | Path, data_path: str | Path, options: dict) -> pd.DataFrame:
+    """Long-form accuracies for every read-out point and direction."""
+    adapter, _ = load_adapter(model_dir)
+    frame, kind, label_names = table.read(data_path)
+    check_compatible(adapter, kind, frame, label_names, f"{model_dir} on {data_path}")
+    device = pick_device(options["device"])
+    adapter.to(device)
+    if kind == "image":
+        def batches():
+            return image_batches(adapter.preprocess, frame, options["batch_size"])
+    else:
+        text = text_batches(adapter.tokenizer, frame, kind, options["batch_size"],
+                            options["max_tokens"], options["padding"])
+
+        def batches():
+            return text
+    classes = adapter.num_labels if adapter.head != "causal_lm" else len(adapter.tokenizer)
+    top5 = classes > 5
+    n_blocks = len(adapter.block_slots)
+    plans = []
+    for readout in adapter.readouts:
+        b = adapter.blocks_applied(readout.index)
+        plans += [(readout, "tail", frozenset(range(b, n_blocks))),
+                  (readout, "head", frozenset(range(b)))]
+    results = {}  # one pass per distinct set of ablated blocks
+    for ablated in tqdm(dict.fromkeys(p[2] for p in plans), desc="ablations", file=sys.stderr):
+        with adapter.ablated(set(ablated)):
+            results[ablated] = score(adapter, batches(), device, options["autocast"], top5)
+    records = []
+    for readout, direction, ablated in plans:
+        correct1, correct5, count = results[ablated]
+        for metric, correct in (("top1", correct1), ("top5", correct5))[:1 + top5]:
+            records.append({"layer": readout.index, "stage": readout.stage,
+                            "block": readout.block, "name": readout.name,
+                            "direction": direction, "blocks_ablated": len(ablated),
+                            "metric": metric, "value": correct / count, "examples": len(frame),
+                            "predictions": count})
+    return pd.DataFrame(records)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument("--data", required=True, help="dataset Parquet file")
+    parser.add_argument("--options", required=True, help="the ablation options, as JSON")
+    parser.add_argument("--model-name", required=True, help="written in each row")
+    parser.add_argument("--dataset-name", required=True, help="written in each row")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    frame = ablate(args.model, args.data, json.loads(args.options))
+    frame.insert(0, "dataset", args.dataset_name)
+    frame.insert(0, "model", args.model_name)
+    write_parquet(frame, args.out)
+    log.info("wrote %s: %d records", args.out, len(frame))
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,7 @@ except ConfigError as error:
 
 include: "rules/common.smk"
 include: "rules/models.smk"
+include: "rules/train.smk"
 include: "rules/data.smk"
 include: "rules/extract.smk"
 include: "rules/stats.smk"

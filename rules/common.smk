@@ -3,7 +3,9 @@ import json
 from pathlib import Path
 
 from workflow_scripts.code import module_sources
-from workflow_scripts.config import analysis_pairs, extract_options, thresholds
+import re
+
+from workflow_scripts.config import analysis_pairs, extract_options, thresholds, trained_models
 from workflow_scripts.sources import readout_count, source_scheme
 
 
@@ -12,6 +14,21 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     shard=r"\d+",
     layer=r"\d+",
+
+
+def names_pattern(names):
+    """A wildcard pattern matching exactly these names (nothing, when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def training_run(model):
+    return config["training"]["runs"][source_scheme(config["models"][model]["source"])[1]]
+
+
+def base_model(model):
+    """The model directory a fine-tune starts from (none for other runs)."""
+    base = training_run(model).get("base")
+    return [f"results/models/{base}"] if base else []
 
 
 def code_files(module):

@@ -8,6 +8,8 @@ rule fetch_model:
         local=local_model_files,
     output:
         directory("results/models/{model}"),
+    wildcard_constraints:
+        model=names_pattern(sorted(set(config["models"]) - set(trained_models(config)))),
     params:
         spec=model_spec,
     log:

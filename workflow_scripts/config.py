@@ -5,6 +5,7 @@ Imported by the Snakefile at DAG-build time, so it stays light: no torch, no tra
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import jsonschema
 import yaml
 
 from workflow_scripts.sources import (ABLATION_HEADS, BUILTIN_KINDS, TORCHVISION_RESNETS,
-                                      dataset_kind, model_head, model_kind, source_scheme)
+                                      dataset_kind, model_head, model_kind, readout_count,
+                                      source_scheme)
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
@@ -31,6 +33,7 @@ def check_config(config: dict) -> dict:
     config.setdefault("extract", {})
     config.setdefault("stats", {})
     config.setdefault("ablation", {})
+    config.setdefault("training", {})
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(schema).iter_errors(copy.deepcopy(config)))
@@ -42,6 +45,9 @@ def check_config(config: dict) -> dict:
     config["stats"]["thresholds"] = {**family_defaults, **config["stats"]["thresholds"]}
     _check_models(config)
     _check_datasets(config)
+    config["training"]["runs"] = _expand_runs(config["training"]["runs"], schema)
+    _check_runs(config)
+    _add_trained_models(config)
     _check_analyses(config)
     return config
 
@@ -67,6 +73,99 @@ def describe(error: jsonschema.ValidationError) -> str:
     if kind in ("type", "oneOf", "anyOf"):
         return f"config error at {where}: {value!r} has the wrong type; {error.message}"
     return f"config error at {where}: {value!r}: {error.message}"
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else copy.deepcopy(value)
+    return merged
+
+
+def _expand_runs(runs: dict, schema: dict) -> dict:
+    """Runs with a grid become one run per combination of its axes' labels."""
+    run_schema = {**schema["definitions"]["run"], "definitions": schema["definitions"]}
+    expanded = {}
+    for name, run in runs.items():
+        grid = run.get("grid", {})
+        base = {k: v for k, v in run.items() if k != "grid"}
+        for labels in itertools.product(*(list(axis.items()) for axis in grid.values())):
+            spec = base
+            for _, overrides in labels:
+                spec = _merge(spec, overrides)
+            full = "-".join([name, *(label for label, _ in labels)])
+            error = jsonschema.exceptions.best_match(
+                jsonschema.Draft202012Validator(run_schema).iter_errors(spec))
+            if error is not None:
+                error.path.extendleft([full, "runs", "training"])
+                raise ConfigError(describe(error) + (" (after the grid)" if grid else ""))
+            if full in expanded:
+                raise ConfigError(f"config error at training.runs.{name}: run {full!r} is "
+                                  "defined twice")
+            expanded[full] = spec
+    return expanded
+
+
+def _check_runs(config: dict) -> None:
+    for name, run in config["training"]["runs"].items():
+        where = f"training.runs.{name}"
+        if run["dataset"] not in config["datasets"]:
+            raise ConfigError(f"config error at {where}.dataset: {run['dataset']!r} is not "
+                              f"defined; defined datasets: {', '.join(sorted(config['datasets']))}")
+        kind = dataset_kind(config["datasets"][run["dataset"]])
+        needed = {"causal_lm": "text", "image_classification": "image",
+                  "sequence_classification": "pairs"}[run["kind"]]
+        if kind != needed:
+            raise ConfigError(f"config error at {where}.dataset: a {run['kind']} run needs a "
+                              f"{needed} dataset; {run['dataset']!r} holds {kind}")
+        required = {"causal_lm": ["family", "arch"], "image_classification": ["arch", "num_labels"],
+                    "sequence_classification": ["base", "num_labels"]}[run["kind"]]
+        for key in required:
+            if key not in run:
+                raise ConfigError(f"config error at {where}: a {run['kind']} run needs {key!r}")
+        if run["kind"] == "sequence_classification":
+            base = config["models"].get(run["base"])
+            if base is None or model_kind(base) != "text":
+                raise ConfigError(f"config error at {where}.base: {run['base']!r} is not a "
+                                  "defined text model")
+        if "arch" in run:
+            family = run.get("family", "resnet")
+            _check_init_arch(where, {"family": family, "arch": run["arch"]})
+
+
+def _run_blocks(config: dict, run: dict) -> int:
+    if run["kind"] == "causal_lm":
+        return run["arch"]["layers"]
+    if run["kind"] == "image_classification":
+        return sum(run["arch"]["layers"])
+    base = config["models"][run["base"]]
+    scheme, base_run = source_scheme(base["source"])
+    if scheme == "train":  # a fine-tune of a trained model
+        return _run_blocks(config, config["training"]["runs"][base_run])
+    return readout_count(base) - 1
+
+
+def _add_trained_models(config: dict) -> None:
+    """Every run is also a model of the same name, source train:<run>."""
+    runs = config["training"]["runs"]
+    for name, run in runs.items():
+        family = {"causal_lm": run.get("family"), "image_classification": "resnet"}.get(
+            run["kind"]) or config["models"][run["base"]]["family"]
+        spec = config["models"].setdefault(name, {"family": family, "source": f"train:{name}"})
+        if spec["source"] != f"train:{name}" or spec["family"] != family:
+            raise ConfigError(f"config error at models.{name}: the name of training run {name!r}; "
+                              f"as a model its source is train:{name} and its family {family}")
+        spec.setdefault("head", run["kind"])
+        if "num_labels" in run:
+            spec.setdefault("num_labels", run["num_labels"])
+    for name, spec in config["models"].items():
+        scheme, run = source_scheme(spec["source"])
+        if scheme == "train":
+            if run not in runs:
+                raise ConfigError(f"config error at models.{name}.source: training run {run!r} is "
+                                  f"not defined; defined runs: {', '.join(sorted(runs)) or 'none'}")
+            spec["blocks"] = _run_blocks(config, runs[run])
 
 
 def _check_models(config: dict) -> None:
@@ -185,3 +284,8 @@ def thresholds(config: dict, model: str) -> list[float]:
     spec = config["models"][model]
     value = spec.get("thresholds", config["stats"]["thresholds"][spec["family"]])
     return [float(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def trained_models(config: dict) -> list[str]:
+    return [name for name, spec in config["models"].items()
+            if source_scheme(spec["source"])[0] == "train"]

@@ -16,12 +16,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
 
 from workflow_scripts.sources import source_scheme
-from workflow_scripts.models import resnet, transformers_text
+from workflow_scripts.models import resnet, transformers_text, write_model_files
 from workflow_scripts.atomic import discard, publish, temporary_sibling
-from workflow_scripts.models.store import (CONFIG, MANIFEST, WEIGHTS, ModelDirError,
+from workflow_scripts.models.store import (MANIFEST, WEIGHTS, ModelDirError,
                                            read_manifest, verify_files, write_manifest)
 
 log = logging.getLogger("fetch_model")
@@ -63,14 +62,11 @@ def count_parameters(directory: Path, family: str) -> int:
 def _init(spec: dict, _rest: str, tmp: Path) -> dict:
     settings = {k: spec[k] for k in ("arch", "seed", "head", "num_labels") if k in spec}
     if spec["family"] == "resnet":
-        model, config = resnet.build(spec)
-        save_file(model.state_dict(), tmp / WEIGHTS)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        model, companion = resnet.build(spec)
     else:
-        tokenizer = transformers_text.builtin_tokenizer(spec["family"])
-        model = transformers_text.build(spec, tokenizer)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        companion = transformers_text.builtin_tokenizer(spec["family"])
+        model = transformers_text.build(spec, companion)
+    write_model_files(model, companion, spec["family"], tmp)
     return {"revision": None, "init": settings}
 
 
@@ -138,8 +134,7 @@ def _torchvision(spec: dict, arch: str, tmp: Path) -> dict:
               "label_names": list(weights.meta["categories"]),
               "preprocess": resnet.imagenet_preprocess(resize=transform.resize_size[0],
                                                        crop=transform.crop_size[0])}
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS)
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_model_files(model, config, "resnet", tmp)
     return {"revision": str(weights), "url": weights.url}
 
 

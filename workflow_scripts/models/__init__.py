@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
+from workflow_scripts.atomic import discard, publish, temporary_sibling
 from workflow_scripts.models.adapter import Adapter, Readout
-from workflow_scripts.models.store import read_manifest
+from workflow_scripts.models.store import CONFIG, WEIGHTS, read_manifest, write_manifest
 
 FAMILIES = ("gpt2", "gptr2", "roberta", "bert", "resnet")
 
@@ -25,4 +28,32 @@ def load_adapter(directory: str | Path, final_readout: str = "raw") -> tuple[Ada
     return transformers_text.TextAdapter(model, tokenizer, family, final_readout), manifest
 
 
-__all__ = ["Adapter", "Readout", "load_adapter", "FAMILIES"]
+def write_model_files(model, companion, family: str, directory: str | Path) -> None:
+    """Weights and config (and, for text models, the tokenizer) in the stored layout.
+    ``companion``: the tokenizer of a text model, the config.json dict of a ResNet."""
+    directory = Path(directory)
+    if family == "resnet":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / WEIGHTS)
+        (directory / CONFIG).write_text(json.dumps(companion, indent=2, sort_keys=True) + "\n")
+    else:
+        model.save_pretrained(directory)
+        companion.save_pretrained(directory)
+
+
+def save_model(model, companion, family: str, directory: str | Path, **fields) -> dict:
+    """Write a model directory atomically, with its manifest (``fields`` plus the family, the
+    parameter count and the files' digests); returns the manifest."""
+    tmp = temporary_sibling(directory)
+    tmp.mkdir()
+    try:
+        write_model_files(model, companion, family, tmp)
+        manifest = write_manifest(tmp, family=family, revision=None,
+                                  parameters=sum(p.numel() for p in model.parameters()), **fields)
+        publish(tmp, directory)
+    finally:
+        discard(tmp)
+    return manifest
+
+
+__all__ = ["Adapter", "Readout", "load_adapter", "save_model", "write_model_files", "FAMILIES"]

@@ -27,6 +27,23 @@ BLOCKS = {"basic": tv.BasicBlock, "bottleneck": tv.Bottleneck}
 SMALL_IMAGE_PREPROCESS = {"resize": None, "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3}
 
 
+class ChannelRMSNorm(nn.Module):
+    """RMSNorm over channels at every position, with one scalar gain and no bias: it commutes
+    with rotations of the channels, so it privileges no channel basis (BatchNorm's per-channel
+    scale and shift do)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps) * self.weight
+
+
+NORMS = {"batch": nn.BatchNorm2d, "rms": ChannelRMSNorm}
+
+
 class ResNet(tv.ResNet):
     """torchvision's ResNet with any number of stages, any stage widths, and a choice of stem:
     ``imagenet`` (7x7 stride-2 convolution and max-pool) or ``cifar`` (3x3 stride-1, no pool,
@@ -81,6 +98,7 @@ def build(spec: dict) -> tuple[nn.Module, dict]:
     config = {"family": "resnet", "architecture": "resnet", "block": arch.get("block", "basic"),
               "layers": list(arch["layers"]), "widths": list(arch["widths"]),
               "stem": arch.get("stem", "imagenet"), "num_classes": spec.get("num_labels", 10),
+              "norm": arch.get("norm", "batch"),
               "preprocess": SMALL_IMAGE_PREPROCESS if arch.get("stem") == "cifar" else
               imagenet_preprocess(resize=256, crop=224)}
     torch.manual_seed(spec.get("seed", 0))
@@ -95,7 +113,7 @@ def imagenet_preprocess(resize: int, crop: int) -> dict:
 def from_config(config: dict) -> nn.Module:
     if config["architecture"] == "resnet":
         return ResNet(config["block"], config["layers"], config["widths"], config["num_classes"],
-                      stem=config["stem"])
+                      stem=config["stem"], norm_layer=NORMS[config.get("norm", "batch")])
     return torchvision.models.get_model(config["architecture"], weights=None,
                                         num_classes=config["num_classes"])
 

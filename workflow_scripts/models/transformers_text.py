@@ -124,22 +124,32 @@ def build(spec: dict, tokenizer) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def load(directory: str | Path, family: str):
-    """The model and tokenizer stored in ``directory``."""
-    config = transformers.AutoConfig.from_pretrained(directory)
+def load(directory: str | Path, family: str, head: str | None = None, num_labels: int | None = None):
+    """The model and tokenizer stored in ``directory``; with ``head``, under that head instead
+    of the stored one (a new head is randomly initialised: the start of a fine-tune)."""
+    overrides = {} if num_labels is None else {"num_labels": num_labels}
+    config = transformers.AutoConfig.from_pretrained(directory, **overrides)
     model_class = getattr(transformers, config.architectures[0])
+    if head is not None:
+        model_class = getattr(transformers, HEAD_CLASSES[_architecture_family(family)][head])
+        config.architectures = [model_class.__name__]
     if family == "gptr2":
         model = model_class(config)
         use_scalar_rms_norm(model)
         state = load_file(Path(directory, WEIGHTS))
+        if head is not None:  # the base model's weights under another head
+            prefix = model.base_model_prefix + "."
+            state = {k: v for k, v in state.items() if k.startswith(prefix)}
         missing, unexpected = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
+        allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        if head is not None:
+            allowed |= {k for k in model.state_dict() if not k.startswith(model.base_model_prefix)}
+        if unexpected or set(missing) - allowed:
             raise ValueError(f"{directory}: weights do not fit a gptr2 model "
                              f"(missing {missing}, unexpected {unexpected})")
         model.tie_weights()
     else:
-        model = model_class.from_pretrained(directory)
+        model = model_class.from_pretrained(directory, config=config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:  # GPT-2 pads with its end-of-text token, as the study did
         tokenizer.pad_token = tokenizer.eos_token

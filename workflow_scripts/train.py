@@ -1,0 +1,286 @@
+"""train: a model trained from a run of the config, in the stored layout, with its metrics.
+
+Run kinds:
+  causal_lm                a GPT-2-style model (gpt2, or gptr2 with scalar-gain RMSNorm) built from
+                           architecture settings, next-token loss on a text dataset cut into
+                           blocks of ``context`` tokens;
+  image_classification     a ResNet (BatchNorm or basis-independent RMSNorm over channels) built
+                           from architecture settings, on an image dataset;
+  sequence_classification  a stored text model (``base``) fine-tuned on sentence pairs, with a
+                           new classification head.
+Batches are drawn with replacement from a generator seeded by (seed, step), and the global RNG
+(dropout) is reseeded every step, so a run resumed from its checkpoint continues exactly as if it
+had not stopped, and the same config on the CPU gives identical weights.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from workflow_scripts.atomic import discard, publish, temporary_sibling, write_parquet
+from workflow_scripts.batches import autocast, pick_device, preprocess_image
+from workflow_scripts.data import table
+from workflow_scripts.data.table import DatasetError
+from workflow_scripts.models import resnet, save_model, transformers_text
+from workflow_scripts.models.store import MANIFEST, read_manifest, sha256_file
+
+log = logging.getLogger("train")
+KINDS = {"causal_lm": "text", "image_classification": "image", "sequence_classification": "pairs"}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a diverging loss), named with its step."""
+
+
+def build(spec: dict, base_dir: str | Path | None):
+    """The model to train, its companion (the tokenizer of a text model, the config of a
+    ResNet, which holds its preprocessing) and its family."""
+    kind = spec["kind"]
+    if kind == "image_classification":
+        model, config = resnet.build({"arch": spec["arch"], "seed": spec["seed"],
+                                      "num_labels": spec["num_labels"]})
+        return model, config, "resnet"
+    if kind == "causal_lm":
+        tokenizer = transformers_text.builtin_tokenizer(spec["family"])
+        model = transformers_text.build({"family": spec["family"], "arch": spec["arch"],
+                                         "seed": spec["seed"], "head": "causal_lm"}, tokenizer)
+        return model, tokenizer, spec["family"]
+    family = read_manifest(base_dir)["family"]
+    torch.manual_seed(spec["seed"])  # the new head's initialisation
+    model, tokenizer = transformers_text.load(base_dir, family, head="sequence_classification",
+                                              num_labels=spec["num_labels"])
+    return model, tokenizer, family
+
+
+def _token_blocks(tokenizer, texts, context: int) -> torch.Tensor:
+    """The texts as one token stream (end-of-text between them) cut into blocks."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    stream = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream += ids + [separator]
+    blocks = len(stream) // context
+    if blocks < 2:
+        raise DatasetError(f"the text holds {len(stream)} tokens: fewer than two blocks of {context}")
+    return torch.tensor(stream[:blocks * context]).view(blocks, context)
+
+
+def make_data(spec: dict, frame: pd.DataFrame, kind: str, companion) -> dict[str, torch.Tensor]:
+    """Every example as tensors: the model's inputs, and ``labels`` where the data has them."""
+    if kind == "text":
+        return {"input_ids": _token_blocks(companion, frame["text"], spec["context"])}
+    if kind == "pairs":
+        encoded = companion(list(frame["premise"]), list(frame["hypothesis"]), truncation=True,
+                          max_length=spec["max_tokens"], padding="longest", return_tensors="pt")
+        return {**encoded, "labels": torch.tensor(frame["label"].to_numpy())}
+    pixels = [preprocess_image(table.decode_image(d, f"example {i}"), companion["preprocess"])
+              for i, d in zip(frame["example_id"], frame["image"])]
+    return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(frame["label"].to_numpy())}
+
+
+def split(data: dict[str, torch.Tensor], fraction: float, seed: int):
+    """A seeded held-out part for evaluation, and the rest for training."""
+    n = len(next(iter(data.values())))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = max(1, round(n * fraction))
+    return ({k: v[order[held:]] for k, v in data.items()},
+            {k: v[order[:held]] for k, v in data.items()})
+
+
+def forward(model, kind: str, batch: dict[str, torch.Tensor]):
+    """(loss, number of correct predictions, number of predictions)."""
+    if kind == "image_classification":
+        logits = model(batch["pixel_values"])
+        labels = batch["labels"]
+    elif kind == "causal_lm":
+        ids = batch["input_ids"]  # whole blocks of text: no padding
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, :-1]
+        labels = batch["input_ids"][:, 1:]
+    else:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits, labels = model(**inputs).logits, batch["labels"]
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = labels.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
+
+
+def evaluate(model, kind: str, data: dict, batch_size: int, device, precision) -> float:
+    model.eval()
+    correct = total = 0
+    n = len(next(iter(data.values())))
+    with torch.inference_mode(), autocast(device, precision):
+        for start in range(0, n, batch_size):
+            batch = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
+            _, c, t = forward(model, kind, batch)
+            correct, total = correct + c, total + t
+    model.train()
+    return correct / total
+
+
+def make_optimizer(model, settings: dict):
+    name, lr, decay = settings["name"], settings["lr"], settings.get("weight_decay", 0.0)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.get("momentum", 0.0),
+                               weight_decay=decay)
+    betas = (settings.get("beta1", 0.9), settings.get("beta2", 0.999))
+    optimizer = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return optimizer(model.parameters(), lr=lr, betas=betas, weight_decay=decay)
+
+
+def learning_rate(step: int, spec: dict) -> float:
+    """Linear warm-up, then constant or cosine decay to zero; a factor of the base rate."""
+    warmup = spec["warmup_steps"]
+    if step < warmup:
+        return (step + 1) / warmup
+    if spec["schedule"] == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, spec["steps"] - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fingerprint(spec: dict, data_path, base_dir) -> str:
+    """What a checkpoint must match to be resumed: the run and its inputs."""
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    digest.update(sha256_file(data_path).encode())
+    if base_dir is not None:
+        digest.update(sha256_file(Path(base_dir, MANIFEST)).encode())
+    return digest.hexdigest()
+
+
+def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, checkpoint_path,
+          base_dir=None) -> pd.DataFrame:
+    frame, kind, label_names = table.read(data_path)
+    if kind != KINDS[spec["kind"]]:
+        raise DatasetError(f"run {name}: a {spec['kind']} run needs a {KINDS[spec['kind']]} "
+                           f"dataset, but {data_path} holds {kind}")
+    model, companion, family = build(spec, base_dir)
+    data = make_data(spec, frame, kind, companion)
+    if "labels" in data and int(data["labels"].max()) >= spec["num_labels"]:
+        raise DatasetError(f"run {name}: labels go up to {int(data['labels'].max())}, but the "
+                           f"model has {spec['num_labels']} classes")
+    train_data, eval_data = split(data, spec["eval_fraction"], spec["seed"])
+    device = pick_device(spec["device"])
+    precision = spec.get("mixed_precision")
+    model.to(device).train()
+    optimizer = make_optimizer(model, spec["optimizer"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, spec))
+    records, start = [], 0
+    key = fingerprint(spec, data_path, base_dir)
+    checkpoint_path = Path(checkpoint_path)
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state["fingerprint"] == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            records, start = state["records"], state["step"]
+            log.info("resuming %s from its checkpoint at step %d", name, start)
+        else:
+            log.info("ignoring a checkpoint of another configuration: %s", checkpoint_path)
+    n = len(next(iter(train_data.values())))
+    progress = tqdm(range(start, spec["steps"]), initial=start, total=spec["steps"],
+                    desc=f"train {name}", file=sys.stderr, mininterval=5)
+    for step in progress:
+        torch.manual_seed(spec["seed"] * 1_000_003 + step)  # dropout, reproducible per step
+        index = torch.randint(n, (spec["batch_size"],))
+        batch = {k: v[index].to(device) for k, v in train_data.items()}
+        with autocast(device, precision):
+            loss, _, _ = forward(model, spec["kind"], batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"run {name}: the loss is {loss.item()} at step {step}; the run "
+                                "diverged (lower the learning rate or clip gradients)")
+        loss.backward()
+        clip = spec.get("clip_grad_norm") or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        record = {"step": step, "loss": loss.item(), "learning_rate": schedule.get_last_lr()[0],
+                  "grad_norm": grad_norm, "eval_accuracy": math.nan}
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % spec["eval_every"] == 0 or step + 1 == spec["steps"]:
+            record["eval_accuracy"] = evaluate(model, spec["kind"], eval_data,
+                                               spec["batch_size"], device, precision)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", accuracy=f"{record['eval_accuracy']:.3f}")
+        records.append(record)
+        if (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:
+            _save_checkpoint(checkpoint_path, key, step + 1, model, optimizer, schedule, records)
+    model.eval().cpu()
+    save_model(model, companion, family, out_model, source=f"train:{name}", training=spec)
+    metrics = pd.DataFrame(records)
+    write_parquet(metrics, metrics_path)
+    plot_losses(metrics, name, plot_path)
+    checkpoint_path.unlink(missing_ok=True)
+    return metrics
+
+
+def _save_checkpoint(path: Path, key, step, model, optimizer, schedule, records) -> None:
+    tmp = temporary_sibling(path)
+    try:
+        torch.save({"fingerprint": key, "step": step, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "records": records}, tmp)
+        publish(tmp, path)
+    finally:
+        discard(tmp)
+
+
+def plot_losses(metrics: pd.DataFrame, name: str, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, loss_axis = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    loss_axis.plot(metrics["step"], metrics["loss"], color="#0072B2", linewidth=1, label="loss")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("training loss")
+    evaluated = metrics.dropna(subset=["eval_accuracy"])
+    accuracy_axis = loss_axis.twinx()
+    accuracy_axis.plot(evaluated["step"], evaluated["eval_accuracy"], "o-", color="#D55E00",
+                       markersize=3, label="held-out accuracy")
+    accuracy_axis.set_ylabel("held-out accuracy")
+    accuracy_axis.set_ylim(0, 1)
+    figure.legend(loc="upper right", fontsize=8)
+    loss_axis.set_title(f"training run {name}")
+    tmp = temporary_sibling(path)
+    try:
+        figure.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        publish(tmp, path)
+    finally:
+        discard(tmp)
+        plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="the run's name")
+    parser.add_argument("--spec", required=True, help="the run's settings, as JSON")
+    parser.add_argument("--data", required=True, help="dataset Parquet file")
+    parser.add_argument("--base", help="the model directory a fine-tune starts from")
+    parser.add_argument("--checkpoint", required=True, help="where to keep the checkpoint")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--plot", required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, help="the model directory to write")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.threads)
+    metrics = train(args.name, json.loads(args.spec), args.data, args.out, args.metrics,
+                    args.plot, args.checkpoint, args.base)
+    final = metrics["eval_accuracy"].dropna()
+    log.info("run %s: final loss %.4f, held-out accuracy %.3f", args.name,
+             metrics["loss"].iloc[-1], final.iloc[-1] if len(final) else float("nan"))
+
+
+if __name__ == "__main__":
+    main()

@@ -249,7 +249,8 @@ def plot_losses(metrics: pd.DataFrame, name: str, path) -> None:
                        markersize=3, label="held-out accuracy")
     accuracy_axis.set_ylabel("held-out accuracy")
     accuracy_axis.set_ylim(0, 1)
-    figure.legend(loc="upper right", fontsize=8)
+    handles = loss_axis.get_lines() + accuracy_axis.get_lines()
+    loss_axis.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
     loss_axis.set_title(f"training run {name}")
     tmp = temporary_sibling(path)
     try:

@@ -82,9 +82,18 @@ def make_data(spec: dict, frame: pd.DataFrame, kind: str, companion) -> dict[str
         encoded = companion(list(frame["premise"]), list(frame["hypothesis"]), truncation=True,
                           max_length=spec["max_tokens"], padding="longest", return_tensors="pt")
         return {**encoded, "labels": torch.tensor(frame["label"].to_numpy())}
-    pixels = [preprocess_image(table.decode_image(d, f"example {i}"), companion["preprocess"])
-              for i, d in zip(frame["example_id"], frame["image"])]
-    return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(frame["label"].to_numpy())}
+    # images stay encoded and are decoded per batch (see ``on_device``): memory stays bounded
+    return {"image_index": torch.arange(len(frame)), "labels": torch.tensor(frame["label"].to_numpy())}
+
+
+def on_device(batch: dict[str, torch.Tensor], device, images=None, preprocess=None) -> dict:
+    """A batch on the device, its images decoded and preprocessed."""
+    batch = dict(batch)
+    if "image_index" in batch:
+        batch["pixel_values"] = torch.stack([
+            preprocess_image(table.decode_image(images[i], f"example {i}"), preprocess)
+            for i in batch.pop("image_index").tolist()])
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def split(data: dict[str, torch.Tensor], fraction: float, seed: int):
@@ -114,13 +123,13 @@ def forward(model, kind: str, batch: dict[str, torch.Tensor]):
     return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
 
 
-def evaluate(model, kind: str, data: dict, batch_size: int, device, precision) -> float:
+def evaluate(model, kind: str, data: dict, batch_size: int, device, precision, decode) -> float:
     model.eval()
     correct = total = 0
     n = len(next(iter(data.values())))
     with torch.inference_mode(), autocast(device, precision):
         for start in range(0, n, batch_size):
-            batch = {k: v[start:start + batch_size].to(device) for k, v in data.items()}
+            batch = decode({k: v[start:start + batch_size] for k, v in data.items()})
             _, c, t = forward(model, kind, batch)
             correct, total = correct + c, total + t
     model.train()
@@ -171,6 +180,11 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
     train_data, eval_data = split(data, spec["eval_fraction"], spec["seed"])
     device = pick_device(spec["device"])
     precision = spec.get("mixed_precision")
+    images = frame["image"].tolist() if kind == "image" else None
+
+    def decode(batch):
+        return on_device(batch, device, images, companion.get("preprocess") if images else None)
+
     model.to(device).train()
     optimizer = make_optimizer(model, spec["optimizer"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, spec))
@@ -193,7 +207,7 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
     for step in progress:
         torch.manual_seed(spec["seed"] * 1_000_003 + step)  # dropout, reproducible per step
         index = torch.randint(n, (spec["batch_size"],))
-        batch = {k: v[index].to(device) for k, v in train_data.items()}
+        batch = decode({k: v[index] for k, v in train_data.items()})
         with autocast(device, precision):
             loss, _, _ = forward(model, spec["kind"], batch)
         if not torch.isfinite(loss):
@@ -209,7 +223,7 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % spec["eval_every"] == 0 or step + 1 == spec["steps"]:
             record["eval_accuracy"] = evaluate(model, spec["kind"], eval_data,
-                                               spec["batch_size"], device, precision)
+                                               spec["batch_size"], device, precision, decode)
             progress.set_postfix(loss=f"{record['loss']:.3f}", accuracy=f"{record['eval_accuracy']:.3f}")
         records.append(record)
         if (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:

@@ -178,3 +178,20 @@ def test_train_source_must_name_a_run(default_config):
     default_config["models"]["mystery"] = {"family": "gpt2", "source": "train:nothing"}
     with pytest.raises(ConfigError, match="training run 'nothing' is not defined"):
         check_config(default_config)
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, data):
+    spec = {k: v for k, v in LM.items() if k != "steps"} | {"epochs": 0.5, "batch_size": 8}
+    _, metrics = run(tmp_path, "epochs", spec, data["corpus"])
+    from workflow_scripts.models.transformers_text import builtin_tokenizer
+    texts = table.read(data["corpus"])[0]["text"]
+    tokens = sum(len(ids) + 1 for ids in builtin_tokenizer("gptr2")(list(texts))["input_ids"])
+    blocks = tokens // 32
+    n_train = blocks - round(blocks * 0.1)
+    assert metrics["step"].tolist() == list(range(-(-n_train // 16)))  # ceil(0.5 * n / 8)
+
+
+def test_steps_or_epochs(default_config):
+    default_config["training"]["runs"]["roberta-pairs"]["epochs"] = 2
+    with pytest.raises(ConfigError, match="either 'steps' or 'epochs'"):
+        check_config(default_config)

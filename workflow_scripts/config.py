@@ -124,6 +124,8 @@ def _check_runs(config: dict) -> None:
         for key in required:
             if key not in run:
                 raise ConfigError(f"config error at {where}: a {run['kind']} run needs {key!r}")
+        if ("steps" in run) == ("epochs" in run):
+            raise ConfigError(f"config error at {where}: give either 'steps' or 'epochs'")
         if run["kind"] == "sequence_classification":
             base = config["models"].get(run["base"])
             if base is None or model_kind(base) != "text":

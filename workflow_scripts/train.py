@@ -178,6 +178,9 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
         raise DatasetError(f"run {name}: labels go up to {int(data['labels'].max())}, but the "
                            f"model has {spec['num_labels']} classes")
     train_data, eval_data = split(data, spec["eval_fraction"], spec["seed"])
+    n = len(next(iter(train_data.values())))
+    if "epochs" in spec:  # steps from epochs: batches are drawn with replacement
+        spec = {**spec, "steps": math.ceil(spec["epochs"] * n / spec["batch_size"])}
     device = pick_device(spec["device"])
     precision = spec.get("mixed_precision")
     images = frame["image"].tolist() if kind == "image" else None
@@ -201,7 +204,6 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
             log.info("resuming %s from its checkpoint at step %d", name, start)
         else:
             log.info("ignoring a checkpoint of another configuration: %s", checkpoint_path)
-    n = len(next(iter(train_data.values())))
     progress = tqdm(range(start, spec["steps"]), initial=start, total=spec["steps"],
                     desc=f"train {name}", file=sys.stderr, mininterval=5)
     for step in progress:

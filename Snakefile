@@ -26,6 +26,9 @@ from workflow_scripts.config import ConfigError, check_config
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 try:
     check_config(config)
 except ConfigError as error:
@@ -39,10 +42,12 @@ include: "rules/data.smk"
 include: "rules/extract.smk"
 include: "rules/stats.smk"
 include: "rules/ablate.smk"
+include: "rules/figures.smk"
 
 
 rule all:
     input:
         all_stats(),
         all_ablations(),
+        all_figures(),
     default_target: True

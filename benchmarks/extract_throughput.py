@@ -70,8 +70,8 @@ def text_case(work: Path, examples: int):
     frame, kind, _ = table.read(work / "corpus.parquet")
     batches = text_batches(adapter.tokenizer, frame, kind, OPTIONS["batch_size"],
                            OPTIONS["max_tokens"], OPTIONS["padding"])
-    rows = sum(len(_kept_positions(b.padding.shape[1], e, OPTIONS))
-               for b in batches for e in b.example_id)
+    rows = sum(len(_kept_positions(p, e, OPTIONS))
+               for b in batches for p, e in zip(b.padding, b.example_id))
     return adapter, batches, rows
 
 

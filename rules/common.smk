@@ -38,8 +38,9 @@ def code_files(module):
 
 def model_spec(wildcards):
     """A model's config entry, as JSON: everything fetch_model uses comes in through params.
-    Its extraction options are extraction's business: changing them must not refetch."""
-    spec = {k: v for k, v in config["models"][wildcards.model].items() if k != "extract"}
+    Only what fetching uses: a threshold or an extraction option must not refetch."""
+    fetched = ("family", "source", "arch", "seed", "head", "num_labels")
+    spec = {k: v for k, v in config["models"][wildcards.model].items() if k in fetched}
     return json.dumps(spec, sort_keys=True)
 
 
@@ -114,3 +115,25 @@ def all_ablations():
         f"results/ablation/{model}/{dataset}.parquet"
         for model, dataset in analysis_pairs(config, config["ablation"]["analyses"])
     ]
+
+
+def all_figures():
+    figures = [
+        f"results/figures/{figure}-{group}.{ext}"
+        for group, spec in config["figures"]["groups"].items()
+        for figure in spec["figures"]
+        for ext in ("png", "pdf")
+    ]
+    if config["figures"]["training"] and config["training"]["runs"]:
+        figures += ["results/figures/training.png", "results/figures/training.pdf"]
+    return figures
+
+
+def stats_inputs(wildcards):
+    group = config["figures"]["groups"][wildcards.group]
+    return [f"results/stats/{m}/{d}.parquet" for m in group["models"] for d in group["datasets"]]
+
+
+def ablation_inputs(wildcards):
+    group = config["figures"]["groups"][wildcards.group]
+    return [f"results/ablation/{m}/{d}.parquet" for m in group["models"] for d in group["datasets"]]

@@ -211,3 +211,15 @@ def test_labels_outside_the_heads_classes(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr("workflow_scripts.ablate.score", lambda *a: pytest.fail("forward ran"))
     with pytest.raises(DatasetError, match=r"label\(s\) \[11\] outside the head's 10 classes"):
         ablate(model_dirs["resnet"], path, OPTIONS)
+
+
+def test_classes_in_another_order_are_matched_by_name(model_dirs, tmp_path):
+    adapter, _ = load_adapter(model_dirs["roberta"])
+    frame, kind, names = table.read(write(tmp_path, "pairs", 6))
+    assert check_compatible(adapter, kind, frame, names, "x") is None  # no class names: as is
+    adapter.label_names = ["CONTRADICTION", "NEUTRAL", "ENTAILMENT"]
+    order = check_compatible(adapter, kind, frame, names, "x")
+    assert order.tolist() == [2, 1, 0]  # entailment is the model's class 2
+    adapter.label_names = ["yes", "no", "maybe"]
+    with pytest.raises(DatasetError, match="do not name the dataset's labels"):
+        check_compatible(adapter, kind, frame, names, "x")

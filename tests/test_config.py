@@ -175,3 +175,9 @@ def test_thresholds_per_family_and_per_model(default_config):
     assert thresholds(config, "gptr2-init") == [10.0]  # the family default is kept
     assert thresholds(config, "roberta-init") == [2.5]
     assert thresholds(config, "resnet-init") == [6.0]
+
+
+def test_token_lengths_beyond_a_models_context(default_config):
+    default_config["models"]["gpt2-init"]["arch"]["context"] = 32
+    message = error_for(default_config)
+    assert "extract.max_tokens" in message and "'gpt2-init' takes at most 32" in message

@@ -112,9 +112,11 @@ def test_max_length_padding_and_token_cap(model_dirs, dataset_files, tmp_path):
 
 def test_row_subsample_is_seeded_and_shared_by_all_layers(model_dirs, dataset_files, tmp_path):
     a = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "a.zarr", rows_per_example=3)
-    b = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "b.zarr", rows_per_example=3)
+    b = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "b.zarr", rows_per_example=3,
+            batch_size=7, padding="max_length")  # another batching: the same positions
     full = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "full.zarr")
     assert a.attrs["rows"] == 24 * 3
+    assert not a["is_padding"][:].any()  # drawn from the real tokens only
     np.testing.assert_array_equal(a["position"][:], b["position"][:])
     # every kept row equals the same (example, position) row of the full extraction
     key = {(e, p): i for i, (e, p) in enumerate(zip(full["example_id"][:], full["position"][:]))}

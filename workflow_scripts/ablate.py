@@ -33,8 +33,10 @@ from workflow_scripts.sources import ABLATION_HEADS
 log = logging.getLogger("ablate")
 
 
-def check_compatible(adapter, kind: str, frame: pd.DataFrame, label_names, where: str) -> None:
-    """Stop before any forward pass if the model cannot be scored on this dataset."""
+def check_compatible(adapter, kind: str, frame: pd.DataFrame, label_names, where: str):
+    """Stop before any forward pass if the model cannot be scored on this dataset. Returns the
+    model's class for each dataset label where both name their classes in different orders
+    (an MNLI checkpoint may order entailment/neutral/contradiction otherwise), else None."""
     needed = ABLATION_HEADS[kind]
     if adapter.head != needed:
         what = "a classification head for a labelled dataset" if kind != "text" else \
@@ -49,10 +51,22 @@ def check_compatible(adapter, kind: str, frame: pd.DataFrame, label_names, where
                 f"{where}: label(s) {sorted(set(labels[outside].tolist()))[:5]} outside the "
                 f"head's {adapter.num_labels} classes (examples "
                 f"{frame['example_id'][outside].head(5).tolist()}); dataset labels: {label_names}")
+    model_names = adapter.label_names
+    if kind == "text" or model_names is None or label_names is None:
+        return None
+    ours, theirs = [n.lower() for n in label_names], [n.lower() for n in model_names]
+    if ours == theirs[:len(ours)]:
+        return None
+    if not set(ours) <= set(theirs):
+        raise DatasetError(f"{where}: the model's classes {model_names} do not name the "
+                           f"dataset's labels {label_names}")
+    return np.array([theirs.index(n) for n in ours])
 
 
-def score(adapter, batches, device, autocast_dtype: str | None, top5: bool) -> tuple[int, int, int]:
-    """(top-1 correct, top-5 correct, predictions) of the model as it stands."""
+def score(adapter, batches, device, autocast_dtype: str | None, top5: bool,
+          label_order: np.ndarray | None = None) -> tuple[int, int, int]:
+    """(top-1 correct, top-5 correct, predictions) of the model as it stands; ``label_order``
+    maps dataset labels to the model's classes."""
     correct1 = correct5 = count = 0
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.inputs.items()}
@@ -62,7 +76,8 @@ def score(adapter, batches, device, autocast_dtype: str | None, top5: bool) -> t
             mask = inputs["attention_mask"][:, 1:].bool() & inputs["attention_mask"][:, :-1].bool()
             logits, targets = logits[:, :-1][mask], inputs["input_ids"][:, 1:][mask]
         else:
-            targets = torch.tensor(batch.labels, device=device)
+            labels = batch.labels if label_order is None else label_order[batch.labels]
+            targets = torch.tensor(labels, device=device)
         correct1 += int((logits.argmax(dim=-1) == targets).sum())
         if top5:
             correct5 += int((logits.topk(5, dim=-1).indices == targets[:, None]).any(dim=-1).sum())
@@ -74,7 +89,7 @@ def ablate(model_dir: str | Path, data_path: str | Path, options: dict) -> pd.Da
     """Long-form accuracies for every read-out point and direction."""
     adapter, _ = load_adapter(model_dir)
     frame, kind, label_names = table.read(data_path)
-    check_compatible(adapter, kind, frame, label_names, f"{model_dir} on {data_path}")
+    label_order = check_compatible(adapter, kind, frame, label_names, f"{model_dir} on {data_path}")
     device = pick_device(options["device"])
     adapter.to(device)
     if kind == "image":
@@ -97,7 +112,8 @@ def ablate(model_dir: str | Path, data_path: str | Path, options: dict) -> pd.Da
     results = {}  # one pass per distinct set of ablated blocks
     for ablated in tqdm(dict.fromkeys(p[2] for p in plans), desc="ablations", file=sys.stderr):
         with adapter.ablated(set(ablated)):
-            results[ablated] = score(adapter, batches(), device, options["autocast"], top5)
+            results[ablated] = score(adapter, batches(), device, options["autocast"], top5,
+                                     label_order)
     records = []
     for readout, direction, ablated in plans:
         correct1, correct5, count = results[ablated]

@@ -34,6 +34,7 @@ def check_config(config: dict) -> dict:
     config.setdefault("stats", {})
     config.setdefault("ablation", {})
     config.setdefault("training", {})
+    config.setdefault("figures", {})
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     error = jsonschema.exceptions.best_match(
         jsonschema.Draft202012Validator(schema).iter_errors(copy.deepcopy(config)))
@@ -49,6 +50,8 @@ def check_config(config: dict) -> dict:
     _check_runs(config)
     _add_trained_models(config)
     _check_analyses(config)
+    _check_contexts(config)
+    _check_figures(config)
     return config
 
 
@@ -263,6 +266,41 @@ def _check_analyses(config: dict) -> None:
                     raise ConfigError(f"config error at {where}: model {model!r} has head "
                                       f"{head!r}; ablation on {dk} dataset {dataset!r} needs "
                                       f"{needed}")
+
+
+def _check_contexts(config: dict) -> None:
+    """Token lengths that a text model built here (init:, train:) cannot take: a clear error
+    now, not an index error in a job."""
+    runs = config["training"]["runs"]
+    for name, spec in config["models"].items():
+        scheme, run = source_scheme(spec["source"])
+        arch = spec.get("arch") if scheme == "init" else runs[run].get("arch") if scheme == "train" else None
+        if model_kind(spec) != "text" or arch is None:
+            continue
+        context = arch.get("context", 128)
+        lengths = {"extract.max_tokens": extract_options(config, name)["max_tokens"],
+                   "ablation.max_tokens": config["ablation"]["max_tokens"]}
+        if scheme == "train" and runs[run]["kind"] == "causal_lm":
+            lengths[f"training.runs.{run}.context"] = runs[run]["context"]
+        for key, length in lengths.items():
+            if length > context:
+                raise ConfigError(f"config error at {key}: {length} tokens, but model {name!r} "
+                                  f"takes at most {context} (its arch.context)")
+
+
+def _check_figures(config: dict) -> None:
+    stats = set(analysis_pairs(config))
+    ablated = set(analysis_pairs(config, config["ablation"]["analyses"]))
+    for name, group in config["figures"]["groups"].items():
+        for model in group["models"]:
+            for dataset in group["datasets"]:
+                for figure in group.get("figures", []):
+                    have, where = (ablated, "ablation.analyses") if figure == "ablation" else (stats, "analyses")
+                    if (model, dataset) not in have:
+                        raise ConfigError(
+                            f"config error at figures.groups.{name}: model {model!r} has no "
+                            f"{'ablation' if figure == 'ablation' else 'statistics'} on dataset "
+                            f"{dataset!r} for the {figure} figure; add the pair to {where}")
 
 
 def extract_options(config: dict, model: str) -> dict:

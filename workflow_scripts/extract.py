@@ -41,13 +41,18 @@ def shard_bounds(rows: int, shards: int, shard: int) -> tuple[int, int]:
     return rows * shard // shards, rows * (shard + 1) // shards
 
 
-def _kept_positions(tokens: int, example_id: int, options: dict) -> np.ndarray:
-    """Token positions of one example that become rows: all, or a seeded random subset."""
+def _kept_positions(padding: np.ndarray, example_id: int, options: dict) -> np.ndarray:
+    """Token positions of one example (its row of the batch's padding mask) that become rows:
+    all, padding included; or a seeded random subset of its real tokens, the same whatever the
+    batch or shard it lands in."""
     keep = options.get("rows_per_example")
-    if keep is None or keep >= tokens:
-        return np.arange(tokens)
+    if keep is None:
+        return np.arange(len(padding))
+    real = np.flatnonzero(~padding)
+    if keep >= len(real):
+        return real
     rng = np.random.default_rng([options["seed"], int(example_id)])
-    return np.sort(rng.choice(tokens, size=keep, replace=False))
+    return np.sort(rng.choice(real, size=keep, replace=False))
 
 
 def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: int,
@@ -70,8 +75,8 @@ def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: in
     if adapter.modality == "text":
         batches = text_batches(adapter.tokenizer, part, kind, options["batch_size"],
                                options["max_tokens"], options["padding"])
-        rows = sum(len(_kept_positions(b.padding.shape[1], e, options))
-                   for b in batches for e in b.example_id)
+        rows = sum(len(_kept_positions(p, e, options))
+                   for b in batches for p, e in zip(b.padding, b.example_id))
     else:
         batches, rows = image_batches(adapter.preprocess, part, options["batch_size"]), len(part)
     attributes = {
@@ -110,7 +115,7 @@ def _write_batch(adapter, batch: Batch, writer: ShardWriter, device, options) ->
         writer.append(arrays, batch.example_id, np.zeros(n, np.int32), np.zeros(n, bool))
         return
     examples, tokens = batch.padding.shape
-    keep = [_kept_positions(tokens, e, options) for e in batch.example_id]
+    keep = [_kept_positions(p, e, options) for p, e in zip(batch.padding, batch.example_id)]
     rows = np.concatenate([i * tokens + k for i, k in enumerate(keep)])
     flat_rows = torch.from_numpy(rows).to(device)
     arrays = [s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype)

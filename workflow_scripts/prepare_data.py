@@ -89,7 +89,7 @@ def _png(image: Image.Image) -> bytes:
 def _from_hub(rest: str, name: str):
     import datasets
 
-    path, _, split = rest.rpartition(":")
+    path, _, split = rest.partition(":")  # a repo has no ':'; a split may ('train[:100]')
     parts = path.split("/")  # <name>, <owner>/<name> or <owner>/<name>/<config>
     repo, subset = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else None)
     data = datasets.load_dataset(repo, subset, split=split)

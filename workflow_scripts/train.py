@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from workflow_scripts.atomic import discard, publish, temporary_sibling, write_parquet
 from workflow_scripts.batches import autocast, pick_device, preprocess_image
+from workflow_scripts.code import code_digest, module_sources
 from workflow_scripts.data import table
 from workflow_scripts.data.table import DatasetError
 from workflow_scripts.models import resnet, save_model, transformers_text
@@ -158,8 +159,9 @@ def learning_rate(step: int, spec: dict) -> float:
 
 
 def fingerprint(spec: dict, data_path, base_dir) -> str:
-    """What a checkpoint must match to be resumed: the run and its inputs."""
+    """What a checkpoint must match to be resumed: the run, its inputs and the training code."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    digest.update(code_digest(module_sources("workflow_scripts.train")).encode())
     digest.update(sha256_file(data_path).encode())
     if base_dir is not None:
         digest.update(sha256_file(Path(base_dir, MANIFEST)).encode())
@@ -191,6 +193,8 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
     model.to(device).train()
     optimizer = make_optimizer(model, spec["optimizer"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, spec))
+    # float16 gradients underflow without loss scaling; on the CPU or in bfloat16 it is a no-op
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16" and device.type == "cuda")
     records, start = [], 0
     key = fingerprint(spec, data_path, base_dir)
     checkpoint_path = Path(checkpoint_path)
@@ -215,12 +219,14 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
         if not torch.isfinite(loss):
             raise TrainingError(f"run {name}: the loss is {loss.item()} at step {step}; the run "
                                 "diverged (lower the learning rate or clip gradients)")
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         clip = spec.get("clip_grad_norm") or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
         record = {"step": step, "loss": loss.item(), "learning_rate": schedule.get_last_lr()[0],
                   "grad_norm": grad_norm, "eval_accuracy": math.nan}
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % spec["eval_every"] == 0 or step + 1 == spec["steps"]:

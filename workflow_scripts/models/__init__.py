@@ -20,7 +20,7 @@ def load_adapter(directory: str | Path, final_readout: str = "raw") -> tuple[Ada
     if family == "resnet":
         from workflow_scripts.models import resnet
         model, config = resnet.load(directory)
-        return resnet.ResNetAdapter(model, config["preprocess"]), manifest
+        return resnet.ResNetAdapter(model, config["preprocess"], config.get("label_names")), manifest
     if family not in FAMILIES:
         raise ValueError(f"{directory}: unknown model family {family!r}; known: {FAMILIES}")
     from workflow_scripts.models import transformers_text

@@ -40,6 +40,7 @@ class Adapter:
     readouts: list[Readout]
     head: str
     num_labels: int | None
+    label_names: list[str] | None = None  # the head's class names, where the model has them
     block_slots: list[tuple[nn.Module, int]]
 
     def __init__(self, model: torch.nn.Module):

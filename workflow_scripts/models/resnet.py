@@ -142,8 +142,9 @@ class ResNetAdapter(Adapter):
     modality = "image"
     pooling = "spatial_mean"
 
-    def __init__(self, model: nn.Module, preprocess: dict):
+    def __init__(self, model: nn.Module, preprocess: dict, label_names: list[str] | None = None):
         super().__init__(model)
+        self.label_names = label_names
         self.preprocess = preprocess
         self.stages = stages(model)
         self.head = "image_classification"

@@ -193,6 +193,9 @@ class TextAdapter(Adapter):
         self.block_slots = [(container, i) for i in range(len(container))]
         self.head = _head(model)
         self.num_labels = model.config.num_labels if self.head == "sequence_classification" else None
+        names = [str(model.config.id2label.get(i, "")) for i in range(self.num_labels or 0)]
+        # class names where the checkpoint has real ones (not Hugging Face's LABEL_0, ...)
+        self.label_names = names if names and names != [f"LABEL_{i}" for i in range(len(names))] else None
         if final_readout not in ("raw", "final_norm"):
             raise ValueError(f"final_readout must be raw or final_norm, not {final_readout!r}")
         self.final_readout = final_readout

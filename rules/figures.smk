@@ -1,0 +1,56 @@
+# One rule per figure: results/figures/{figure}-{group}.png and .pdf, drawn for the groups of
+# models in figures.groups; the training loss curves as results/figures/training.png and .pdf.
+
+
+for figure_name, figure_inputs in (
+    ("outliers", stats_inputs),
+    ("kurtosis", stats_inputs),
+    ("regimes", stats_inputs),
+    ("ablation", ablation_inputs),
+):
+
+    rule:
+        name:
+            f"figure_{figure_name}"
+        input:
+            data=figure_inputs,
+            code=code_files("workflow_scripts.figures"),
+        output:
+            png=report(
+                f"results/figures/{figure_name}-{{group}}.png",
+                caption=f"../report/{figure_name}.rst",
+                category=figure_name,
+            ),
+            pdf=f"results/figures/{figure_name}-{{group}}.pdf",
+        params:
+            figure=figure_name,
+            group=lambda wildcards: wildcards.group,
+        log:
+            f"results/logs/figures/{figure_name}-{{group}}.log",
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow_scripts.figures {params.figure} --group {params.group:q} "
+            "--inputs {input.data:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+
+
+rule figure_training:
+    input:
+        metrics=lambda wildcards: [
+            f"results/train/{run}/metrics.parquet" for run in config["training"]["runs"]
+        ],
+        code=code_files("workflow_scripts.figures"),
+    output:
+        png=report(
+            "results/figures/training.png",
+            caption="../report/training.rst",
+            category="training",
+        ),
+        pdf="results/figures/training.pdf",
+    log:
+        "results/logs/figures/training.log",
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow_scripts.figures training --group runs --inputs {input.metrics:q} "
+        "--out {output.png:q} {output.pdf:q} 2> {log:q}"

@@ -1,0 +1,85 @@
+"""Figures render from small Parquet fixtures; bad groups fail with a clear message."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from workflow_scripts.config import ConfigError, check_config
+from workflow_scripts.figures import FigureError, blocks_applied, main
+
+
+def stats_fixture(model: str, stages: list[int]) -> pd.DataFrame:
+    rows = []
+    for layer, stage in enumerate(stages):
+        for metric, setting, value in (("kurtosis", "standard basis", 3 + layer),
+                                       ("rotated_kurtosis", "mean of 1 rotation(s)", 3.0),
+                                       ("outlier_fraction", "signed x > 6", 0.01 * layer),
+                                       ("outlier_fraction", "magnitude |x| > 6", 0.02 * layer)):
+            rows.append({"model": model, "dataset": "shapes", "layer": layer, "stage": stage,
+                         "block": 0, "name": f"l{layer}", "metric": metric, "setting": setting,
+                         "value": value, "spread": 0.1, "rows": 100, "feature": None})
+    return pd.DataFrame(rows)
+
+
+def ablation_fixture(model: str, layers: int) -> pd.DataFrame:
+    rows = [{"model": model, "dataset": "pairs", "layer": k, "stage": 0, "block": k,
+             "name": f"l{k}", "direction": d, "blocks_ablated": 0, "metric": "top1",
+             "value": 0.3 + 0.1 * k, "examples": 10, "predictions": 10}
+            for k in range(layers) for d in ("tail", "head")]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("figure", ["kurtosis", "outliers", "regimes"])
+def test_statistics_figures_render(tmp_path, figure):
+    paths = []
+    for model in ("resnet-a", "resnet-b"):
+        paths.append(tmp_path / f"{model}.parquet")
+        stats_fixture(model, [1, 1, 2, 2, 3]).to_parquet(paths[-1])
+    out = [tmp_path / f"{figure}.png", tmp_path / f"{figure}.pdf"]
+    main([figure, "--group", "resnets", "--inputs", *map(str, paths), "--out", *map(str, out)])
+    image = Image.open(out[0])
+    assert image.size[0] > 400 and image.size[1] > 300
+    assert np.asarray(image.convert("L")).std() > 10  # something is drawn
+    assert out[1].read_bytes()[:5] == b"%PDF-"
+
+
+def test_ablation_and_training_figures_render(tmp_path):
+    ablation_fixture("roberta", 4).to_parquet(tmp_path / "a.parquet")
+    main(["ablation", "--group", "g", "--inputs", str(tmp_path / "a.parquet"),
+          "--out", str(tmp_path / "ablation.png")])
+    assert Image.open(tmp_path / "ablation.png").size[0] > 400
+    (tmp_path / "run").mkdir()
+    pd.DataFrame({"step": range(30), "loss": np.linspace(3, 1, 30), "learning_rate": 0.1,
+                  "grad_norm": 1.0, "eval_accuracy": [np.nan] * 29 + [0.8]}).to_parquet(
+        tmp_path / "run" / "metrics.parquet")
+    main(["training", "--group", "runs", "--inputs", str(tmp_path / "run" / "metrics.parquet"),
+          "--out", str(tmp_path / "training.png")])
+    assert Image.open(tmp_path / "training.png").size[0] > 400
+
+
+def test_resnet_x_axis_counts_blocks():
+    frame = stats_fixture("r", [1, 1, 2])
+    assert sorted(blocks_applied(frame).unique()) == [1, 2, 3]  # read-out 0 is after block 1
+    text = stats_fixture("t", [0, 0, 0])
+    assert sorted(blocks_applied(text).unique()) == [0, 1, 2]  # read-out 0 is the embedding
+
+
+def test_missing_statistics_are_named(tmp_path):
+    with pytest.raises(FigureError, match="group 'g': no statistics at .*nothing.parquet"):
+        main(["kurtosis", "--group", "g", "--inputs", str(tmp_path / "nothing.parquet"),
+              "--out", str(tmp_path / "k.png")])
+
+
+def test_group_naming_a_model_without_statistics(default_config):
+    default_config["figures"]["groups"]["resnets"]["models"].append("gpt2-init")
+    with pytest.raises(ConfigError, match="figures.groups.resnets: model 'gpt2-init' has no "
+                                          "statistics on dataset 'shapes'"):
+        check_config(default_config)
+
+
+def test_group_ablation_figure_needs_ablation_results(default_config):
+    default_config["ablation"]["analyses"] = default_config["ablation"]["analyses"][:2]
+    with pytest.raises(ConfigError, match="no ablation on dataset 'shapes'.*ablation.analyses"):
+        check_config(default_config)

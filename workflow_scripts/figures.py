@@ -1,0 +1,217 @@
+"""figures: the study's figures from the statistics, ablation and training Parquet files.
+
+Each figure is drawn for a group of models named in the config and written as PNG and PDF:
+  outliers   percentage of features with outliers per layer (the study's Figure 5)
+  kurtosis   mean kurtosis per layer, the rotated kurtosis beside it, the Gaussian 3 marked (Fig. 6)
+  regimes    kurtosis per layer of every model of the group in one panel: training regimes side
+             by side (Fig. 8)
+  ablation   accuracy against block for tail and head ablation, one panel per dataset (Figs. 4, 7)
+  training   loss curves of training runs
+The x axis counts read-out points (blocks); ResNet panels mark stage boundaries with vertical
+lines; error bars are the statistics' standard errors. Colours: the Okabe-Ito palette, safe for
+colour-blind readers.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from workflow_scripts.atomic import discard, publish, temporary_sibling
+
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+class FigureError(ValueError):
+    """A figure that cannot be drawn from what it was given."""
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_frames(paths: list[str], what: str, group: str) -> pd.DataFrame:
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise FigureError(f"group {group!r}: no {what} at {', '.join(missing)}")
+    return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+
+
+def _style(plt):
+    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False})
+
+
+def blocks_applied(frame: pd.DataFrame) -> pd.Series:
+    """The x axis: blocks that produced each read-out (transformers: read-out 0 is the embedding,
+    stage 0; ResNets: read-out 0 is the first block's output, stages from 1)."""
+    return frame["layer"] + (frame["stage"] > 0).astype(int)
+
+
+def _axes_style(axis, frame: pd.DataFrame, title: str, ylabel: str) -> None:
+    """Integer ticks, the labels, a legend below the panel, and dotted vertical lines where a
+    ResNet's stage changes."""
+    from matplotlib.ticker import MaxNLocator
+
+    layers = frame.drop_duplicates("layer").sort_values("layer")
+    if layers["stage"].nunique() > 1:
+        for x in blocks_applied(layers)[layers["stage"].diff().fillna(0) != 0]:
+            axis.axvline(x - 0.5, color="0.6", linestyle=":", linewidth=1)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set(title=title, xlabel="blocks applied", ylabel=ylabel)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+
+
+def _panels(plt, count: int, width: float = 4.4, height: float = 4.0):
+    figure, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False,
+                                layout="constrained")
+    return figure, axes[0]
+
+
+def _series(axis, frame: pd.DataFrame, metric: str, setting: str | None, label: str, i: int,
+            linestyle="-", scale=1.0):
+    rows = frame[frame["metric"] == metric]
+    if setting is not None:
+        rows = rows[rows["setting"] == setting]
+    rows = rows.sort_values("layer")
+    spread = rows["spread"].fillna(0) * scale if "spread" in rows else None
+    axis.errorbar(blocks_applied(rows), rows["value"] * scale, yerr=spread, label=label,
+                  color=PALETTE[i % len(PALETTE)], marker=MARKERS[i % len(MARKERS)],
+                  markersize=3.5, linewidth=1.3, linestyle=linestyle, capsize=2)
+
+
+def kurtosis(stats: pd.DataFrame, title: str):
+    plt = _pyplot()
+    _style(plt)
+    datasets = sorted(stats["dataset"].unique())
+    figure, axes = _panels(plt, len(datasets))
+    for axis, dataset in zip(axes, datasets):
+        part = stats[stats["dataset"] == dataset]
+        for i, model in enumerate(part["model"].unique()):
+            rows = part[part["model"] == model]
+            _series(axis, rows, "kurtosis", None, f"{model}", i)
+            _series(axis, rows, "rotated_kurtosis", None, f"{model}, rotated", i, linestyle="--")
+        axis.axhline(3, color="0.3", linewidth=1, linestyle="-.", label="Gaussian (3)")
+        axis.set_yscale("log")
+        from matplotlib.ticker import FuncFormatter
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(plain)
+        _axes_style(axis, part, f"{title}: {dataset}", "mean kurtosis (dashed: rotated)")
+    return figure
+
+
+def outliers(stats: pd.DataFrame, title: str):
+    plt = _pyplot()
+    _style(plt)
+    datasets = sorted(stats["dataset"].unique())
+    figure, axes = _panels(plt, len(datasets))
+    for axis, dataset in zip(axes, datasets):
+        part = stats[(stats["dataset"] == dataset) & (stats["metric"] == "outlier_fraction")]
+        i = 0
+        for model in part["model"].unique():
+            rows = part[part["model"] == model]
+            for setting in sorted(rows["setting"].unique()):
+                if setting.startswith("signed"):
+                    _series(axis, rows, "outlier_fraction", setting, f"{model} ({setting})", i,
+                            scale=100)
+                    i += 1
+        _axes_style(axis, part, f"{title}: {dataset}", "features with outliers (%)")
+    return figure
+
+
+def regimes(stats: pd.DataFrame, title: str):
+    plt = _pyplot()
+    _style(plt)
+    datasets = sorted(stats["dataset"].unique())
+    figure, axes = _panels(plt, len(datasets))
+    for axis, dataset in zip(axes, datasets):
+        part = stats[stats["dataset"] == dataset]
+        for i, model in enumerate(part["model"].unique()):
+            _series(axis, part[part["model"] == model], "kurtosis", None, model, i)
+        axis.axhline(3, color="0.3", linewidth=1, linestyle="-.", label="Gaussian (3)")
+        _axes_style(axis, part, f"{title}: {dataset}", "mean kurtosis (standard basis)")
+    return figure
+
+
+def ablation(results: pd.DataFrame, title: str):
+    plt = _pyplot()
+    _style(plt)
+    datasets = sorted(results["dataset"].unique())
+    figure, axes = _panels(plt, len(datasets))
+    for axis, dataset in zip(axes, datasets):
+        part = results[(results["dataset"] == dataset) & (results["metric"] == "top1")]
+        for i, model in enumerate(part["model"].unique()):
+            rows = part[part["model"] == model]
+            for direction, style in (("tail", "-"), ("head", "--")):
+                line = rows[rows["direction"] == direction].sort_values("layer")
+                axis.plot(blocks_applied(line), 100 * line["value"], linestyle=style,
+                          marker=MARKERS[i % len(MARKERS)], markersize=3.5,
+                          color=PALETTE[i % len(PALETTE)], label=f"{model}, {direction}")
+        axis.set_ylim(0, 100)
+        _axes_style(axis, part, f"{title}: {dataset} (solid: tail, dashed: head)",
+                    "top-1 accuracy (%)")
+    return figure
+
+
+def training(metrics: dict[str, pd.DataFrame], title: str):
+    plt = _pyplot()
+    _style(plt)
+    figure, (loss_axis, accuracy_axis) = _panels(plt, 2)
+    for i, (run, frame) in enumerate(metrics.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        smooth = frame["loss"].rolling(10, min_periods=1).mean()
+        loss_axis.plot(frame["step"], smooth, color=colour, label=run, linewidth=1.3)
+        evaluated = frame.dropna(subset=["eval_accuracy"])
+        accuracy_axis.plot(evaluated["step"], 100 * evaluated["eval_accuracy"], color=colour,
+                           marker=MARKERS[i % len(MARKERS)], markersize=3.5, label=run)
+    loss_axis.set(title=f"{title}: training loss (mean of 10 steps)", xlabel="step",
+                  ylabel="loss")
+    accuracy_axis.set(title=f"{title}: held-out accuracy", xlabel="step", ylabel="accuracy (%)",
+                      ylim=(0, 100))
+    loss_axis.legend(fontsize=7)
+    return figure
+
+
+def save(figure, outputs: list[str]) -> None:
+    """Write the figure to every path (the format from the suffix), atomically."""
+    plt = _pyplot()
+    try:
+        for path in outputs:
+            tmp = temporary_sibling(path)
+            try:
+                figure.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150)
+                publish(tmp, path)
+            finally:
+                discard(tmp)
+    finally:
+        plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("figure", choices=["kurtosis", "outliers", "regimes", "ablation", "training"])
+    parser.add_argument("--group", required=True, help="the group's name, for titles and messages")
+    parser.add_argument("--inputs", nargs="+", required=True, help="Parquet files to draw from")
+    parser.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
+    args = parser.parse_args(argv)
+    if args.figure == "training":
+        figure = training({Path(p).parent.name: pd.read_parquet(p) for p in args.inputs}, args.group)
+    else:
+        what = "ablation results" if args.figure == "ablation" else "statistics"
+        frame = read_frames(args.inputs, what, args.group)
+        figure = {"kurtosis": kurtosis, "outliers": outliers, "regimes": regimes,
+                  "ablation": ablation}[args.figure](frame, args.group)
+    save(figure, args.out)
+    print(f"wrote {', '.join(args.out)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,8 +20,11 @@ TINY_CONFIG = {
     "analyses": [{"models": ["gpt2-tiny", "roberta-tiny"], "datasets": ["pairs"]},
                  {"models": ["resnet-tiny"], "datasets": ["shapes"]}],
     "extract": {"batch_size": 8, "max_tokens": 32},
-    "ablation": {"analyses": [{"models": ["roberta-tiny"], "datasets": ["pairs"]},
+    "ablation": {"max_tokens": 32,
+                 "analyses": [{"models": ["roberta-tiny"], "datasets": ["pairs"]},
                               {"models": ["resnet-tiny"], "datasets": ["shapes"]}]},
+    "figures": {"groups": {"resnets": {"models": ["resnet-tiny"], "datasets": ["shapes"],
+                                       "figures": ["kurtosis", "ablation"]}}},
 }
 
 
@@ -127,3 +130,15 @@ def test_an_extraction_option_of_one_model_reruns_only_that_model_from_extractio
     assert job_counts(result) == {"extract": 2, "layer_stats": 3, "merge_stats": 1, "all": 1,
                                   "total": 7}
     assert "gpt2-tiny/pairs/shard-0.zarr" in result.stdout + result.stderr
+
+
+def test_figures_and_the_report(finished_run):
+    for name in ("kurtosis-resnets", "ablation-resnets"):
+        assert (finished_run / f"results/figures/{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (finished_run / f"results/figures/{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    assert not (finished_run / "results/figures/training.png").exists()  # no runs here
+    result = snakemake(finished_run, "--report", "results/report.html")
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = (finished_run / "results/report.html").read_text(errors="replace")
+    assert "kurtosis-resnets.png" in html and "ablation-resnets.png" in html
+    assert "Ablating a block removes its residual branch" in html  # a caption

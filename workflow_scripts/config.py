@@ -272,14 +272,19 @@ def _check_contexts(config: dict) -> None:
     """Token lengths that a text model built here (init:, train:) cannot take: a clear error
     now, not an index error in a job."""
     runs = config["training"]["runs"]
+    extracted = {m for m, _ in analysis_pairs(config)}
+    ablated = {m for m, _ in analysis_pairs(config, config["ablation"]["analyses"])}
     for name, spec in config["models"].items():
         scheme, run = source_scheme(spec["source"])
         arch = spec.get("arch") if scheme == "init" else runs[run].get("arch") if scheme == "train" else None
         if model_kind(spec) != "text" or arch is None:
             continue
         context = arch.get("context", 128)
-        lengths = {"extract.max_tokens": extract_options(config, name)["max_tokens"],
-                   "ablation.max_tokens": config["ablation"]["max_tokens"]}
+        lengths = {}
+        if name in extracted:
+            lengths["extract.max_tokens"] = extract_options(config, name)["max_tokens"]
+        if name in ablated:
+            lengths["ablation.max_tokens"] = config["ablation"]["max_tokens"]
         if scheme == "train" and runs[run]["kind"] == "causal_lm":
             lengths[f"training.runs.{run}.context"] = runs[run]["context"]
         for key, length in lengths.items():

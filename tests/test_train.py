@@ -196,3 +196,14 @@ def test_steps_or_epochs(default_config):
     default_config["training"]["runs"]["roberta-pairs"]["epochs"] = 2
     with pytest.raises(ConfigError, match="either 'steps' or 'epochs'"):
         check_config(default_config)
+
+
+def test_a_fine_tune_of_another_run(default_config):
+    runs = default_config["training"]["runs"]
+    runs["lm-pairs"] = {"kind": "sequence_classification", "base": "gptr2-nano-adam",
+                        "num_labels": 3, "dataset": "pairs-train", "steps": 10,
+                        "optimizer": {"name": "adamw", "lr": 0.001}}
+    config = check_config(default_config)
+    model = config["models"]["lm-pairs"]
+    assert model["family"] == "gptr2" and model["blocks"] == 4
+    assert model["head"] == "sequence_classification"

@@ -130,33 +130,41 @@ def _check_runs(config: dict) -> None:
         if ("steps" in run) == ("epochs" in run):
             raise ConfigError(f"config error at {where}: give either 'steps' or 'epochs'")
         if run["kind"] == "sequence_classification":
+            runs = config["training"]["runs"]
             base = config["models"].get(run["base"])
-            if base is None or model_kind(base) != "text":
+            base_run = runs.get(run["base"])  # a fine-tune of another run's model
+            if base_run is not None and base_run["kind"] == "image_classification" or \
+                    base_run is None and (base is None or model_kind(base) != "text"):
                 raise ConfigError(f"config error at {where}.base: {run['base']!r} is not a "
-                                  "defined text model")
+                                  "defined text model or text training run")
         if "arch" in run:
             family = run.get("family", "resnet")
             _check_init_arch(where, {"family": family, "arch": run["arch"]})
 
 
-def _run_blocks(config: dict, run: dict) -> int:
+def _run_model(config: dict, run: dict, seen: tuple = ()) -> tuple[str, int]:
+    """The family and block count of the model a run trains (a fine-tune: its base's)."""
     if run["kind"] == "causal_lm":
-        return run["arch"]["layers"]
+        return run["family"], run["arch"]["layers"]
     if run["kind"] == "image_classification":
-        return sum(run["arch"]["layers"])
-    base = config["models"][run["base"]]
-    scheme, base_run = source_scheme(base["source"])
-    if scheme == "train":  # a fine-tune of a trained model
-        return _run_blocks(config, config["training"]["runs"][base_run])
-    return readout_count(base) - 1
+        return "resnet", sum(run["arch"]["layers"])
+    runs, base = config["training"]["runs"], run["base"]
+    scheme, base_run = source_scheme(config["models"][base]["source"]) if base in config[
+        "models"] else ("train", base)
+    if scheme == "train":
+        if base_run in seen:
+            raise ConfigError(f"config error at training.runs: runs fine-tune each other in a "
+                              f"circle ({' -> '.join((*seen, base_run))})")
+        return _run_model(config, runs[base_run], (*seen, base_run))
+    return config["models"][base]["family"], readout_count(config["models"][base]) - 1
 
 
 def _add_trained_models(config: dict) -> None:
     """Every run is also a model of the same name, source train:<run>."""
     runs = config["training"]["runs"]
+    models = {name: _run_model(config, run, (name,)) for name, run in runs.items()}
     for name, run in runs.items():
-        family = {"causal_lm": run.get("family"), "image_classification": "resnet"}.get(
-            run["kind"]) or config["models"][run["base"]]["family"]
+        family = models[name][0]
         spec = config["models"].setdefault(name, {"family": family, "source": f"train:{name}"})
         if spec["source"] != f"train:{name}" or spec["family"] != family:
             raise ConfigError(f"config error at models.{name}: the name of training run {name!r}; "
@@ -170,7 +178,7 @@ def _add_trained_models(config: dict) -> None:
             if run not in runs:
                 raise ConfigError(f"config error at models.{name}.source: training run {run!r} is "
                                   f"not defined; defined runs: {', '.join(sorted(runs)) or 'none'}")
-            spec["blocks"] = _run_blocks(config, runs[run])
+            spec["blocks"] = _run_model(config, runs[run], (run,))[1]
 
 
 def _check_models(config: dict) -> None:

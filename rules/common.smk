@@ -124,6 +124,11 @@ def all_figures():
         for figure in spec["figures"]
         for ext in ("png", "pdf")
     ]
+    for spec in config["figures"]["top_examples"]:
+        figures += expand(
+            "results/figures/top-examples-{model}-{dataset}-layer{layer}.{ext}",
+            ext=("png", "pdf"), **{k: spec[k] for k in ("model", "dataset", "layer")},
+        )
     if config["figures"]["training"] and config["training"]["runs"]:
         figures += ["results/figures/training.png", "results/figures/training.pdf"]
     return figures
@@ -137,3 +142,22 @@ def stats_inputs(wildcards):
 def ablation_inputs(wildcards):
     group = config["figures"]["groups"][wildcards.group]
     return [f"results/ablation/{m}/{d}.parquet" for m in group["models"] for d in group["datasets"]]
+
+
+def top_examples_options(wildcards):
+    """The settings of a top-examples figure, as JSON."""
+    for spec in config["figures"]["top_examples"]:
+        if (spec["model"], spec["dataset"], spec["layer"]) == (
+            wildcards.model, wildcards.dataset, int(wildcards.layer)
+        ):
+            break
+    else:
+        raise ValueError(f"no figures.top_examples entry for {dict(wildcards)}")
+    return json.dumps(
+        {
+            **spec,
+            "include_padding": config["stats"]["include_padding"],
+            "max_tokens": extract_options(config, wildcards.model)["max_tokens"],
+        },
+        sort_keys=True,
+    )

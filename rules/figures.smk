@@ -54,3 +54,30 @@ rule figure_training:
     shell:
         "python -m workflow_scripts.figures training --group runs --inputs {input.metrics:q} "
         "--out {output.png:q} {output.pdf:q} 2> {log:q}"
+
+
+rule figure_top_examples:
+    input:
+        model="results/models/{model}",
+        data="results/data/{dataset}.parquet",
+        shards=lambda wildcards: activation_shards(wildcards.model, wildcards.dataset),
+        stats="results/stats/{model}/{dataset}/layer-{layer}.parquet",
+        code=code_files("workflow_scripts.top_examples"),
+    output:
+        png=report(
+            "results/figures/top-examples-{model}-{dataset}-layer{layer}.png",
+            caption="../report/top_examples.rst",
+            category="top examples",
+        ),
+        pdf="results/figures/top-examples-{model}-{dataset}-layer{layer}.pdf",
+    params:
+        options=top_examples_options,
+        title=lambda wildcards: f"{wildcards.model} on {wildcards.dataset}, read-out point {wildcards.layer}",
+    log:
+        "results/logs/figures/top-examples-{model}-{dataset}-layer{layer}.log",
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow_scripts.top_examples --model {input.model:q} --data {input.data:q} "
+        "--shards {input.shards:q} --stats {input.stats:q} --options {params.options:q} "
+        "--title {params.title:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"

@@ -83,3 +83,50 @@ def test_group_ablation_figure_needs_ablation_results(default_config):
     default_config["ablation"]["analyses"] = default_config["ablation"]["analyses"][:2]
     with pytest.raises(ConfigError, match="no ablation on dataset 'shapes'.*ablation.analyses"):
         check_config(default_config)
+
+
+def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_path):
+    from workflow_scripts import extract as extraction
+    from workflow_scripts.activations import open_shard
+    from workflow_scripts.data import table
+    from workflow_scripts.models import load_adapter
+    from workflow_scripts.top_examples import draw, top_rows
+    from workflow_scripts.figures import save
+    options = {"dtype": "float32", "batch_size": 4, "max_tokens": 40, "padding": "longest",
+               "rows_per_example": None, "device": "cpu", "autocast": None, "chunk_rows": 8,
+               "chunks_per_shard": 2, "gpt2_final_readout": "raw", "seed": 0}
+    for family, dataset in (("resnet", "shapes"), ("gpt2", "corpus")):
+        shards = []
+        for shard in range(2):
+            shards.append(tmp_path / f"{family}-{shard}.zarr")
+            extraction.extract(model_dirs[family], dataset_files[dataset], shard, 2, shards[-1],
+                               options)
+        layer = 2
+        chosen = top_rows([str(s) for s in shards], layer, [0, 3], 3, include_padding=False)
+        x = np.concatenate([open_shard(s)[f"layer-{layer}"][:] for s in shards])
+        ids = np.concatenate([open_shard(s)["example_id"][:] for s in shards])
+        pad = np.concatenate([open_shard(s)["is_padding"][:] for s in shards])
+        for feature in (0, 3):
+            best = {}
+            for value, example in zip(x[~pad, feature], ids[~pad]):
+                best[example] = max(best.get(example, -np.inf), value)
+            expected = sorted(best.items(), key=lambda kv: -kv[1])[:3]
+            got = [(e, v) for v, e, _ in chosen[feature]]
+            assert [e for e, _ in got] == [e for e, _ in expected]
+            np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], rtol=1e-6)
+        adapter, _ = load_adapter(model_dirs[family])
+        frame, kind, names = table.read(dataset_files[dataset])
+        figure = draw(adapter, frame, kind, names, layer, chosen, 40, "test")
+        save(figure, [str(tmp_path / f"{family}.png")])
+        assert Image.open(tmp_path / f"{family}.png").size[0] > 600
+
+
+def test_top_examples_need_activations(default_config):
+    default_config["figures"]["top_examples"] = [{"model": "resnet-init", "dataset": "pairs",
+                                                  "layer": 1}]
+    with pytest.raises(ConfigError, match="no activations of dataset 'pairs'"):
+        check_config(default_config)
+    default_config["figures"]["top_examples"] = [{"model": "resnet-init", "dataset": "shapes",
+                                                  "layer": 9}]
+    with pytest.raises(ConfigError, match="read-out points 0..3"):
+        check_config(default_config)

@@ -52,6 +52,9 @@ def check_config(config: dict) -> dict:
     _check_analyses(config)
     _check_contexts(config)
     _check_figures(config)
+    for spec in config["figures"]["top_examples"]:
+        spec.setdefault("top", 4)
+        spec.setdefault("examples", 6)
     return config
 
 
@@ -303,6 +306,15 @@ def _check_contexts(config: dict) -> None:
 
 def _check_figures(config: dict) -> None:
     stats = set(analysis_pairs(config))
+    for i, spec in enumerate(config["figures"]["top_examples"]):
+        where = f"figures.top_examples.{i}"
+        if (spec["model"], spec["dataset"]) not in stats:
+            raise ConfigError(f"config error at {where}: model {spec['model']!r} has no "
+                              f"activations of dataset {spec['dataset']!r}; add the pair to analyses")
+        count = readout_count(config["models"][spec["model"]])
+        if spec["layer"] >= count:
+            raise ConfigError(f"config error at {where}.layer: {spec['layer']}; model "
+                              f"{spec['model']!r} has read-out points 0..{count - 1}")
     ablated = set(analysis_pairs(config, config["ablation"]["analyses"]))
     for name, group in config["figures"]["groups"].items():
         for model in group["models"]:

@@ -1,0 +1,168 @@
+"""top_examples: the dataset examples that activate chosen features of one read-out point most
+(the study's Figure 2), with each feature's weights to the output classes where the head reads
+the stream directly.
+
+Images: a montage, one row per feature, the top examples left to right. Text: per feature, the
+top (example, token) pairs, the token in brackets within its context. Weights: a ResNet's last
+block feeds its classifier (fc) through average pooling, so fc's column for the feature gives
+its weight to every class; a causal language model's unembedding gives the tokens the feature
+pushes up most (after the final norm). Other heads are not drawn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from workflow_scripts.activations import layer_name, open_shard
+from workflow_scripts.data import table
+from workflow_scripts.figures import PALETTE, _pyplot, _style, save
+
+
+def top_rows(shards: list[str], layer: int, features: list[int], count: int,
+             include_padding: bool) -> dict[int, list[tuple[float, int, int]]]:
+    """Per feature, the ``count`` largest activations as (value, example_id, position), one pass
+    over the shards with memory bounded by a chunk."""
+    best: dict[int, list] = {f: [] for f in features}
+    for path in shards:
+        group = open_shard(path)
+        array = group[layer_name(layer)]
+        block = array.shards[0] if array.shards else array.chunks[0]
+        for start in range(0, array.shape[0], block):
+            stop = min(start + block, array.shape[0])
+            x = array[start:stop][:, features].astype(np.float32)
+            ids, positions = group["example_id"][start:stop], group["position"][start:stop]
+            if not include_padding:
+                keep = ~group["is_padding"][start:stop]
+                x, ids, positions = x[keep], ids[keep], positions[keep]
+            for j, feature in enumerate(features):
+                top = np.argsort(-x[:, j], kind="stable")[:count * 4]  # an example may repeat
+                best[feature] += [(float(x[i, j]), int(ids[i]), int(positions[i])) for i in top]
+    result = {}
+    for feature, candidates in best.items():
+        chosen, seen = [], set()
+        for value, example, position in sorted(candidates, key=lambda c: -c[0]):
+            if example not in seen:  # each example once per feature: its strongest token
+                chosen.append((value, example, position))
+                seen.add(example)
+            if len(chosen) == count:
+                break
+        result[feature] = chosen
+    return result
+
+
+def class_weights(adapter, layer: int, feature: int, names: list[str] | None):
+    """(labels, weights) of a feature to the outputs, or None where the head does not read it
+    directly."""
+    import torch
+    if adapter.modality == "image" and layer == len(adapter.readouts) - 1:
+        weights = adapter.model.fc.weight[:, feature].detach().numpy()
+        labels = names or [str(i) for i in range(len(weights))]
+        return labels, weights
+    if adapter.modality == "text" and adapter.head == "causal_lm":
+        weights = adapter.model.get_output_embeddings().weight[:, feature].detach()
+        top = torch.topk(weights, 8).indices.tolist()
+        return adapter.tokenizer.convert_ids_to_tokens(top), weights[top].numpy()
+    return None
+
+
+def draw(adapter, frame, kind: str, label_names, layer: int, chosen: dict, max_tokens: int,
+         title: str):
+    plt = _pyplot()
+    _style(plt)
+    features = list(chosen)
+    count = max(len(v) for v in chosen.values())
+    by_id = frame.set_index("example_id")
+    image = kind == "image"
+    columns = count + 1 if image else 2
+    figure, axes = plt.subplots(len(features), columns, squeeze=False, layout="constrained",
+                                figsize=(1.3 * columns + 2.5 if image else 12, 1.6 * len(features) + 0.6),
+                                gridspec_kw={"width_ratios": [1] * count + [2.5] if image else [3, 1]})
+    for row, feature in enumerate(features):
+        if image:
+            for col in range(count):
+                axis = axes[row, col]
+                axis.axis("off")
+                if col < len(chosen[feature]):
+                    value, example, _ = chosen[feature][col]
+                    axis.imshow(table.decode_image(by_id.loc[example, "image"], f"example {example}"))
+                    label = by_id.loc[example, "label"]
+                    axis.set_title(f"{value:.2f}\n{label_names[label] if label_names else label}",
+                                   fontsize=7)
+            axes[row, 0].text(-0.1, 0.5, f"feature {feature}", transform=axes[row, 0].transAxes,
+                              ha="right", va="center", fontsize=8)
+        else:
+            axis = axes[row, 0]
+            axis.axis("off")
+            lines = [f"{value:6.2f}  {_in_context(adapter, by_id.loc[example], kind, position, max_tokens)}"
+                     for value, example, position in chosen[feature]]
+            axis.text(0, 1, f"feature {feature}\n" + "\n".join(lines), va="top", family="monospace",
+                      fontsize=7, transform=axis.transAxes)
+        weights_axis = axes[row, -1]
+        weights = class_weights(adapter, layer, feature, label_names)
+        if weights is None:
+            weights_axis.axis("off")
+            weights_axis.text(0.5, 0.5, "the head does not read\nthis point directly",
+                              ha="center", va="center", fontsize=7)
+        else:
+            labels, values = weights
+            weights_axis.barh(range(len(values)), values, color=[
+                PALETTE[0] if v >= 0 else PALETTE[1] for v in values])
+            weights_axis.set_yticks(range(len(values)), labels, fontsize=6)
+            weights_axis.invert_yaxis()
+            weights_axis.set_title("weight to output", fontsize=7)
+    figure.suptitle(title, fontsize=9)
+    return figure
+
+
+def _in_context(adapter, row, kind: str, position: int, max_tokens: int, window: int = 8) -> str:
+    """The example's tokens around ``position``, the token itself in brackets."""
+    if kind == "pairs":
+        ids = adapter.tokenizer(row["premise"], row["hypothesis"], truncation=True,
+                                max_length=max_tokens)["input_ids"]
+    else:
+        ids = adapter.tokenizer(row["text"], truncation=True, max_length=max_tokens)["input_ids"]
+    tokens = adapter.tokenizer.convert_ids_to_tokens(ids)
+    if position >= len(tokens):
+        return "(padding)"
+    left = " ".join(tokens[max(0, position - window):position])
+    right = " ".join(tokens[position + 1:position + 1 + window])
+    return f"{left} [{tokens[position]}] {right}".strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from workflow_scripts.models import load_adapter
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument("--data", required=True, help="dataset Parquet file")
+    parser.add_argument("--shards", nargs="+", required=True)
+    parser.add_argument("--stats", required=True, help="the layer's statistics (top features)")
+    parser.add_argument("--options", required=True, help="layer, features, examples, as JSON")
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--out", nargs="+", required=True)
+    args = parser.parse_args(argv)
+    import pandas as pd
+    options = json.loads(args.options)
+    layer = options["layer"]
+    features = options.get("features")
+    if not features:  # the layer's top features by max |x|, from the statistics
+        stats = pd.read_parquet(args.stats)
+        top = stats[stats["metric"] == "top_feature_max_abs"].sort_values("value", ascending=False)
+        features = [int(f) for f in top["feature"].head(options["top"])]
+    if not features:
+        raise ValueError(f"{args.stats}: no top features listed (stats.top_features is 0)")
+    adapter, _ = load_adapter(args.model)
+    frame, kind, label_names = table.read(args.data)
+    chosen = top_rows(args.shards, layer, features, options["examples"],
+                      options["include_padding"])
+    figure = draw(adapter, frame, kind, label_names, layer, chosen, options["max_tokens"],
+                  args.title)
+    save(figure, args.out)
+    print(f"wrote {', '.join(args.out)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

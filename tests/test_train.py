@@ -159,6 +159,8 @@ def test_two_axis_grid_and_bad_settings_after_the_grid(default_config):
     for analysis in default_config["analyses"] + default_config["ablation"]["analyses"] + list(
             default_config["figures"]["groups"].values()):
         analysis["models"] = [m for m in analysis["models"] if not m.startswith("gptr2-nano")]
+    default_config["figures"]["top_examples"] = [
+        t for t in default_config["figures"]["top_examples"] if not t["model"].startswith("gptr2-nano")]
     runs = check_config(copy.deepcopy(default_config))["training"]["runs"]
     assert {"gptr2-nano-sgd-wd0", "gptr2-nano-sgd-wd1", "gptr2-nano-adam-wd0",
             "gptr2-nano-adam-wd1"} <= set(runs)

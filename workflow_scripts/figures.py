@@ -87,67 +87,60 @@ def _series(axis, frame: pd.DataFrame, metric: str, setting: str | None, label: 
                   markersize=3.5, linewidth=1.3, linestyle=linestyle, capsize=2)
 
 
-def kurtosis(stats: pd.DataFrame, title: str):
+def _per_dataset(frame: pd.DataFrame, title: str, draw_panel):
+    """One panel per dataset, each drawn by ``draw_panel(axis, rows, heading)``."""
     plt = _pyplot()
     _style(plt)
-    datasets = sorted(stats["dataset"].unique())
+    datasets = sorted(frame["dataset"].unique())
     figure, axes = _panels(plt, len(datasets))
     for axis, dataset in zip(axes, datasets):
-        part = stats[stats["dataset"] == dataset]
+        draw_panel(axis, frame[frame["dataset"] == dataset], f"{title}: {dataset}")
+    return figure
+
+
+def kurtosis(stats: pd.DataFrame, title: str, rotated: bool = True):
+    """Kurtosis per read-out point; with ``rotated``, the rotated kurtosis dashed beside it."""
+    from matplotlib.ticker import FuncFormatter
+
+    def panel(axis, part, heading):
         for i, model in enumerate(part["model"].unique()):
             rows = part[part["model"] == model]
-            _series(axis, rows, "kurtosis", None, f"{model}", i)
-            _series(axis, rows, "rotated_kurtosis", None, f"{model}, rotated", i, linestyle="--")
+            _series(axis, rows, "kurtosis", None, model, i)
+            if rotated:
+                _series(axis, rows, "rotated_kurtosis", None, f"{model}, rotated", i,
+                        linestyle="--")
         axis.axhline(3, color="0.3", linewidth=1, linestyle="-.", label="Gaussian (3)")
-        axis.set_yscale("log")
-        from matplotlib.ticker import FuncFormatter
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
-        axis.yaxis.set_major_formatter(plain)
-        axis.yaxis.set_minor_formatter(plain)
-        _axes_style(axis, part, f"{title}: {dataset}", "mean kurtosis (dashed: rotated)")
-    return figure
+        if rotated:
+            axis.set_yscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            axis.yaxis.set_major_formatter(plain)
+            axis.yaxis.set_minor_formatter(plain)
+        _axes_style(axis, part, heading, "mean kurtosis (dashed: rotated)" if rotated
+                    else "mean kurtosis (standard basis)")
 
-
-def outliers(stats: pd.DataFrame, title: str):
-    plt = _pyplot()
-    _style(plt)
-    datasets = sorted(stats["dataset"].unique())
-    figure, axes = _panels(plt, len(datasets))
-    for axis, dataset in zip(axes, datasets):
-        part = stats[(stats["dataset"] == dataset) & (stats["metric"] == "outlier_fraction")]
-        i = 0
-        for model in part["model"].unique():
-            rows = part[part["model"] == model]
-            for setting in sorted(rows["setting"].unique()):
-                if setting.startswith("signed"):
-                    _series(axis, rows, "outlier_fraction", setting, f"{model} ({setting})", i,
-                            scale=100)
-                    i += 1
-        _axes_style(axis, part, f"{title}: {dataset}", "features with outliers (%)")
-    return figure
+    return _per_dataset(stats, title, panel)
 
 
 def regimes(stats: pd.DataFrame, title: str):
-    plt = _pyplot()
-    _style(plt)
-    datasets = sorted(stats["dataset"].unique())
-    figure, axes = _panels(plt, len(datasets))
-    for axis, dataset in zip(axes, datasets):
-        part = stats[stats["dataset"] == dataset]
-        for i, model in enumerate(part["model"].unique()):
-            _series(axis, part[part["model"] == model], "kurtosis", None, model, i)
-        axis.axhline(3, color="0.3", linewidth=1, linestyle="-.", label="Gaussian (3)")
-        _axes_style(axis, part, f"{title}: {dataset}", "mean kurtosis (standard basis)")
-    return figure
+    """Every model's kurtosis in one panel: training regimes side by side."""
+    return kurtosis(stats, title, rotated=False)
+
+
+def outliers(stats: pd.DataFrame, title: str):
+    def panel(axis, part, heading):
+        part = part[part["metric"] == "outlier_fraction"]
+        signed = part[part["setting"].str.startswith("signed")]
+        for i, ((model, setting), rows) in enumerate(signed.groupby(["model", "setting"],
+                                                                     sort=False)):
+            _series(axis, rows, "outlier_fraction", setting, f"{model} ({setting})", i, scale=100)
+        _axes_style(axis, part, heading, "features with outliers (%)")
+
+    return _per_dataset(stats, title, panel)
 
 
 def ablation(results: pd.DataFrame, title: str):
-    plt = _pyplot()
-    _style(plt)
-    datasets = sorted(results["dataset"].unique())
-    figure, axes = _panels(plt, len(datasets))
-    for axis, dataset in zip(axes, datasets):
-        part = results[(results["dataset"] == dataset) & (results["metric"] == "top1")]
+    def panel(axis, part, heading):
+        part = part[part["metric"] == "top1"]
         for i, model in enumerate(part["model"].unique()):
             rows = part[part["model"] == model]
             for direction, style in (("tail", "-"), ("head", "--")):
@@ -156,9 +149,9 @@ def ablation(results: pd.DataFrame, title: str):
                           marker=MARKERS[i % len(MARKERS)], markersize=3.5,
                           color=PALETTE[i % len(PALETTE)], label=f"{model}, {direction}")
         axis.set_ylim(0, 100)
-        _axes_style(axis, part, f"{title}: {dataset} (solid: tail, dashed: head)",
-                    "top-1 accuracy (%)")
-    return figure
+        _axes_style(axis, part, f"{heading} (solid: tail, dashed: head)", "top-1 accuracy (%)")
+
+    return _per_dataset(results, title, panel)
 
 
 def training(metrics: dict[str, pd.DataFrame], title: str):

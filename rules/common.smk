@@ -129,6 +129,9 @@ def all_figures():
             "results/figures/top-examples-{model}-{dataset}-layer{layer}.{ext}",
             ext=("png", "pdf"), **{k: spec[k] for k in ("model", "dataset", "layer")},
         )
+    figures += ["results/tables/statistics.csv"]
+    if config["ablation"]["analyses"]:
+        figures += ["results/tables/ablation.csv"]
     if config["figures"]["training"] and config["training"]["runs"]:
         figures += ["results/figures/training.png", "results/figures/training.pdf"]
     return figures

@@ -81,3 +81,25 @@ rule figure_top_examples:
         "python -m workflow_scripts.top_examples --model {input.model:q} --data {input.data:q} "
         "--shards {input.shards:q} --stats {input.stats:q} --options {params.options:q} "
         "--title {params.title:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+
+
+for table_name, table_inputs in (("statistics", all_stats), ("ablation", all_ablations)):
+
+    rule:
+        name:
+            f"table_{table_name}"
+        input:
+            data=lambda wildcards, inputs=table_inputs: inputs(),
+            code=code_files("workflow_scripts.tables"),
+        output:
+            report(
+                f"results/tables/{table_name}.csv",
+                caption=f"../report/table_{table_name}.rst",
+                category="tables",
+            ),
+        log:
+            f"results/logs/tables/{table_name}.log",
+        conda:
+            "../envs/workflow.yaml"
+        shell:
+            "python -m workflow_scripts.tables --inputs {input.data:q} --out {output:q} 2> {log:q}"

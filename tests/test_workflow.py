@@ -127,8 +127,8 @@ def test_an_extraction_option_of_one_model_reruns_only_that_model_from_extractio
                "--directory", str(finished_run), "--configfile", str(config), "-n"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert job_counts(result) == {"extract": 2, "layer_stats": 3, "merge_stats": 1, "all": 1,
-                                  "total": 7}
+    assert job_counts(result) == {"extract": 2, "layer_stats": 3, "merge_stats": 1,
+                                  "table_statistics": 1, "all": 1, "total": 8}
     assert "gpt2-tiny/pairs/shard-0.zarr" in result.stdout + result.stderr
 
 
@@ -142,3 +142,7 @@ def test_figures_and_the_report(finished_run):
     html = (finished_run / "results/report.html").read_text(errors="replace")
     assert "kurtosis-resnets.png" in html and "ablation-resnets.png" in html
     assert "Ablating a block removes its residual branch" in html  # a caption
+    assert "statistics.csv" in html and "ablation.csv" in html  # the tables
+    import pandas as pd
+    table = pd.read_csv(finished_run / "results/tables/statistics.csv")
+    assert set(table["model"]) == {"gpt2-tiny", "roberta-tiny", "resnet-tiny"}

@@ -2,6 +2,7 @@
 its final path and renamed into place when finished."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -38,11 +39,21 @@ def discard(tmp: str | os.PathLike) -> None:
         _remove(Path(tmp))
 
 
-def write_parquet(frame, path: str | os.PathLike) -> None:
-    """Write a pandas frame to ``path`` atomically, without its index."""
-    tmp = temporary_sibling(path)
+@contextlib.contextmanager
+def written(final: str | os.PathLike, directory: bool = False):
+    """Yield a temporary path to write ``final`` under (an empty directory with ``directory``);
+    it becomes ``final`` if the block finishes, and is removed if it raises."""
+    tmp = temporary_sibling(final)
+    if directory:
+        tmp.mkdir()
     try:
-        frame.to_parquet(tmp, index=False)
-        publish(tmp, path)
+        yield tmp
+        publish(tmp, final)
     finally:
         discard(tmp)
+
+
+def write_parquet(frame, path: str | os.PathLike) -> None:
+    """Write a pandas frame to ``path`` atomically, without its index."""
+    with written(path) as tmp:
+        frame.to_parquet(tmp, index=False)

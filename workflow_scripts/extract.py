@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from workflow_scripts.activations import ShardWriter
-from workflow_scripts.atomic import discard, publish, temporary_sibling
+from workflow_scripts.atomic import written
 from workflow_scripts.batches import Batch, autocast, image_batches, pick_device, text_batches
 from workflow_scripts.code import code_digest
 from workflow_scripts.data import table
@@ -89,8 +89,7 @@ def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: in
                     "dataset": sha256_file(data_path),
                     "code": code_digest(list(code_files))},
     }
-    tmp = temporary_sibling(out)
-    try:
+    with written(out) as tmp:
         writer = ShardWriter(tmp, adapter.readouts, rows, options["dtype"], options["chunk_rows"],
                              options["chunks_per_shard"])
         total = (len(part) + options["batch_size"] - 1) // options["batch_size"]
@@ -98,9 +97,6 @@ def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: in
                           file=sys.stderr, mininterval=5):
             _write_batch(adapter, batch, writer, device, options)
         writer.close(attributes)
-        publish(tmp, out)
-    finally:
-        discard(tmp)
     log.info("wrote %s: %d rows x %d read-outs", out, rows, len(adapter.readouts))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from workflow_scripts.sources import source_scheme
 from workflow_scripts.models import resnet, transformers_text, write_model_files
-from workflow_scripts.atomic import discard, publish, temporary_sibling
+from workflow_scripts.atomic import written
 from workflow_scripts.models.store import (MANIFEST, WEIGHTS, ModelDirError,
                                            read_manifest, verify_files, write_manifest)
 
@@ -35,16 +35,11 @@ def fetch(spec: dict, out: str | Path) -> dict:
     if scheme not in fetchers:
         raise ValueError(f"unknown model source scheme {scheme!r} in {spec['source']!r}; "
                          f"allowed: {', '.join(s + ':' for s in fetchers)}")
-    tmp = temporary_sibling(out)
-    tmp.mkdir()
-    try:
+    with written(out, directory=True) as tmp:
         fields = fetchers[scheme](spec, rest, tmp)
         verify_files(tmp, {})
         manifest = write_manifest(tmp, source=spec["source"], family=spec["family"],
                                   parameters=count_parameters(tmp, spec["family"]), **fields)
-        publish(tmp, out)
-    finally:
-        discard(tmp)
     log.info("wrote %s: %s parameters from %s", out, manifest["parameters"], spec["source"])
     return manifest
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.atomic import discard, publish, temporary_sibling
+from workflow_scripts.atomic import written
 
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -178,12 +178,8 @@ def save(figure, outputs: list[str]) -> None:
     plt = _pyplot()
     try:
         for path in outputs:
-            tmp = temporary_sibling(path)
-            try:
+            with written(path) as tmp:
                 figure.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150)
-                publish(tmp, path)
-            finally:
-                discard(tmp)
     finally:
         plt.close(figure)
 

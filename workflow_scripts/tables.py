@@ -6,17 +6,13 @@ import argparse
 
 import pandas as pd
 
-from workflow_scripts.atomic import discard, publish, temporary_sibling
+from workflow_scripts.atomic import written
 
 
 def write_csv(paths: list[str], out: str) -> None:
     frame = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
-    tmp = temporary_sibling(out)
-    try:
+    with written(out) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
-        publish(tmp, out)
-    finally:
-        discard(tmp)
 
 
 def main(argv: list[str] | None = None) -> None:

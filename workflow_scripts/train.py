@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.atomic import discard, publish, temporary_sibling, write_parquet
+from workflow_scripts.atomic import write_parquet, written
 from workflow_scripts.batches import autocast, pick_device, preprocess_image
 from workflow_scripts.code import code_digest, module_sources
 from workflow_scripts.data import table
@@ -246,14 +246,10 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
 
 
 def _save_checkpoint(path: Path, key, step, model, optimizer, schedule, records) -> None:
-    tmp = temporary_sibling(path)
-    try:
+    with written(path) as tmp:
         torch.save({"fingerprint": key, "step": step, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "records": records}, tmp)
-        publish(tmp, path)
-    finally:
-        discard(tmp)
 
 
 def plot_losses(metrics: pd.DataFrame, name: str, path) -> None:
@@ -274,12 +270,10 @@ def plot_losses(metrics: pd.DataFrame, name: str, path) -> None:
     handles = loss_axis.get_lines() + accuracy_axis.get_lines()
     loss_axis.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
     loss_axis.set_title(f"training run {name}")
-    tmp = temporary_sibling(path)
     try:
-        figure.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
-        publish(tmp, path)
+        with written(path) as tmp:
+            figure.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     finally:
-        discard(tmp)
         plt.close(figure)
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from workflow_scripts.atomic import discard, publish, temporary_sibling
+from workflow_scripts.atomic import written
 
 COLUMNS = {
     "pairs": ["example_id", "premise", "hypothesis", "label"],
@@ -78,12 +78,8 @@ def write(frame: pd.DataFrame, path: str | Path, kind: str, label_names: list[st
     if label_names is not None:
         metadata[b"label_names"] = json.dumps(label_names).encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    tmp = temporary_sibling(path)
-    try:
+    with written(path) as tmp:
         pq.write_table(table, tmp)
-        publish(tmp, path)
-    finally:
-        discard(tmp)
 
 
 def read(path: str | Path) -> tuple[pd.DataFrame, str, list[str] | None]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import json
 
-from workflow_scripts.atomic import discard, publish, temporary_sibling
+from workflow_scripts.atomic import written
 from workflow_scripts.models.adapter import Adapter, Readout
 from workflow_scripts.models.store import CONFIG, WEIGHTS, read_manifest, write_manifest
 
@@ -44,16 +44,10 @@ def write_model_files(model, companion, family: str, directory: str | Path) -> N
 def save_model(model, companion, family: str, directory: str | Path, **fields) -> dict:
     """Write a model directory atomically, with its manifest (``fields`` plus the family, the
     parameter count and the files' digests); returns the manifest."""
-    tmp = temporary_sibling(directory)
-    tmp.mkdir()
-    try:
+    with written(directory, directory=True) as tmp:
         write_model_files(model, companion, family, tmp)
-        manifest = write_manifest(tmp, family=family, revision=None,
-                                  parameters=sum(p.numel() for p in model.parameters()), **fields)
-        publish(tmp, directory)
-    finally:
-        discard(tmp)
-    return manifest
+        return write_manifest(tmp, family=family, revision=None,
+                              parameters=sum(p.numel() for p in model.parameters()), **fields)
 
 
 __all__ = ["Adapter", "Readout", "load_adapter", "save_model", "write_model_files", "FAMILIES"]

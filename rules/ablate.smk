@@ -5,7 +5,7 @@ rule ablate:
     input:
         model="results/models/{model}",
         data="results/data/{dataset}.parquet",
-        code=code_files("workflow_scripts.ablate"),
+        code=model_code_files("workflow_scripts.ablate"),
     output:
         "results/ablation/{model}/{dataset}.parquet",
     params:

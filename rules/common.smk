@@ -6,7 +6,7 @@ from workflow_scripts.code import module_sources
 import re
 
 from workflow_scripts.config import analysis_pairs, extract_options, thresholds, trained_models
-from workflow_scripts.sources import readout_count, source_scheme
+from workflow_scripts.sources import FAMILY_MODULES, readout_count, source_scheme
 
 
 wildcard_constraints:
@@ -34,6 +34,16 @@ def base_model(model):
 def code_files(module):
     """The package files a stage's entry module runs: declared as inputs of its rule."""
     return module_sources(module)
+
+
+def model_code_files(module):
+    """An input function: the files of a stage that runs a model, with its family's module
+    (and not the other families')."""
+
+    def files(wildcards):
+        return module_sources(module, FAMILY_MODULES[config["models"][wildcards.model]["family"]])
+
+    return files
 
 
 def model_spec(wildcards):

@@ -5,7 +5,7 @@ rule extract:
     input:
         model="results/models/{model}",
         data="results/data/{dataset}.parquet",
-        code=code_files("workflow_scripts.extract"),
+        code=model_code_files("workflow_scripts.extract"),
     output:
         directory("results/activations/{model}/{dataset}/shard-{shard}.zarr"),
     params:

@@ -62,7 +62,7 @@ rule figure_top_examples:
         data="results/data/{dataset}.parquet",
         shards=lambda wildcards: activation_shards(wildcards.model, wildcards.dataset),
         stats="results/stats/{model}/{dataset}/layer-{layer}.parquet",
-        code=code_files("workflow_scripts.top_examples"),
+        code=model_code_files("workflow_scripts.top_examples"),
     output:
         png=report(
             "results/figures/top-examples-{model}-{dataset}-layer{layer}.png",

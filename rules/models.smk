@@ -4,7 +4,7 @@
 
 rule fetch_model:
     input:
-        code=code_files("workflow_scripts.fetch_model"),
+        code=model_code_files("workflow_scripts.fetch_model"),
         local=local_model_files,
     output:
         directory("results/models/{model}"),

@@ -6,7 +6,7 @@ rule train:
     input:
         data=lambda wildcards: f"results/data/{training_run(wildcards.model)['dataset']}.parquet",
         base=lambda wildcards: base_model(wildcards.model),
-        code=code_files("workflow_scripts.train"),
+        code=model_code_files("workflow_scripts.train"),
     output:
         model=directory("results/models/{model}"),
         metrics="results/train/{model}/metrics.parquet",

@@ -6,21 +6,40 @@ from pathlib import Path
 
 from conftest import REPO
 from workflow_scripts.code import code_digest, module_sources
+from workflow_scripts.models import family_module
+from workflow_scripts.sources import FAMILY_MODULES
 
 
 def names(paths):
     return {str(Path(p).relative_to(REPO)) for p in paths}
 
 
-def test_extraction_runs_the_models_and_the_store_but_not_other_stages():
+def test_extraction_runs_the_store_but_not_other_stages_or_model_families():
     files = names(module_sources("workflow_scripts.extract"))
     assert {"workflow_scripts/extract.py", "workflow_scripts/activations.py",
-            "workflow_scripts/models/__init__.py", "workflow_scripts/models/resnet.py",
-            "workflow_scripts/models/transformers_text.py", "workflow_scripts/data/builtin.py",
+            "workflow_scripts/models/__init__.py", "workflow_scripts/models/store.py",
             "workflow_scripts/__init__.py"} <= files
+    # families are imported by name: the rule adds the one family its model needs
+    assert not {"workflow_scripts/models/resnet.py",
+                "workflow_scripts/models/transformers_text.py"} & files
     assert "workflow_scripts/prepare_data.py" not in files
     assert "workflow_scripts/fetch_model.py" not in files
     assert "workflow_scripts/config.py" not in files  # validation edits rerun nothing
+
+
+def test_each_family_module_brings_its_own_code_only():
+    text = names(module_sources("workflow_scripts.extract", FAMILY_MODULES["gpt2"]))
+    image = names(module_sources("workflow_scripts.extract", FAMILY_MODULES["resnet"]))
+    assert {"workflow_scripts/models/transformers_text.py", "workflow_scripts/data/builtin.py"} <= text
+    assert "workflow_scripts/models/resnet.py" not in text
+    assert "workflow_scripts/models/resnet.py" in image
+    assert "workflow_scripts/models/transformers_text.py" not in image
+
+
+def test_every_family_module_has_the_family_interface():
+    for family in FAMILY_MODULES:
+        module = family_module(family)
+        assert all(callable(getattr(module, name)) for name in ("init", "load", "write", "adapter"))
 
 
 def test_data_preparation_does_not_run_model_code():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from workflow_scripts.sources import source_scheme
-from workflow_scripts.models import resnet, transformers_text, write_model_files
+from workflow_scripts.models import family_module, load_model, write_model_files
 from workflow_scripts.atomic import written
 from workflow_scripts.models.store import (MANIFEST, WEIGHTS, ModelDirError,
                                            read_manifest, verify_files, write_manifest)
@@ -47,20 +47,13 @@ def fetch(spec: dict, out: str | Path) -> dict:
 def count_parameters(directory: Path, family: str) -> int:
     """Parameters of the model stored in ``directory`` (tied weights once, buffers not at all),
     by loading it: a directory that does not load fails here, not in a later stage."""
-    if family == "resnet":
-        model, _ = resnet.load(directory)
-    else:
-        model, _ = transformers_text.load(directory, family)
+    model, _ = load_model(directory, family)
     return sum(p.numel() for p in model.parameters())
 
 
 def _init(spec: dict, _rest: str, tmp: Path) -> dict:
     settings = {k: spec[k] for k in ("arch", "seed", "head", "num_labels") if k in spec}
-    if spec["family"] == "resnet":
-        model, companion = resnet.build(spec)
-    else:
-        companion = transformers_text.builtin_tokenizer(spec["family"])
-        model = transformers_text.build(spec, companion)
+    model, companion = family_module(spec["family"]).init(spec)
     write_model_files(model, companion, spec["family"], tmp)
     return {"revision": None, "init": settings}
 
@@ -127,7 +120,7 @@ def _torchvision(spec: dict, arch: str, tmp: Path) -> dict:
     config = {"family": "resnet", "architecture": arch,
               "num_classes": len(weights.meta["categories"]),
               "label_names": list(weights.meta["categories"]),
-              "preprocess": resnet.imagenet_preprocess(resize=transform.resize_size[0],
+              "preprocess": family_module("resnet").imagenet_preprocess(resize=transform.resize_size[0],
                                                        crop=transform.crop_size[0])}
     write_model_files(model, config, "resnet", tmp)
     return {"revision": str(weights), "url": weights.url}

@@ -2,6 +2,14 @@
 from __future__ import annotations
 
 TEXT_FAMILIES = {"gpt2", "gptr2", "roberta", "bert"}
+# The module that builds, stores and loads the models of each family. A stage that runs a
+# model imports only its family's module (by name, through ``models.family_module``), and its
+# rule declares only that module's files as code inputs: an edit to the ResNet code does not
+# rerun a transformer's extraction.
+FAMILY_MODULES = {
+    **{family: "workflow_scripts.models.transformers_text" for family in sorted(TEXT_FAMILIES)},
+    "resnet": "workflow_scripts.models.resnet",
+}
 BUILTIN_KINDS = {"pairs": "pairs", "corpus": "text", "shapes": "image"}
 
 

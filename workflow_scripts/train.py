@@ -32,8 +32,9 @@ from workflow_scripts.batches import autocast, pick_device, preprocess_image
 from workflow_scripts.code import code_digest, module_sources
 from workflow_scripts.data import table
 from workflow_scripts.data.table import DatasetError
-from workflow_scripts.models import resnet, save_model, transformers_text
+from workflow_scripts.models import family_module, load_model, save_model
 from workflow_scripts.models.store import MANIFEST, read_manifest, sha256_file
+from workflow_scripts.sources import FAMILY_MODULES
 
 log = logging.getLogger("train")
 KINDS = {"causal_lm": "text", "image_classification": "image", "sequence_classification": "pairs"}
@@ -48,18 +49,18 @@ def build(spec: dict, base_dir: str | Path | None):
     ResNet, which holds its preprocessing) and its family."""
     kind = spec["kind"]
     if kind == "image_classification":
-        model, config = resnet.build({"arch": spec["arch"], "seed": spec["seed"],
-                                      "num_labels": spec["num_labels"]})
+        model, config = family_module("resnet").init(
+            {"arch": spec["arch"], "seed": spec["seed"], "num_labels": spec["num_labels"]})
         return model, config, "resnet"
     if kind == "causal_lm":
-        tokenizer = transformers_text.builtin_tokenizer(spec["family"])
-        model = transformers_text.build({"family": spec["family"], "arch": spec["arch"],
-                                         "seed": spec["seed"], "head": "causal_lm"}, tokenizer)
+        model, tokenizer = family_module(spec["family"]).init(
+            {"family": spec["family"], "arch": spec["arch"], "seed": spec["seed"],
+             "head": "causal_lm"})
         return model, tokenizer, spec["family"]
     family = read_manifest(base_dir)["family"]
     torch.manual_seed(spec["seed"])  # the new head's initialisation
-    model, tokenizer = transformers_text.load(base_dir, family, head="sequence_classification",
-                                              num_labels=spec["num_labels"])
+    model, tokenizer = load_model(base_dir, family, head="sequence_classification",
+                                  num_labels=spec["num_labels"])
     return model, tokenizer, family
 
 
@@ -158,10 +159,11 @@ def learning_rate(step: int, spec: dict) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def fingerprint(spec: dict, data_path, base_dir) -> str:
+def fingerprint(spec: dict, family: str, data_path, base_dir) -> str:
     """What a checkpoint must match to be resumed: the run, its inputs and the training code."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    digest.update(code_digest(module_sources("workflow_scripts.train")).encode())
+    code = module_sources("workflow_scripts.train", FAMILY_MODULES[family])
+    digest.update(code_digest(code).encode())
     digest.update(sha256_file(data_path).encode())
     if base_dir is not None:
         digest.update(sha256_file(Path(base_dir, MANIFEST)).encode())
@@ -196,7 +198,7 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
     # float16 gradients underflow without loss scaling; on the CPU or in bfloat16 it is a no-op
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16" and device.type == "cuda")
     records, start = [], 0
-    key = fingerprint(spec, data_path, base_dir)
+    key = fingerprint(spec, family, data_path, base_dir)
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)

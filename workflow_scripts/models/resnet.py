@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import resnet as tv
 
@@ -118,11 +118,26 @@ def from_config(config: dict) -> nn.Module:
                                         num_classes=config["num_classes"])
 
 
-def load(directory: str | Path) -> tuple[nn.Module, dict]:
+def load(directory: str | Path, family: str = "resnet") -> tuple[nn.Module, dict]:
+    """The model stored in ``directory`` and its config.json."""
     config = json.loads(Path(directory, CONFIG).read_text())
     model = from_config(config)
     model.load_state_dict(load_file(Path(directory, WEIGHTS)))
     return model.eval(), config
+
+
+# the family interface (see ``workflow_scripts.models``)
+init = build
+
+
+def write(model: nn.Module, config: dict, directory: str | Path) -> None:
+    """Weights and config.json in the stored layout."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, Path(directory, WEIGHTS))
+    Path(directory, CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def adapter(model: nn.Module, config: dict, family: str, final_readout: str) -> "ResNetAdapter":
+    return ResNetAdapter(model, config["preprocess"], config.get("label_names"))
 
 
 class ShortcutOnly(nn.Module):

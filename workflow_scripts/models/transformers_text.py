@@ -157,6 +157,23 @@ def load(directory: str | Path, family: str, head: str | None = None, num_labels
     return model.eval(), tokenizer
 
 
+# the family interface (see ``workflow_scripts.models``)
+def init(spec: dict):
+    """A random-initialised model of ``spec`` and its built-in tokenizer."""
+    tokenizer = builtin_tokenizer(spec["family"])
+    return build(spec, tokenizer), tokenizer
+
+
+def write(model, tokenizer, directory: str | Path) -> None:
+    """``save_pretrained`` of the model and its tokenizer."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def adapter(model, tokenizer, family: str, final_readout: str) -> "TextAdapter":
+    return TextAdapter(model, tokenizer, family, final_readout)
+
+
 class SkippedBlock(nn.Module):
     """A transformer block with its residual branches removed: the stream passes unchanged."""
 

@@ -20,7 +20,14 @@ shell.prefix(
     + job_path
 )
 
+from workflow_scripts import output_cache
 from workflow_scripts.config import ConfigError, check_config
+
+# The between-workflow output cache, on with `--cache` (profiles/default turns it on): a folder
+# in the working directory unless SNAKEMAKE_OUTPUT_CACHE names another, e.g. one that several
+# checkouts share. Every rule may use it: each declares the code it runs as inputs and takes
+# every config value and wildcard it uses as params, which is what the cache keys on.
+output_cache.location(create=workflow.workflow_settings.cache is not None)
 
 
 configfile: "config.yaml"

@@ -12,6 +12,7 @@ rule ablate:
         options=lambda wildcards: json.dumps(ablation_options(), sort_keys=True),
         model=lambda wildcards: wildcards.model,
         dataset=lambda wildcards: wildcards.dataset,
+    cache: True
     log:
         "results/logs/ablate/{model}/{dataset}.log",
     threads: 1

@@ -170,6 +170,7 @@ def top_examples_options(wildcards):
         {
             **spec,
             "include_padding": config["stats"]["include_padding"],
+            "dpi": config["figures"]["dpi"],
             "max_tokens": extract_options(config, wildcards.model)["max_tokens"],
         },
         sort_keys=True,

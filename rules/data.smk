@@ -10,6 +10,7 @@ rule prepare_data:
     params:
         spec=dataset_spec,
         name=lambda wildcards: wildcards.dataset,
+    cache: True
     log:
         "results/logs/prepare_data/{dataset}.log",
     conda:

@@ -13,6 +13,7 @@ rule extract:
         shards=lambda wildcards: shard_count(wildcards.dataset),
         options=extraction_options,
         readouts=lambda wildcards: readout_count(config["models"][wildcards.model]),
+    cache: True
     log:
         "results/logs/extract/{model}/{dataset}/shard-{shard}.log",
     threads: 1

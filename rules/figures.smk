@@ -25,13 +25,18 @@ for figure_name, figure_inputs in (
         params:
             figure=figure_name,
             group=lambda wildcards: wildcards.group,
+            # the order of the inputs is the order of the legend; the cache does not see it
+            order=lambda wildcards, input: list(input.data),
+            dpi=config["figures"]["dpi"],
+        cache: True
         log:
             f"results/logs/figures/{figure_name}-{{group}}.log",
         conda:
             "../envs/workflow.yaml"
         shell:
             "python -m workflow_scripts.figures {params.figure} --group {params.group:q} "
-            "--inputs {input.data:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+            "--inputs {input.data:q} --dpi {params.dpi} --out {output.png:q} {output.pdf:q} "
+            "2> {log:q}"
 
 
 rule figure_training:
@@ -47,13 +52,17 @@ rule figure_training:
             category="training",
         ),
         pdf="results/figures/training.pdf",
+    params:
+        order=lambda wildcards, input: list(input.metrics),
+        dpi=config["figures"]["dpi"],
+    cache: True
     log:
         "results/logs/figures/training.log",
     conda:
         "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.figures training --group runs --inputs {input.metrics:q} "
-        "--out {output.png:q} {output.pdf:q} 2> {log:q}"
+        "--dpi {params.dpi} --out {output.png:q} {output.pdf:q} 2> {log:q}"
 
 
 rule figure_top_examples:
@@ -73,6 +82,7 @@ rule figure_top_examples:
     params:
         options=top_examples_options,
         title=lambda wildcards: f"{wildcards.model} on {wildcards.dataset}, read-out point {wildcards.layer}",
+    cache: True
     log:
         "results/logs/figures/top-examples-{model}-{dataset}-layer{layer}.log",
     conda:
@@ -97,6 +107,9 @@ for table_name, table_inputs in (("statistics", all_stats), ("ablation", all_abl
                 caption=f"../report/table_{table_name}.rst",
                 category="tables",
             ),
+        params:
+            order=lambda wildcards, input: list(input.data),
+        cache: True
         log:
             f"results/logs/tables/{table_name}.log",
         conda:

@@ -12,6 +12,7 @@ rule fetch_model:
         model=names_pattern(sorted(set(config["models"]) - set(trained_models(config)))),
     params:
         spec=model_spec,
+    cache: True
     log:
         "results/logs/fetch_model/{model}.log",
     localrule: True

@@ -14,6 +14,7 @@ rule layer_stats:
         options=lambda wildcards: json.dumps(stats_options(), sort_keys=True),
         model=lambda wildcards: wildcards.model,
         dataset=lambda wildcards: wildcards.dataset,
+    cache: True
     log:
         "results/logs/layer_stats/{model}/{dataset}/layer-{layer}.log",
     threads: 1
@@ -31,6 +32,7 @@ rule merge_stats:
         code=code_files("workflow_scripts.merge_stats"),
     output:
         "results/stats/{model}/{dataset}.parquet",
+    cache: True
     log:
         "results/logs/merge_stats/{model}/{dataset}.log",
     conda:

@@ -18,6 +18,7 @@ rule train:
         name=lambda wildcards: wildcards.model,
         base=lambda wildcards: " ".join(f"--base {b}" for b in base_model(wildcards.model)),
         checkpoint=lambda wildcards: f"results/train/{wildcards.model}/checkpoint.pt",
+    cache: True
     log:
         "results/logs/train/{model}.log",
     threads: 2

@@ -24,6 +24,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from workflow_scripts.models.adapter import Readout
+from workflow_scripts.output_cache import provenance
 
 INDEX_ARRAYS = {"example_id": np.int64, "position": np.int32, "is_padding": np.bool_}
 
@@ -92,9 +93,28 @@ class ShardWriter:
         self.group.attrs.update(attributes)
 
 
+class ShardError(ValueError):
+    """A shard that cannot be used: unfinished, or corrupted on disk."""
+
+
 def open_shard(path: str | Path) -> zarr.Group:
     """A finished shard, read-only."""
-    group = zarr.open_group(Path(path), mode="r", zarr_format=3)
-    if "readouts" not in group.attrs:
-        raise ValueError(f"{path}: not a finished activation shard (no read-out attributes)")
+    try:
+        group = zarr.open_group(Path(path), mode="r", zarr_format=3)
+        finished = "readouts" in group.attrs
+    except (OSError, ValueError) as error:  # no group there, or its metadata does not parse
+        raise ShardError(f"{path}: not a readable activation shard ({error}){provenance(path)}") from None
+    if not finished:
+        raise ShardError(f"{path}: not a finished activation shard (no read-out attributes)")
     return group
+
+
+def read_rows(group: zarr.Group, name: str, start: int, stop: int, shard: str | Path) -> np.ndarray:
+    """Rows ``start:stop`` of array ``name`` of a shard. A chunk whose crc32c checksum or zstd
+    frame does not match its bytes raises ShardError naming the shard (and the output cache
+    entry it came from): a corrupted chunk is refused, never used."""
+    try:
+        return group[name][start:stop]
+    except (ValueError, RuntimeError, OSError) as error:
+        raise ShardError(f"{shard}: {name} rows {start}:{stop} are corrupted on disk ({error})"
+                         f"{provenance(Path(shard, name))}") from None

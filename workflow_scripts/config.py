@@ -192,7 +192,7 @@ def _check_models(config: dict) -> None:
             raise ConfigError(f"config error at {where}.source: torchvision: models are ResNets; "
                               f"set family: resnet (got {spec['family']!r})")
         if scheme in ("hf", "local") and "blocks" not in spec:
-            raise ConfigError(f"config error at {where}: an {scheme}: model needs 'blocks', its "
+            raise ConfigError(f"config error at {where}: a model from {scheme}: needs 'blocks', its "
                               "number of residual blocks (e.g. 12 for gpt2), so the per-layer "
                               "jobs are known before the model is fetched")
         if scheme == "torchvision" and rest not in TORCHVISION_RESNETS:
@@ -213,7 +213,7 @@ def _check_init_arch(where: str, spec: dict) -> None:
     if arch is None:
         raise ConfigError(f"config error at {where}: an init: model needs 'arch' settings")
     if spec["family"] == "resnet":
-        required, forbidden = ["layers", "widths"], ["width", "heads", "context"]
+        required, forbidden = ["layers", "widths"], ["width", "heads", "context", "type"]
         if not isinstance(arch.get("layers"), list):
             raise ConfigError(f"config error at {where}.arch.layers: {arch.get('layers')!r}; "
                               "a ResNet needs a list of blocks per stage, e.g. [2, 2, 2, 2]")
@@ -222,6 +222,8 @@ def _check_init_arch(where: str, spec: dict) -> None:
                               f"needs one width per stage ({len(arch['layers'])})")
     else:
         required, forbidden = ["layers", "width", "heads"], ["widths", "block", "stem"]
+        if spec["family"] != "decoder":  # arch.type picks a decoder's layout
+            forbidden.append("type")
         if not isinstance(arch.get("layers"), int):
             raise ConfigError(f"config error at {where}.arch.layers: {arch.get('layers')!r}; "
                               "a transformer needs a number of blocks")

@@ -173,13 +173,13 @@ def training(metrics: dict[str, pd.DataFrame], title: str):
     return figure
 
 
-def save(figure, outputs: list[str]) -> None:
+def save(figure, outputs: list[str], dpi: int = 150) -> None:
     """Write the figure to every path (the format from the suffix), atomically."""
     plt = _pyplot()
     try:
         for path in outputs:
             with written(path) as tmp:
-                figure.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=150)
+                figure.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=dpi)
     finally:
         plt.close(figure)
 
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group", required=True, help="the group's name, for titles and messages")
     parser.add_argument("--inputs", nargs="+", required=True, help="Parquet files to draw from")
     parser.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
+    parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG")
     args = parser.parse_args(argv)
     if args.figure == "training":
         figure = training({Path(p).parent.name: pd.read_parquet(p) for p in args.inputs}, args.group)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         frame = read_frames(args.inputs, what, args.group)
         figure = {"kurtosis": kurtosis, "outliers": outliers, "regimes": regimes,
                   "ablation": ablation}[args.figure](frame, args.group)
-    save(figure, args.out)
+    save(figure, args.out, args.dpi)
     print(f"wrote {', '.join(args.out)}", file=sys.stderr)
 
 

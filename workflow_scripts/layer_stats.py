@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.activations import layer_name, open_shard
+from workflow_scripts.activations import layer_name, open_shard, read_rows
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.statistics import LayerStatistics, StatisticsError, random_rotation
 
@@ -39,22 +39,22 @@ def _layer_arrays(shards: list[str | Path], layer: int):
                 f"shards disagree on layer {layer}: {shards[0]} has {readout} as "
                 f"{arrays[0][0].dtype}, {path} has {readouts[layer]} as {array.dtype}")
         readout = readouts[layer]
-        arrays.append((array, group["example_id"], group["is_padding"]))
+        arrays.append((array, group, path))
     return arrays, readout
 
 
-def _blocks(arrays, width: int, include_padding: bool):
+def _blocks(arrays, layer: int, width: int, include_padding: bool):
     """Functions that each read one block of rows: (activations, example ids), in order."""
-    for array, example_id, is_padding in arrays:
+    for array, group, path in arrays:
         chunk = array.chunks[0]
         size = max(chunk, BLOCK_BYTES // (4 * width) // chunk * chunk)
         for start in range(0, array.shape[0], size):
-            def read(start=start, stop=min(start + size, array.shape[0]), array=array,
-                     example_id=example_id, is_padding=is_padding):
-                x, ids = array[start:stop], example_id[start:stop]
+            def read(start=start, stop=min(start + size, array.shape[0]), group=group, path=path):
+                x = read_rows(group, layer_name(layer), start, stop, path)
+                ids = read_rows(group, "example_id", start, stop, path)
                 if include_padding:
                     return x, ids
-                keep = ~is_padding[start:stop]
+                keep = ~read_rows(group, "is_padding", start, stop, path)
                 return x[keep], ids[keep]
             yield read
 
@@ -85,7 +85,7 @@ def compute(shards: list[str | Path], layer: int, thresholds: list[float], optio
     total = sum(a.shape[0] for a, _, _ in arrays)
     with tqdm(total=total, desc=f"layer {layer}", unit="row", file=sys.stderr,
               mininterval=5) as progress:
-        for x, ids in _prefetched(_blocks(arrays, width, options["include_padding"])):
+        for x, ids in _prefetched(_blocks(arrays, layer, width, options["include_padding"])):
             stats.update(x, ids)
             progress.update(len(ids))
     try:

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from workflow_scripts.activations import layer_name, open_shard
+from workflow_scripts.activations import layer_name, open_shard, read_rows
 from workflow_scripts.data import table
 from workflow_scripts.figures import PALETTE, _pyplot, _style, save
 
@@ -32,10 +32,11 @@ def top_rows(shards: list[str], layer: int, features: list[int], count: int,
         block = array.shards[0] if array.shards else array.chunks[0]
         for start in range(0, array.shape[0], block):
             stop = min(start + block, array.shape[0])
-            x = array[start:stop][:, features].astype(np.float32)
-            ids, positions = group["example_id"][start:stop], group["position"][start:stop]
+            x = read_rows(group, layer_name(layer), start, stop, path)[:, features].astype(np.float32)
+            ids = read_rows(group, "example_id", start, stop, path)
+            positions = read_rows(group, "position", start, stop, path)
             if not include_padding:
-                keep = ~group["is_padding"][start:stop]
+                keep = ~read_rows(group, "is_padding", start, stop, path)
                 x, ids, positions = x[keep], ids[keep], positions[keep]
             for j, feature in enumerate(features):
                 top = np.argsort(-x[:, j], kind="stable")[:count * 4]  # an example may repeat
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                       options["include_padding"])
     figure = draw(adapter, frame, kind, label_names, layer, chosen, options["max_tokens"],
                   args.title)
-    save(figure, args.out)
+    save(figure, args.out, options["dpi"])
     print(f"wrote {', '.join(args.out)}", file=sys.stderr)
 
 

@@ -1,0 +1,305 @@
+"""The output cache and reruns: real Snakemake runs of a tiny config, in a temporary folder.
+
+Each run uses a copy of the workflow (so its code can be edited), its own working directory and
+its own cache folder (SNAKEMAKE_OUTPUT_CACHE), with `--cache` as profiles/default sets it.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, TINY_SPECS
+from workflow_scripts.fetch_model import fetch
+
+CONFIG = {
+    "models": {"gpt2-tiny": copy.deepcopy(TINY_SPECS["gpt2"]),
+               "roberta-tiny": copy.deepcopy(TINY_SPECS["roberta"])},
+    "datasets": {"pairs": {"source": "builtin:pairs", "rows": 16, "shards": 1}},
+    "analyses": [{"models": ["gpt2-tiny", "roberta-tiny"], "datasets": ["pairs"]}],
+    "extract": {"batch_size": 8, "max_tokens": 32},
+    "ablation": {"max_tokens": 32, "analyses": []},
+    "figures": {"groups": {"encoders": {"models": ["gpt2-tiny", "roberta-tiny"],
+                                       "datasets": ["pairs"], "figures": ["kurtosis"]}}},
+}
+WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "envs", "report", "config.yaml")
+
+
+class Workflow:
+    """A copy of the workflow, a working directory and a cache folder."""
+
+    def __init__(self, root: Path, cache: Path | None = None):
+        self.checkout, self.workdir = root / "checkout", root / "work"
+        self.cache = cache or root / "cache"
+        for name in WORKFLOW_FILES:
+            source = REPO / name
+            if source.is_dir():
+                shutil.copytree(source, self.checkout / name,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                self.checkout.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, self.checkout / name)
+        self.workdir.mkdir()
+        self.cache.mkdir(exist_ok=True)
+        self.config = None  # the config of the last run
+
+    def changed(self) -> dict:
+        """A copy of the last run's config, to change."""
+        return copy.deepcopy(self.config)
+
+    def command(self, config: dict, *args) -> list[str]:
+        self.config = copy.deepcopy(config)
+        (self.workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        return [sys.executable, "-m", "snakemake", "--snakefile", str(self.checkout / "Snakefile"),
+                "--directory", str(self.workdir), "--configfile", str(self.workdir / "config.yaml"),
+                "--cores", "2", "--cache", "--rerun-incomplete", *args]
+
+    def environment(self) -> dict:
+        return {**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(self.cache)}
+
+    def run(self, config: dict, *args) -> list[tuple[str, dict]]:
+        """Run to the end; the jobs it scheduled, as (rule, wildcards)."""
+        result = subprocess.run(self.command(config, *args), capture_output=True, text=True,
+                                timeout=600, env=self.environment())
+        assert result.returncode == 0, result.stderr[-4000:]
+        return scheduled_jobs(result.stderr)
+
+    def result(self, path: str) -> Path:
+        return self.workdir / "results" / path
+
+
+def scheduled_jobs(log: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job in a Snakemake log, but the target rule `all`."""
+    jobs = []
+    for match in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", log, re.M):
+        if match.group(1) == "all":
+            continue
+        wildcards = re.search(r"^    wildcards: (.*)$", match.group(2), re.M)
+        pairs = [item.split("=", 1) for item in wildcards.group(1).split(", ")] if wildcards else []
+        jobs.append((match.group(1), dict(pairs)))
+    return jobs
+
+
+def ran(log: Path) -> bool:
+    """Whether the job of this log ran: it writes to it; one taken from the cache does not."""
+    return log.exists() and log.stat().st_size > 0
+
+
+def rules_of(jobs) -> set[str]:
+    return {rule for rule, _ in jobs}
+
+
+def models_of(jobs) -> set[str]:
+    return {w["model"] for _, w in jobs if "model" in w}
+
+
+def cache_entry(path: Path) -> Path:
+    """The cache entry a result links to: the result itself, or its files, are symbolic links."""
+    if path.is_symlink():
+        return path.resolve()
+    # a folder taken from the cache: its entries link to the entry's (but the timestamp file
+    # that Snakemake adds)
+    entries = {p.resolve().parent for p in path.iterdir() if p.name != ".snakemake_timestamp"}
+    assert len(entries) == 1, entries
+    return entries.pop()
+
+
+@pytest.fixture(scope="module")
+def workflow(tmp_path_factory):
+    """One workflow, run once to the end; the tests below change it one step at a time."""
+    flow = Workflow(tmp_path_factory.mktemp("cache"))
+    jobs = flow.run(CONFIG)
+    assert {"fetch_model", "extract", "layer_stats", "figure_kurtosis"} <= rules_of(jobs)
+    return flow
+
+
+def test_outputs_live_in_the_cache_and_nothing_reruns(workflow):
+    for path in ("models/gpt2-tiny", "activations/gpt2-tiny/pairs/shard-0.zarr",
+                 "stats/gpt2-tiny/pairs.parquet", "figures/kurtosis-encoders.png"):
+        assert workflow.cache in cache_entry(workflow.result(path)).parents
+    assert workflow.run(CONFIG) == []
+
+
+def test_a_plotting_option_reruns_only_figures(workflow):
+    config = workflow.changed()
+    config["figures"]["dpi"] = 60
+    assert rules_of(workflow.run(config)) == {"figure_kurtosis"}
+
+
+def test_a_threshold_reruns_only_that_models_statistics_and_figures(workflow):
+    config = workflow.changed()
+    config["models"]["gpt2-tiny"]["thresholds"] = [2.5]
+    jobs = workflow.run(config)
+    assert rules_of(jobs) == {"layer_stats", "merge_stats", "figure_kurtosis", "table_statistics"}
+    assert models_of(jobs) == {"gpt2-tiny"}
+
+
+def test_an_extraction_option_or_a_source_reruns_that_model_from_extraction_on(workflow, tmp_path):
+    config = workflow.changed()
+    config["models"]["gpt2-tiny"]["extract"] = {"max_tokens": 24}
+    jobs = workflow.run(config)
+    assert rules_of(jobs) == {"extract", "layer_stats", "merge_stats", "figure_kurtosis",
+                              "table_statistics"}
+    assert models_of(jobs) == {"gpt2-tiny"}
+
+    other = fetch({**TINY_SPECS["gpt2"], "seed": 7}, tmp_path / "gpt2-seed7")
+    assert other["family"] == "gpt2"
+    config["models"]["gpt2-tiny"].update(source=f"local:{tmp_path / 'gpt2-seed7'}",
+                                         blocks=TINY_SPECS["gpt2"]["arch"]["layers"])
+    del config["models"]["gpt2-tiny"]["arch"], config["models"]["gpt2-tiny"]["seed"]
+    jobs = workflow.run(config)
+    assert rules_of(jobs) == {"fetch_model", "extract", "layer_stats", "merge_stats",
+                              "figure_kurtosis", "table_statistics"}
+    assert models_of(jobs) == {"gpt2-tiny"}
+
+
+def test_code_edits_rerun_the_stages_that_run_that_code(workflow):
+    config = workflow.changed()
+    before = cache_entry(workflow.result("activations/gpt2-tiny/pairs/shard-0.zarr"))
+    with open(workflow.checkout / "workflow_scripts/figures.py", "a") as handle:
+        handle.write("\n# an edit to the plotting code\n")
+    jobs = workflow.run(config)
+    assert rules_of(jobs) == {"figure_kurtosis"}
+
+    with open(workflow.checkout / "workflow_scripts/activations.py", "a") as handle:
+        handle.write("\n# an edit to the activation store\n")
+    jobs = workflow.run(config)
+    assert {"extract", "layer_stats"} <= rules_of(jobs)
+    assert "fetch_model" not in rules_of(jobs)
+    after = cache_entry(workflow.result("activations/gpt2-tiny/pairs/shard-0.zarr"))
+    assert after != before  # extracted anew, not a stale cache hit
+    assert (workflow.result("logs/extract/gpt2-tiny/pairs/shard-0.log")).stat().st_size > 0
+
+
+def test_renaming_a_model_is_a_cache_hit_for_fetch_and_extraction(workflow):
+    def renamed(value):
+        if isinstance(value, dict):
+            return {renamed(k): renamed(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [renamed(v) for v in value]
+        return "gpt2-renamed" if value == "gpt2-tiny" else value
+
+    config = workflow.changed()
+    model = cache_entry(workflow.result("models/gpt2-tiny"))
+    shard = cache_entry(workflow.result("activations/gpt2-tiny/pairs/shard-0.zarr"))
+    jobs = workflow.run(renamed(config))
+    assert {"fetch_model", "extract"} <= rules_of(jobs)
+    assert cache_entry(workflow.result("models/gpt2-renamed")) == model
+    assert cache_entry(workflow.result("activations/gpt2-renamed/pairs/shard-0.zarr")) == shard
+    # taken from the cache: the jobs never ran, so their logs are empty
+    assert not ran(workflow.result("logs/extract/gpt2-renamed/pairs/shard-0.log"))
+    assert not ran(workflow.result("logs/fetch_model/gpt2-renamed.log"))
+
+
+def test_a_warm_cache_brings_back_deleted_results_without_running_jobs(workflow):
+    statistics = pd.read_parquet(workflow.result("stats/roberta-tiny/pairs.parquet"))
+    shutil.rmtree(workflow.workdir / "results")
+    jobs = workflow.run(workflow.changed())
+    assert rules_of(jobs) >= {"fetch_model", "extract", "layer_stats"}
+    logs = list((workflow.workdir / "results/logs").rglob("*.log"))
+    assert logs and not any(ran(log) for log in logs)  # every job came from the cache
+    pd.testing.assert_frame_equal(pd.read_parquet(workflow.result("stats/roberta-tiny/pairs.parquet")),
+                                  statistics)
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(data)
+
+
+def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
+    config = workflow.changed()
+    gpt2 = next(name for name in config["models"] if name.startswith("gpt2"))  # maybe renamed
+    shard = cache_entry(workflow.result(f"activations/{gpt2}/pairs/shard-0.zarr"))
+    corrupt(next((shard / "layer-1").rglob("c/*/*")))
+    model = cache_entry(workflow.result("models/roberta-tiny"))
+    corrupt(model / "model.safetensors")
+    shutil.rmtree(workflow.workdir / "results")
+
+    # statistics computed anew (new thresholds) read the corrupted chunk: refused
+    config["stats"] = {"thresholds": {"gpt2": [2.0], "roberta": [2.0]}}
+    config["models"][gpt2].pop("thresholds", None)
+    result = subprocess.run(workflow.command(config, "--keep-going"), capture_output=True,
+                            text=True, timeout=600, env=workflow.environment())
+    assert result.returncode != 0
+    log = workflow.result(f"logs/layer_stats/{gpt2}/pairs/layer-1.log").read_text()
+    assert "layer-1 rows" in log and "corrupted on disk" in log and str(shard) in log
+    assert not workflow.result(f"stats/{gpt2}/pairs/layer-1.parquet").exists()
+
+    # extraction anew (another option) loads the corrupted model: refused
+    config["extract"]["max_tokens"] = 28
+    result = subprocess.run(workflow.command(config, "--keep-going"), capture_output=True,
+                            text=True, timeout=600, env=workflow.environment())
+    assert result.returncode != 0
+    log = workflow.result("logs/extract/roberta-tiny/pairs/shard-0.log").read_text()
+    assert "model.safetensors does not match its sha256" in log
+    assert not workflow.result("activations/roberta-tiny/pairs/shard-0.zarr").exists()
+
+
+KILL_CONFIG = {
+    "models": {"gpt2-tiny": copy.deepcopy(TINY_SPECS["gpt2"])},
+    "training": {"runs": {"lm": {"kind": "causal_lm", "family": "gptr2",
+                                 "arch": TINY_SPECS["gptr2"]["arch"], "dataset": "corpus",
+                                 "context": 32, "steps": 1000, "batch_size": 8,
+                                 "checkpoint_every": 20,
+                                 "optimizer": {"name": "adam", "lr": 0.003}}}},
+    "datasets": {"corpus": {"source": "builtin:corpus", "rows": 1500, "shards": 1}},
+    "analyses": [{"models": ["gpt2-tiny", "lm"], "datasets": ["corpus"]}],
+    "extract": {"batch_size": 2, "max_tokens": 64, "chunk_rows": 64, "chunks_per_shard": 2},
+    "stats": {"rotations": 64},
+    "ablation": {"analyses": []},
+    "figures": {"training": False},
+}
+
+
+def kill_when(flow: Workflow, config: dict, started) -> None:
+    """Start the workflow and SIGKILL it, jobs and all, once ``started()`` holds."""
+    process = subprocess.Popen(flow.command(config), env=flow.environment(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not started():
+        assert process.poll() is None, "the workflow ended before the moment to kill it"
+        assert time.monotonic() < deadline, "the moment to kill the workflow never came"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def temporaries(folder: Path, name: str) -> bool:
+    return folder.is_dir() and any(folder.glob(f".{name}.tmp-*"))
+
+
+def test_jobs_killed_midway_are_redone_and_give_the_same_results(tmp_path):
+    reference = Workflow(tmp_path / "reference")
+    reference.run(KILL_CONFIG)
+
+    flow = Workflow(tmp_path / "killed")
+    results = flow.workdir / "results"
+    # mid-training: a checkpoint exists, the model does not
+    kill_when(flow, KILL_CONFIG, lambda: (results / "train/lm/checkpoint.pt").exists())
+    assert not (results / "models/lm").exists()
+    # mid-extraction: the shard is being written under its temporary name
+    kill_when(flow, KILL_CONFIG, lambda: temporaries(results / "activations/lm/corpus", "shard-0.zarr"))
+    assert not (results / "activations/lm/corpus/shard-0.zarr").exists()
+    # mid-statistics: the job has started (its log is open), its output is not there
+    kill_when(flow, KILL_CONFIG, lambda: (results / "logs/layer_stats/lm/corpus/layer-1.log").exists())
+    assert not (results / "stats/lm/corpus/layer-1.parquet").exists()
+    flow.run(KILL_CONFIG)
+
+    assert (flow.result("logs/train/lm.log")).read_text().count("resum") >= 1
+    for path in ("stats/lm/corpus.parquet", "stats/gpt2-tiny/corpus.parquet",
+                 "train/lm/metrics.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(flow.result(path)),
+                                      pd.read_parquet(reference.result(path)))

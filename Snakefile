@@ -30,7 +30,11 @@ from workflow_scripts.config import ConfigError, check_config
 output_cache.location(create=workflow.workflow_settings.cache is not None)
 
 
-configfile: "config.yaml"
+# The default config, unless --configfile names another: that one then replaces it whole, where
+# Snakemake would merge the two key by key (a full config would inherit the tiny models).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "report/workflow.rst"

@@ -12,6 +12,9 @@ rule ablate:
         options=lambda wildcards: json.dumps(ablation_options(), sort_keys=True),
         model=lambda wildcards: wildcards.model,
         dataset=lambda wildcards: wildcards.dataset,
+    resources:
+        mem_mb=job_resource("ablate", "mem_mb"),
+        runtime=job_resource("ablate", "runtime"),
     cache: True
     log:
         "results/logs/ablate/{model}/{dataset}.log",

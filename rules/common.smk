@@ -6,6 +6,7 @@ from workflow_scripts.code import module_sources
 import re
 
 from workflow_scripts.config import analysis_pairs, extract_options, thresholds, trained_models
+from workflow_scripts.estimate import job_resources
 from workflow_scripts.sources import FAMILY_MODULES, readout_count, source_scheme
 
 
@@ -14,6 +15,17 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
     shard=r"\d+",
     layer=r"\d+",
+
+
+def job_resource(stage, key):
+    """A resource of a model's job (mem_mb, runtime in minutes) that scales with the model and
+    the data, computed from the config (workflow_scripts/estimate.py)."""
+
+    def value(wildcards):
+        dataset = wildcards.get("dataset")
+        return job_resources(config, stage, wildcards.model, dataset)[key]
+
+    return value
 
 
 def names_pattern(names):
@@ -25,10 +37,11 @@ def training_run(model):
     return config["training"]["runs"][source_scheme(config["models"][model]["source"])[1]]
 
 
-def base_model(model):
-    """The model directory a fine-tune starts from (none for other runs)."""
-    base = training_run(model).get("base")
-    return [f"results/models/{base}"] if base else []
+def run_model_dir(model, key):
+    """The directory of the model that a run names under ``key`` (base: the model a fine-tune
+    starts from; tokenizer: the model whose tokenizer a language model uses), if any."""
+    name = training_run(model).get(key)
+    return [f"results/models/{name}"] if name else []
 
 
 def code_files(module):
@@ -64,7 +77,8 @@ def local_model_files(wildcards):
 
 def dataset_spec(wildcards):
     spec = dict(config["datasets"][wildcards.dataset])
-    spec.pop("shards", None)  # extraction's business, not the data's
+    for key in ("shards", "expected_rows", "expected_tokens"):  # not the data's business
+        spec.pop(key, None)
     return json.dumps(spec, sort_keys=True)
 
 

@@ -13,6 +13,9 @@ rule extract:
         shards=lambda wildcards: shard_count(wildcards.dataset),
         options=extraction_options,
         readouts=lambda wildcards: readout_count(config["models"][wildcards.model]),
+    resources:
+        mem_mb=job_resource("extract", "mem_mb"),
+        runtime=job_resource("extract", "runtime"),
     cache: True
     log:
         "results/logs/extract/{model}/{dataset}/shard-{shard}.log",

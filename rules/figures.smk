@@ -79,6 +79,11 @@ rule figure_top_examples:
             category="top examples",
         ),
         pdf="results/figures/top-examples-{model}-{dataset}-layer{layer}.pdf",
+    wildcard_constraints:
+        # names hold dashes: only configured names, so roberta-base + mnli-matched is not
+        # read as roberta-base-mnli + matched
+        model=names_pattern(sorted(config["models"])),
+        dataset=names_pattern(sorted(config["datasets"])),
     params:
         options=top_examples_options,
         title=lambda wildcards: f"{wildcards.model} on {wildcards.dataset}, read-out point {wildcards.layer}",

@@ -248,6 +248,7 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
 
 
 KILL_CONFIG = {
+    "models": {"gpt2-tiny": copy.deepcopy(TINY_SPECS["gpt2"])},  # defined, not analysed
     "training": {"runs": {"lm": {"kind": "causal_lm", "family": "gptr2",
                                  "arch": TINY_SPECS["gptr2"]["arch"], "dataset": "corpus",
                                  "context": 32, "steps": 400, "batch_size": 8,

@@ -209,3 +209,46 @@ def test_a_fine_tune_of_another_run(default_config):
     model = config["models"]["lm-pairs"]
     assert model["family"] == "gptr2" and model["blocks"] == 4
     assert model["head"] == "sequence_classification"
+
+
+def test_token_blocks_are_the_same_in_chunks_as_in_one_pass(data):
+    from workflow_scripts.models.transformers_text import builtin_tokenizer
+    from workflow_scripts.train import _token_blocks
+
+    tokenizer = builtin_tokenizer("gptr2")
+    texts = pd.read_parquet(data["corpus"])["text"].to_numpy()[:50]
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    expected = torch.tensor(stream[:len(stream) // 16 * 16]).view(-1, 16)
+    for chunk in (7, 10_000):
+        blocks = _token_blocks(tokenizer, texts, 16, chunk=chunk)
+        assert blocks.dtype == torch.int32
+        assert torch.equal(blocks.long(), expected)
+
+
+def test_language_model_with_another_models_tokenizer(tmp_path, data, model_dirs):
+    out = tmp_path / "lm"
+    train("lm", {**LM, "steps": 5}, data["corpus"], out / "model", out / "metrics.parquet",
+          out / "loss.png", out / "checkpoint.pt", tokenizer_dir=model_dirs["roberta"])
+    adapter, _ = load_adapter(out / "model")
+    lender, _ = load_adapter(model_dirs["roberta"])
+    assert adapter.tokenizer.get_vocab() == lender.tokenizer.get_vocab()
+    assert adapter.tokenizer.get_vocab() != load_adapter(model_dirs["gpt2"])[0].tokenizer.get_vocab()
+
+
+def test_a_tokenizer_must_come_from_a_text_model(default_config):
+    runs = default_config["training"]["runs"]
+    runs["gptr2-nano"]["tokenizer"] = "resnet-init"
+    with pytest.raises(ConfigError, match="tokenizer: 'resnet-init' is not a defined text model"):
+        check_config(copy.deepcopy(default_config))
+    runs["gptr2-nano"]["tokenizer"] = "gpt2-init"
+    check_config(default_config)
+
+
+def test_a_decoder_cannot_be_fine_tuned_for_pairs(default_config):
+    default_config["models"]["llama-init"] = {"family": "decoder", "source": "init:",
+                                              "arch": {"layers": 2, "width": 32, "heads": 2}}
+    default_config["training"]["runs"]["roberta-pairs"]["base"] = "llama-init"
+    with pytest.raises(ConfigError, match="is a decoder, which has a causal_lm head only"):
+        check_config(default_config)

@@ -130,6 +130,11 @@ def _check_runs(config: dict) -> None:
         for key in required:
             if key not in run:
                 raise ConfigError(f"config error at {where}: a {run['kind']} run needs {key!r}")
+        if "tokenizer" in run:
+            source = config["models"].get(run["tokenizer"])
+            if run["kind"] != "causal_lm" or source is None or model_kind(source) != "text":
+                raise ConfigError(f"config error at {where}.tokenizer: {run['tokenizer']!r} is "
+                                  "not a defined text model, or the run is not causal_lm")
         if ("steps" in run) == ("epochs" in run):
             raise ConfigError(f"config error at {where}: give either 'steps' or 'epochs'")
         if run["kind"] == "sequence_classification":
@@ -140,6 +145,10 @@ def _check_runs(config: dict) -> None:
                     base_run is None and (base is None or model_kind(base) != "text"):
                 raise ConfigError(f"config error at {where}.base: {run['base']!r} is not a "
                                   "defined text model or text training run")
+            if base is not None and base["family"] == "decoder":
+                raise ConfigError(f"config error at {where}.base: {run['base']!r} is a decoder, "
+                                  "which has a causal_lm head only; fine-tune a gpt2, gptr2, "
+                                  "roberta or bert model")
         if "arch" in run:
             family = run.get("family", "resnet")
             _check_init_arch(where, {"family": family, "arch": run["arch"]})
@@ -251,9 +260,6 @@ def _check_datasets(config: dict) -> None:
         if implied is not None and spec.get("kind", implied) != implied:
             raise ConfigError(f"config error at {where}.kind: {spec['kind']!r} contradicts the "
                               f"source, which holds {implied}")
-        if scheme in ("parquet", "imagefolder") and not os.path.exists(rest):
-            raise ConfigError(f"config error at {where}.source: path {rest!r} does not exist "
-                              "(paths are relative to the working directory)")
         if "rows" in spec and spec["shards"] > spec["rows"]:
             raise ConfigError(f"config error at {where}.shards: {spec['shards']} shards for "
                               f"{spec['rows']} rows; shards must not exceed rows")

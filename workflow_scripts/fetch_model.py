@@ -24,8 +24,9 @@ from workflow_scripts.models.store import (MANIFEST, WEIGHTS, ModelDirError,
                                            read_manifest, verify_files, write_manifest)
 
 log = logging.getLogger("fetch_model")
-# Hugging Face model_type of each text family
-MODEL_TYPES = {"gpt2": "gpt2", "gptr2": "gpt2", "roberta": "roberta", "bert": "bert"}
+# Hugging Face model_type(s) each text family accepts
+MODEL_TYPES = {"gpt2": ("gpt2",), "gptr2": ("gpt2",), "roberta": ("roberta",), "bert": ("bert",),
+               "decoder": ("llama", "qwen2", "gpt_neox", "mistral")}
 
 
 def fetch(spec: dict, out: str | Path) -> dict:
@@ -97,10 +98,10 @@ def _hub(spec: dict, repo_and_revision: str, tmp: Path) -> dict:
     commit = resolve_revision(repo, revision or "main", HfApi())
     log.info("hf:%s at %s is commit %s", repo, revision or "main", commit)
     config = transformers.AutoConfig.from_pretrained(repo, revision=commit)
-    expected = MODEL_TYPES.get(spec["family"])
-    if config.model_type != expected:
+    expected = MODEL_TYPES.get(spec["family"], ())
+    if config.model_type not in expected:
         raise ValueError(f"hf:{repo} is a {config.model_type!r} model, not family "
-                         f"{spec['family']!r} (model_type {expected!r})")
+                         f"{spec['family']!r} (model_type {' or '.join(map(repr, expected))})")
     model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
     model = model_class.from_pretrained(repo, revision=commit)
     model.save_pretrained(tmp)

@@ -1,13 +1,15 @@
 """Source strings (``scheme:rest``) of models and datasets, and what kind of data each holds."""
 from __future__ import annotations
 
-TEXT_FAMILIES = {"gpt2", "gptr2", "roberta", "bert"}
+TEXT_FAMILIES = {"gpt2", "gptr2", "roberta", "bert", "decoder"}
 # The module that builds, stores and loads the models of each family. A stage that runs a
 # model imports only its family's module (by name, through ``models.family_module``), and its
 # rule declares only that module's files as code inputs: an edit to the ResNet code does not
 # rerun a transformer's extraction.
 FAMILY_MODULES = {
-    **{family: "workflow_scripts.models.transformers_text" for family in sorted(TEXT_FAMILIES)},
+    **{family: "workflow_scripts.models.transformers_text"
+       for family in ("bert", "gpt2", "gptr2", "roberta")},
+    "decoder": "workflow_scripts.models.hf_decoder",  # Llama, Qwen2, Mistral, GPT-NeoX
     "resnet": "workflow_scripts.models.resnet",
 }
 BUILTIN_KINDS = {"pairs": "pairs", "corpus": "text", "shapes": "image"}
@@ -30,7 +32,8 @@ def dataset_kind(spec: dict) -> str:
 
 
 DEFAULT_HEADS = {"gpt2": "causal_lm", "gptr2": "causal_lm", "roberta": "sequence_classification",
-                 "bert": "sequence_classification", "resnet": "image_classification"}
+                 "bert": "sequence_classification", "decoder": "causal_lm",
+                 "resnet": "image_classification"}
 
 
 # the head a model needs to be scored on each kind of dataset by ablation

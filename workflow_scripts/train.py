@@ -44,7 +44,7 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a diverging loss), named with its step."""
 
 
-def build(spec: dict, base_dir: str | Path | None):
+def build(spec: dict, base_dir: str | Path | None, tokenizer_dir: str | Path | None = None):
     """The model to train, its companion (the tokenizer of a text model, the config of a
     ResNet, which holds its preprocessing) and its family."""
     kind = spec["kind"]
@@ -53,9 +53,12 @@ def build(spec: dict, base_dir: str | Path | None):
             {"arch": spec["arch"], "seed": spec["seed"], "num_labels": spec["num_labels"]})
         return model, config, "resnet"
     if kind == "causal_lm":
+        tokenizer = None
+        if tokenizer_dir is not None:  # another model's tokenizer: a real vocabulary
+            _, tokenizer = load_model(tokenizer_dir, read_manifest(tokenizer_dir)["family"])
         model, tokenizer = family_module(spec["family"]).init(
             {"family": spec["family"], "arch": spec["arch"], "seed": spec["seed"],
-             "head": "causal_lm"})
+             "head": "causal_lm"}, tokenizer)
         return model, tokenizer, spec["family"]
     family = read_manifest(base_dir)["family"]
     torch.manual_seed(spec["seed"])  # the new head's initialisation
@@ -64,22 +67,27 @@ def build(spec: dict, base_dir: str | Path | None):
     return model, tokenizer, family
 
 
-def _token_blocks(tokenizer, texts, context: int) -> torch.Tensor:
-    """The texts as one token stream (end-of-text between them) cut into blocks."""
+def _token_blocks(tokenizer, texts, context: int, chunk: int = 10_000) -> torch.Tensor:
+    """The texts as one token stream (end-of-text between them) cut into blocks, as int32.
+    Tokenized ``chunk`` texts at a time into NumPy arrays, so a corpus of billions of tokens
+    takes 4 bytes a token, not a Python list."""
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    stream = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream += ids + [separator]
+    pieces = []
+    for start in tqdm(range(0, len(texts), chunk), desc="tokenizing", unit="chunk",
+                      file=sys.stderr, mininterval=10, disable=len(texts) <= chunk):
+        ids = tokenizer(list(texts[start:start + chunk]), add_special_tokens=False)["input_ids"]
+        pieces.append(np.fromiter((t for text in ids for t in (*text, separator)), np.int32))
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     blocks = len(stream) // context
     if blocks < 2:
         raise DatasetError(f"the text holds {len(stream)} tokens: fewer than two blocks of {context}")
-    return torch.tensor(stream[:blocks * context]).view(blocks, context)
+    return torch.from_numpy(stream[:blocks * context].copy()).view(blocks, context)
 
 
 def make_data(spec: dict, frame: pd.DataFrame, kind: str, companion) -> dict[str, torch.Tensor]:
     """Every example as tensors: the model's inputs, and ``labels`` where the data has them."""
     if kind == "text":
-        return {"input_ids": _token_blocks(companion, frame["text"], spec["context"])}
+        return {"input_ids": _token_blocks(companion, frame["text"].to_numpy(), spec["context"])}
     if kind == "pairs":
         encoded = companion(list(frame["premise"]), list(frame["hypothesis"]), truncation=True,
                           max_length=spec["max_tokens"], padding="longest", return_tensors="pt")
@@ -115,7 +123,7 @@ def forward(model, kind: str, batch: dict[str, torch.Tensor]):
     elif kind == "causal_lm":
         ids = batch["input_ids"]  # whole blocks of text: no padding
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, :-1]
-        labels = batch["input_ids"][:, 1:]
+        labels = batch["input_ids"][:, 1:].long()
     else:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         logits, labels = model(**inputs).logits, batch["labels"]
@@ -159,24 +167,25 @@ def learning_rate(step: int, spec: dict) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def fingerprint(spec: dict, family: str, data_path, base_dir) -> str:
+def fingerprint(spec: dict, family: str, data_path, *model_dirs) -> str:
     """What a checkpoint must match to be resumed: the run, its inputs and the training code."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     code = module_sources("workflow_scripts.train", FAMILY_MODULES[family])
     digest.update(code_digest(code).encode())
     digest.update(sha256_file(data_path).encode())
-    if base_dir is not None:
-        digest.update(sha256_file(Path(base_dir, MANIFEST)).encode())
+    for directory in model_dirs:  # the base of a fine-tune, the model lending its tokenizer
+        if directory is not None:
+            digest.update(sha256_file(Path(directory, MANIFEST)).encode())
     return digest.hexdigest()
 
 
 def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, checkpoint_path,
-          base_dir=None) -> pd.DataFrame:
+          base_dir=None, tokenizer_dir=None) -> pd.DataFrame:
     frame, kind, label_names = table.read(data_path)
     if kind != KINDS[spec["kind"]]:
         raise DatasetError(f"run {name}: a {spec['kind']} run needs a {KINDS[spec['kind']]} "
                            f"dataset, but {data_path} holds {kind}")
-    model, companion, family = build(spec, base_dir)
+    model, companion, family = build(spec, base_dir, tokenizer_dir)
     data = make_data(spec, frame, kind, companion)
     if "labels" in data and int(data["labels"].max()) >= spec["num_labels"]:
         raise DatasetError(f"run {name}: labels go up to {int(data['labels'].max())}, but the "
@@ -198,7 +207,7 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
     # float16 gradients underflow without loss scaling; on the CPU or in bfloat16 it is a no-op
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16" and device.type == "cuda")
     records, start = [], 0
-    key = fingerprint(spec, family, data_path, base_dir)
+    key = fingerprint(spec, family, data_path, base_dir, tokenizer_dir)
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -285,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True, help="the run's settings, as JSON")
     parser.add_argument("--data", required=True, help="dataset Parquet file")
     parser.add_argument("--base", help="the model directory a fine-tune starts from")
+    parser.add_argument("--tokenizer", help="the model directory whose tokenizer a language "
+                        "model uses")
     parser.add_argument("--checkpoint", required=True, help="where to keep the checkpoint")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--plot", required=True)
@@ -295,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     metrics = train(args.name, json.loads(args.spec), args.data, args.out, args.metrics,
-                    args.plot, args.checkpoint, args.base)
+                    args.plot, args.checkpoint, args.base, args.tokenizer)
     final = metrics["eval_accuracy"].dropna()
     log.info("run %s: final loss %.4f, held-out accuracy %.3f", args.name,
              metrics["loss"].iloc[-1], final.iloc[-1] if len(final) else float("nan"))

@@ -158,9 +158,9 @@ def load(directory: str | Path, family: str, head: str | None = None, num_labels
 
 
 # the family interface (see ``workflow_scripts.models``)
-def init(spec: dict):
-    """A random-initialised model of ``spec`` and its built-in tokenizer."""
-    tokenizer = builtin_tokenizer(spec["family"])
+def init(spec: dict, tokenizer=None):
+    """A random-initialised model of ``spec`` and its tokenizer (default the built-in one)."""
+    tokenizer = tokenizer or builtin_tokenizer(spec["family"])
     return build(spec, tokenizer), tokenizer
 
 

@@ -149,7 +149,7 @@ def breakdown(adapter, batches, rows, device, path: Path) -> dict[str, float]:
             index = (batch.example_id, np.zeros(n, np.int32), np.zeros(n, bool))
         else:
             examples, tokens = batch.padding.shape
-            keep = [_kept_positions(tokens, e, OPTIONS) for e in batch.example_id]
+            keep = [_kept_positions(p, e, OPTIONS) for p, e in zip(batch.padding, batch.example_id)]
             flat = np.concatenate([i * tokens + k for i, k in enumerate(keep)])
             flat_rows = torch.from_numpy(flat).to(device)
             arrays = [s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype)
@@ -171,7 +171,7 @@ def batch_rows(batch: Batch) -> int:
     """The rows one batch gives in the store."""
     if batch.padding is None:
         return len(batch.example_id)
-    return sum(len(_kept_positions(batch.padding.shape[1], e, OPTIONS)) for e in batch.example_id)
+    return sum(len(_kept_positions(p, e, OPTIONS)) for p, e in zip(batch.padding, batch.example_id))
 
 
 def measure(key: str, name: str, adapter, batches, rows: int, repeats: int, work: Path,

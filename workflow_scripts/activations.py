@@ -12,11 +12,15 @@ Group attributes: ``readouts`` (index, stage, block, name, width), ``pooling``, 
 dataset and code that produced it.
 
 The writer buffers one Zarr shard of rows per read-out point and writes whole shards, so memory is
-bounded by ``readouts x chunk_rows x chunks_per_shard x width`` whatever the number of rows.
+bounded by ``readouts x chunk_rows x chunks_per_shard x width`` whatever the number of rows. The
+read-out points of a shard are compressed and written in parallel threads (zstd releases the GIL):
+on a GPU the compression, not the model, sets the pace.
 """
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +63,7 @@ class ShardWriter:
             self.buffers.append(np.empty((self.block,), index_dtype))
         self.written = 0  # rows already in the store
         self.filled = 0  # rows waiting in the buffers
+        self.pool = ThreadPoolExecutor(max(1, min(len(self.arrays), os.cpu_count() or 1)))
 
     def append(self, streams: list[np.ndarray], example_id: np.ndarray, position: np.ndarray,
                is_padding: np.ndarray) -> None:
@@ -81,13 +86,18 @@ class ShardWriter:
     def _flush(self) -> None:
         if self.filled == 0:
             return
-        end = self.written + self.filled
-        for array, buffer in zip(self.arrays, self.buffers):
-            array[self.written:end] = buffer[:self.filled]
+        start, end = self.written, self.written + self.filled
+
+        def write(array, buffer):
+            array[start:end] = buffer[:end - start]
+
+        for done in [self.pool.submit(write, a, b) for a, b in zip(self.arrays, self.buffers)]:
+            done.result()
         self.written, self.filled = end, 0
 
     def close(self, attributes: dict) -> None:
         self._flush()
+        self.pool.shutdown()
         if self.written != self.rows:
             raise ValueError(f"{self.path}: wrote {self.written} rows of {self.rows} announced")
         self.group.attrs.update(attributes)

@@ -251,10 +251,10 @@ KILL_CONFIG = {
     "models": {"gpt2-tiny": copy.deepcopy(TINY_SPECS["gpt2"])},  # defined, not analysed
     "training": {"runs": {"lm": {"kind": "causal_lm", "family": "gptr2",
                                  "arch": TINY_SPECS["gptr2"]["arch"], "dataset": "corpus",
-                                 "context": 32, "steps": 400, "batch_size": 8,
+                                 "context": 32, "steps": 300, "batch_size": 8,
                                  "checkpoint_every": 20,
                                  "optimizer": {"name": "adam", "lr": 0.003}}}},
-    "datasets": {"corpus": {"source": "builtin:corpus", "rows": 400, "shards": 1}},
+    "datasets": {"corpus": {"source": "builtin:corpus", "rows": 240, "shards": 1}},
     "analyses": [{"models": ["lm"], "datasets": ["corpus"]}],
     "extract": {"batch_size": 2, "max_tokens": 64, "chunk_rows": 64, "chunks_per_shard": 2},
     "stats": {"rotations": 64},

@@ -136,6 +136,19 @@ def training(config: dict, run: str) -> dict:
     return {"flops": flops, "gpu_seconds": flops / rate}
 
 
+def training_data_bytes(config: dict, run: str) -> float:
+    """What a training job holds of its dataset: the table, with images still encoded (about
+    110 kB a PNG at ImageNet size, 3 kB at 32 x 32), and a language model's tokens as int32."""
+    spec = config["training"]["runs"][run]
+    data = config["datasets"][spec["dataset"]]
+    rows = dataset_rows(data)
+    if spec["kind"] == "image_classification":
+        small = spec.get("arch", {}).get("stem") == "cifar"
+        return rows * (3e3 if small else 1.1e5)
+    tokens = rows * data.get("expected_tokens", spec.get("max_tokens", 128))
+    return tokens * (4 + 6)  # int32 ids, and the text (about 6 bytes a token) in the table
+
+
 def job_resources(config: dict, stage: str, model: str, dataset: str | None = None) -> dict:
     """mem_mb and runtime (minutes) of one job: the model in float32 plus what the stage holds,
     with room to spare; run time from the estimate, at least 10 minutes, doubled for safety."""
@@ -153,8 +166,8 @@ def job_resources(config: dict, stage: str, model: str, dataset: str | None = No
     elif stage == "ablate":
         memory = 2 * model_mb
         seconds = ablation(config, model, dataset)["gpu_seconds"]
-    else:  # train: weights, gradients, two optimizer moments, and the data
-        memory = 4 * model_mb + 4096
+    else:  # train: weights, gradients, two optimizer moments, and the data it holds
+        memory = 4 * model_mb + 4096 + training_data_bytes(config, model) / 2**20
         seconds = training(config, model)["gpu_seconds"]
     return {"mem_mb": int(2000 + 1.5 * memory), "runtime": max(10, math.ceil(2 * seconds / 60))}
 

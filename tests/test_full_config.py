@@ -91,3 +91,21 @@ def test_the_full_study_estimate_is_computed_from_the_config():
                ((12, 768), (24, 1024), (12, 768), (24, 1024)) * 2) * mnli * 40 * 2
     assert rows["extract"]["stored_gb"] * 1e9 > text
     assert rows["train"]["gpu_hours"] > rows["ablate"]["gpu_hours"] > 0
+
+
+def test_the_estimate_of_one_extraction_and_one_training_run():
+    from workflow_scripts.estimate import extraction, job_resources, training
+
+    config = check_config(yaml.safe_load(FULL.read_text()))
+    # GPT-2 medium on MNLI matched: 9815 pairs x 40 tokens x 25 read-outs x 1024 x 2 bytes
+    one = extraction(config, "gpt2-medium", "mnli-matched")
+    assert one["bytes"] == 9815 * 40 * 25 * 1024 * 2
+    parameters = 12 * 24 * 1024 ** 2 + 50_257 * 1024
+    assert one["flops"] == 9815 * 40 * 2 * parameters
+    # one epoch of Wikipedia for a 6 x 384 gptr2 with GPT-2's vocabulary: 3 x forward FLOPs
+    run = training(config, "gptr2-nano-momentum-decay")
+    seen = 6_407_814 * (1 - 0.001) * 700
+    assert run["flops"] == pytest.approx(3 * seen * 2 * (12 * 6 * 384 ** 2 + 50_257 * 384))
+    small, large = (job_resources(config, "extract", m, "mnli-matched")["mem_mb"]
+                    for m in ("gpt2", "gpt2-medium"))
+    assert large > small

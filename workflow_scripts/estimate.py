@@ -57,7 +57,8 @@ def model_size(config: dict, name: str) -> ModelSize:
         if "arch" not in run:
             return model_size(config, run["base"])
         spec = {**spec, "arch": run["arch"], "source": "init:"}
-        scheme = "init" if run["kind"] == "image_classification" else "train"
+        # a language model with another model's tokenizer has a real vocabulary to embed
+        scheme = "train" if run.get("tokenizer") else "init"
     readouts = readout_count(spec)
     image = model_kind(spec) == "image"
     arch = spec.get("arch", {})

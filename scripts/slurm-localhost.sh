@@ -80,7 +80,10 @@ stop)
     running "$pidfile" || continue
     pid=$(cat "$pidfile"); kill "$pid"
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  done ;;
+  done
+  # start writes the config anew. Without it, `scontrol` fails at once; with it and no slurmctld,
+  # it retries for 9 s, and the SLURM executor plugin calls it each time Snakemake starts.
+  rm -f /etc/slurm/slurm.conf /etc/slurm/gres.conf ;;
 status)
   for pidfile in "${PIDS[@]}"; do running "$pidfile" || exit 1; done ;;
 *)

@@ -8,6 +8,7 @@ with the stage's outputs.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def _imports(path: Path, module: str) -> set[str]:
 def module_sources(*modules: str) -> list[str]:
     """Every file of the package that ``modules`` run: themselves, the packages they live in,
     and all package modules they import, transitively; sorted absolute paths."""
+    return list(_module_sources(tuple(sorted(set(modules)))))
+
+
+@functools.lru_cache(maxsize=None)  # the rules ask once per job, with a handful of module sets
+def _module_sources(modules: tuple[str, ...]) -> tuple[str, ...]:
     seen: dict[str, Path] = {}
     todo = list(modules)
     while todo:
@@ -60,7 +66,7 @@ def module_sources(*modules: str) -> list[str]:
         parents = module.split(".")
         todo += [".".join(parents[:i]) for i in range(1, len(parents))]
         todo += sorted(_imports(path, module))
-    return sorted(str(p) for p in set(seen.values()))
+    return tuple(sorted(str(p) for p in set(seen.values())))
 
 
 def code_digest(paths: list[str]) -> str:

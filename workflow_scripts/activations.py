@@ -13,8 +13,9 @@ dataset and code that produced it.
 
 The writer buffers one Zarr shard of rows per read-out point and writes whole shards, so memory is
 bounded by ``readouts x chunk_rows x chunks_per_shard x width`` whatever the number of rows. The
-read-out points of a shard are compressed and written in parallel threads (zstd releases the GIL):
-on a GPU the compression, not the model, sets the pace.
+read-out points of a shard are written in parallel threads; on a GPU the writer, not the model,
+sets the pace, and threads lift it only by a fifth (Zarr's write path itself is the limit, not
+zstd: see the README's GPU measurements).
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ import argparse
 import math
 from dataclasses import dataclass
 
-from workflow_scripts.sources import TORCHVISION_RESNETS, model_kind, readout_count, source_scheme
+from workflow_scripts.config import analysis_pairs, check_config, extract_options
+from workflow_scripts.sources import model_kind, readout_count, source_scheme
 
 # measured on one H100 (benchmarks/gpu_stages.py, bfloat16 autocast): effective FLOP/s
 TRANSFORMER_FLOPS_PER_S = 1.0e14   # GPT-2-medium shape: 1.4e14 forward, 1.05e14 training
@@ -91,8 +92,6 @@ def tokens_per_row(spec: dict, max_tokens: int) -> int:
 
 def extraction(config: dict, model: str, dataset: str) -> dict:
     """Rows, stored bytes, FLOPs and GPU seconds of extracting one (model, dataset)."""
-    from workflow_scripts.config import extract_options
-
     options = extract_options(config, model)
     size = model_size(config, model)
     data = config["datasets"][dataset]
@@ -126,12 +125,14 @@ def training(config: dict, run: str) -> dict:
         flops = 3 * examples * size.flops_per_row
         rate = RESNET_FLOPS_PER_S["train"]
     else:
-        tokens = (spec["context"] if spec["kind"] == "causal_lm" else
-                  tokens_per_row(data, spec.get("max_tokens", 128)))
+        if spec["kind"] == "causal_lm":  # every token of the text, in blocks of `context`
+            row_tokens, step_tokens = data.get("expected_tokens", spec["context"]), spec["context"]
+        else:  # one truncated pair per example
+            row_tokens = step_tokens = tokens_per_row(data, spec.get("max_tokens", 128))
         if "epochs" in spec:
-            seen = spec["epochs"] * rows * tokens_per_row(data, 10**9 if spec["kind"] == "causal_lm" else tokens)
+            seen = spec["epochs"] * rows * row_tokens
         else:
-            seen = spec["steps"] * spec["batch_size"] * tokens
+            seen = spec["steps"] * spec["batch_size"] * step_tokens
         flops = 3 * seen * size.flops_per_row
         rate = TRANSFORMER_FLOPS_PER_S
     return {"flops": flops, "gpu_seconds": flops / rate}
@@ -156,8 +157,6 @@ def job_resources(config: dict, stage: str, model: str, dataset: str | None = No
     size = model_size(config, model)
     model_mb = size.parameters * 4 / 2**20
     if stage == "extract":
-        from workflow_scripts.config import extract_options
-
         options = extract_options(config, model)
         buffer = (size.readouts * options["chunk_rows"] * options["chunks_per_shard"] *
                   size.width * 4)
@@ -175,8 +174,6 @@ def job_resources(config: dict, stage: str, model: str, dataset: str | None = No
 
 def table(config: dict) -> list[dict]:
     """Per stage: jobs, stored bytes, FLOPs and GPU hours."""
-    from workflow_scripts.config import analysis_pairs
-
     pairs = analysis_pairs(config)
     extracted = [extraction(config, m, d) for m, d in pairs]
     ablated = [ablation(config, m, d) for m, d in analysis_pairs(config, config["ablation"]["analyses"])]
@@ -196,18 +193,17 @@ def table(config: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     import yaml
 
-    from workflow_scripts.config import check_config
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configfile", help="a workflow config, e.g. configs/full.yaml")
     args = parser.parse_args(argv)
     with open(args.configfile) as handle:
         config = check_config(yaml.safe_load(handle))
+    rows = table(config)
     print(f"{'stage':<9}{'jobs':>6}{'stored GB':>11}{'PFLOP':>10}{'H100 hours':>12}")
-    for row in table(config):
+    for row in rows:
         print(f"{row['stage']:<9}{row['jobs']:>6}{row['stored_gb']:>11.1f}{row['pflops']:>10.1f}"
               f"{row['gpu_hours']:>12.1f}")
-    total = sum(r["gpu_hours"] for r in table(config))
+    total = sum(r["gpu_hours"] for r in rows)
     print(f"{'total':<9}{'':>6}{'':>11}{'':>10}{total:>12.1f}")
 
 

@@ -1,29 +1,42 @@
 # Two commands: `make run` (the default workflow) and `make test` (the whole test suite).
-# Both create .venv and install requirements.txt into it the first time.
+# Both create .venv and install the project into it (`pip install -e .`) the first time.
 PYTHON ?= python3
 VENV := .venv
-BIN := $(VENV)/bin
+BIN := $(abspath $(VENV)/bin)
 CORES ?= all
 SNAKEMAKE_ARGS ?=
+# the rules run `python -m workflow_scripts.<stage>`: the environment's python comes first
+export PATH := $(BIN):$(PATH)
 
-.PHONY: run test install lint clean
+.PHONY: run test test-fast install lint format clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest tests
+	python -m pytest tests
+
+test-fast: $(VENV)/.installed
+	python -m pytest tests -m "not workflow"
 
 lint: $(VENV)/.installed
-	$(BIN)/snakemake --lint
+	ruff check .
+	ruff format --check .
+	snakefmt --check Snakefile rules
+	snakemake --lint
+
+format: $(VENV)/.installed
+	ruff check --fix .
+	ruff format .
+	snakefmt Snakefile rules
 
 clean:
 	rm -rf results .snakemake

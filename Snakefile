@@ -1,38 +1,23 @@
 # residual-streams: does a network's residual stream have a privileged basis?
-# Layout and stage contract: README.md. Config: config.yaml (validated against
-# workflow_scripts/config.schema.yaml before any job runs).
+# Layout: README.md. Config: config.yaml unless --configfile names another, validated against
+# workflow_scripts/config.schema.yaml and resolved into the study's plan before any job runs.
+# The rules run `python -m workflow_scripts.<stage>`: install the package (`make install`) and
+# run Snakemake from its environment.
 import os
-import shlex
-import sys
 
 from snakemake.exceptions import WorkflowError
-from snakemake.settings.types import DeploymentMethod
-
-# The rules run `python -m workflow_scripts.<stage>`: jobs find the package in this folder and,
-# unless rules run in their conda environment, use the Python that runs Snakemake.
-sys.path.insert(0, workflow.basedir)
-job_path = ""
-if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
-    job_path = f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:$PATH; "
-shell.prefix(
-    "set -euo pipefail; "
-    f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
-    + job_path
-)
+from snakemake.utils import min_version
 
 from workflow_scripts import output_cache
-from workflow_scripts.config import ConfigError, check_config
+from workflow_scripts.config import ConfigError
+from workflow_scripts.plan import resolve
 
-# The between-workflow output cache, on with `--cache` (profiles/default turns it on): a folder
-# in the working directory unless SNAKEMAKE_OUTPUT_CACHE names another, e.g. one that several
-# checkouts share. Every rule may use it: each declares the code it runs as inputs and takes
-# every config value and wildcard it uses as params, which is what the cache keys on.
-output_cache.location(create=workflow.workflow_settings.cache is not None)
+min_version("9.27")
 
-
-# The default config, unless --configfile names another: that one then replaces it whole, where
-# Snakemake would merge the two key by key (a full config would inherit the tiny models).
-if not workflow.overwrite_configfiles:
+# The default config, unless --configfile (or --config) gives one: that one then replaces it
+# whole, where Snakemake would merge the two key by key (a full config would inherit the tiny
+# models). `config` holds what the command line gave before this directive.
+if not config:
 
     configfile: "config.yaml"
 
@@ -41,9 +26,19 @@ report: "report/workflow.rst"
 
 
 try:
-    check_config(config)
+    study = resolve(config)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
+
+# The between-workflow output cache, on with `--cache` (profiles/default turns it on): a folder
+# in the working directory unless SNAKEMAKE_OUTPUT_CACHE names another, e.g. one that several
+# checkouts share. Every rule may use it: each declares the code it runs as inputs and takes
+# every config value and wildcard it uses as params, which is what the cache keys on.
+os.environ.setdefault(output_cache.VARIABLE, str(output_cache.default_location()))
+
+
+onstart:
+    output_cache.create()
 
 
 include: "rules/common.smk"

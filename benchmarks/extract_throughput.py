@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workflow_scripts.activations import ShardWriter  # noqa: E402
-from workflow_scripts.data import builtin, table  # noqa: E402
+from workflow_scripts.data import builtin, store  # noqa: E402
 from workflow_scripts.batches import Batch, text_batches  # noqa: E402
 from workflow_scripts.extract import _kept_positions, _write_batch  # noqa: E402
 from workflow_scripts.fetch_model import fetch  # noqa: E402
@@ -66,8 +66,8 @@ def text_case(work: Path, examples: int):
     them (stored as a text dataset, read back, tokenized and padded per batch)."""
     fetch(GPT2_SPEC, work / "gpt2")
     adapter, _ = load_adapter(work / "gpt2", OPTIONS["gpt2_final_readout"])
-    table.write(builtin.generate("corpus", examples, seed=0), work / "corpus.parquet", "text", None)
-    frame, kind, _ = table.read(work / "corpus.parquet")
+    store.write(builtin.generate("corpus", examples, seed=0), work / "corpus.parquet", "text", None)
+    frame, kind, _ = store.read(work / "corpus.parquet")
     batches = text_batches(adapter.tokenizer, frame, kind, OPTIONS["batch_size"],
                            OPTIONS["max_tokens"], OPTIONS["padding"])
     rows = sum(len(_kept_positions(p, e, OPTIONS))

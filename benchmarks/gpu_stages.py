@@ -86,7 +86,7 @@ from workflow_scripts import extract as extract_stage  # noqa: E402
 from workflow_scripts import train as train_stage  # noqa: E402
 from workflow_scripts.activations import ShardWriter, open_shard  # noqa: E402
 from workflow_scripts.batches import Batch, autocast  # noqa: E402
-from workflow_scripts.data import builtin, table  # noqa: E402
+from workflow_scripts.data import builtin, store  # noqa: E402
 from workflow_scripts.fetch_model import fetch  # noqa: E402
 from workflow_scripts.models import load_adapter  # noqa: E402
 
@@ -158,7 +158,7 @@ def write_data(work: Path) -> dict[str, Path]:
                                ("train-shapes", "shapes", 400)):
         kind = {"corpus": "text", "pairs": "pairs", "shapes": "image"}[source]
         paths[name] = work / f"{name}.parquet"
-        table.write(builtin.generate(source, rows, seed=0), paths[name], kind,
+        store.write(builtin.generate(source, rows, seed=0), paths[name], kind,
                     builtin.label_names(source))
     return paths
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workflow_scripts.activations import ShardWriter  # noqa: E402
 from workflow_scripts.layer_stats import compute  # noqa: E402
 from workflow_scripts.models.adapter import Readout  # noqa: E402
-from workflow_scripts.statistics import random_rotation  # noqa: E402
+from workflow_scripts.streaming_stats import random_rotation  # noqa: E402
 
 OPTIONS = {"include_padding": False, "rotations": 1, "seed": 0, "top_features": 5}
 TOKENS = 128  # rows per example

@@ -9,9 +9,9 @@ rule ablate:
     output:
         "results/ablation/{model}/{dataset}.parquet",
     params:
-        options=lambda wildcards: json.dumps(ablation_options(), sort_keys=True),
-        model=lambda wildcards: wildcards.model,
-        dataset=lambda wildcards: wildcards.dataset,
+        options=ablation_options,
+        model="{model}",
+        dataset="{dataset}",
     resources:
         mem_mb=job_resource("ablate", "mem_mb"),
         runtime=job_resource("ablate", "runtime"),

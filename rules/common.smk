@@ -1,13 +1,11 @@
-# Input functions and helpers shared by the rules.
-import json
+# Input and param functions shared by the rules. They read `study`, the resolved plan of the
+# config (workflow_scripts/plan.py); no rule body holds logic of its own.
+import re
 from pathlib import Path
 
-from workflow_scripts.code import module_sources
-import re
-
-from workflow_scripts.config import analysis_pairs, extract_options, thresholds, trained_models
 from workflow_scripts.estimate import job_resources
-from workflow_scripts.sources import FAMILY_MODULES, readout_count, source_scheme
+from workflow_scripts.plan import as_json
+from workflow_scripts.stage_code import module_sources
 
 
 wildcard_constraints:
@@ -17,35 +15,16 @@ wildcard_constraints:
     layer=r"\d+",
 
 
-def job_resource(stage, key):
-    """A resource of a model's job (mem_mb, runtime in minutes) that scales with the model and
-    the data, computed from the config (workflow_scripts/estimate.py)."""
-
-    def value(wildcards):
-        dataset = wildcards.get("dataset")
-        return job_resources(config, stage, wildcards.model, dataset)[key]
-
-    return value
-
-
 def names_pattern(names):
     """A wildcard pattern matching exactly these names (nothing, when there are none)."""
-    return "|".join(re.escape(n) for n in names) or "(?!)"
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
 
 
-def training_run(model):
-    return config["training"]["runs"][source_scheme(config["models"][model]["source"])[1]]
-
-
-def run_model_dir(model, key):
-    """The directory of the model that a run names under ``key`` (base: the model a fine-tune
-    starts from; tokenizer: the model whose tokenizer a language model uses), if any."""
-    name = training_run(model).get(key)
-    return [f"results/models/{name}"] if name else []
+# --- code: the files a stage runs are inputs of its rule (the output cache keys on them) ---
 
 
 def code_files(module):
-    """The package files a stage's entry module runs: declared as inputs of its rule."""
+    """The package files a stage's entry module runs."""
     return module_sources(module)
 
 
@@ -54,138 +33,191 @@ def model_code_files(module):
     (and not the other families')."""
 
     def files(wildcards):
-        return module_sources(module, FAMILY_MODULES[config["models"][wildcards.model]["family"]])
+        return module_sources(module, study.models[wildcards.model].family.module)
 
     return files
 
 
+def job_resource(stage, key):
+    """A resource of a model's job (mem_mb, runtime in minutes) that scales with the model and
+    the data, computed from the plan (workflow_scripts/estimate.py)."""
+
+    def value(wildcards):
+        return job_resources(study, stage, wildcards.model, wildcards.get("dataset"))[key]
+
+    return value
+
+
+# --- models and training runs ---
+
+
+def fetched_model_names():
+    return names_pattern(study.fetched_models())
+
+
+def trained_model_names():
+    return names_pattern(study.trained_models())
+
+
 def model_spec(wildcards):
-    """A model's config entry, as JSON: everything fetch_model uses comes in through params.
-    Only what fetching uses: a threshold or an extraction option must not refetch."""
-    fetched = ("family", "source", "arch", "seed", "head", "num_labels")
-    spec = {k: v for k, v in config["models"][wildcards.model].items() if k in fetched}
-    return json.dumps(spec, sort_keys=True)
+    """What fetching a model uses of its entry, as JSON."""
+    return as_json(study.models[wildcards.model].fetch_spec())
 
 
 def local_model_files(wildcards):
     """A local: model's files, so a change to them refetches it."""
-    scheme, path = source_scheme(config["models"][wildcards.model]["source"])
-    if scheme != "local":
+    model = study.models[wildcards.model]
+    if model.scheme != "local":
         return []
-    return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+    return sorted(str(p) for p in Path(model.location).rglob("*") if p.is_file())
+
+
+def run_settings(wildcards):
+    return as_json(study.run_of(wildcards.model).settings)
+
+
+def run_data(wildcards):
+    return f"results/data/{study.run_of(wildcards.model).dataset}.parquet"
+
+
+def run_base(wildcards):
+    """The model directory a fine-tune starts from, if any."""
+    base = study.run_of(wildcards.model).base
+    return [f"results/models/{base}"] if base else []
+
+
+def run_tokenizer(wildcards):
+    """The model directory whose tokenizer a language model uses, if any."""
+    tokenizer = study.run_of(wildcards.model).tokenizer
+    return [f"results/models/{tokenizer}"] if tokenizer else []
+
+
+# --- data and activations ---
 
 
 def dataset_spec(wildcards):
-    spec = dict(config["datasets"][wildcards.dataset])
-    for key in ("shards", "expected_rows", "expected_tokens"):  # not the data's business
-        spec.pop(key, None)
-    return json.dumps(spec, sort_keys=True)
+    """What preparing a dataset uses of its entry, as JSON."""
+    return as_json(study.datasets[wildcards.dataset].prepare_spec())
 
 
 def dataset_source_files(wildcards):
     """A parquet: or imagefolder: dataset's files, so a change to them reprepares it."""
-    scheme, path = source_scheme(config["datasets"][wildcards.dataset]["source"])
-    if scheme == "parquet":
-        return [path]
-    if scheme == "imagefolder":
-        return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+    dataset = study.datasets[wildcards.dataset]
+    if dataset.scheme == "parquet":
+        return [dataset.location]
+    if dataset.scheme == "imagefolder":
+        return sorted(str(p) for p in Path(dataset.location).rglob("*") if p.is_file())
     return []
 
 
 def extraction_options(wildcards):
-    return json.dumps(extract_options(config, wildcards.model), sort_keys=True)
+    return as_json(study.models[wildcards.model].extract)
 
 
-def shard_count(dataset):
-    return config["datasets"][dataset]["shards"]
+def shard_count(wildcards):
+    return study.datasets[wildcards.dataset].shards
 
 
-def activation_shards(model, dataset):
+def readout_count(wildcards):
+    return study.models[wildcards.model].readouts
+
+
+def activation_shards(wildcards):
     return expand(
         "results/activations/{model}/{dataset}/shard-{shard}.zarr",
-        model=model,
-        dataset=dataset,
-        shard=range(shard_count(dataset)),
+        model=wildcards.model,
+        dataset=wildcards.dataset,
+        shard=range(study.datasets[wildcards.dataset].shards),
     )
 
 
-def stats_options():
-    """The stats options that change the numbers (thresholds come per model)."""
-    return {k: v for k, v in config["stats"].items() if k != "thresholds"}
+# --- statistics and ablation ---
 
 
-def layer_stats_files(model, dataset):
+def stats_options(wildcards):
+    return as_json(study.stats_options)
+
+
+def thresholds(wildcards):
+    return " ".join(str(t) for t in study.models[wildcards.model].thresholds)
+
+
+def layer_stats_files(wildcards):
     return expand(
         "results/stats/{model}/{dataset}/layer-{layer}.parquet",
-        model=model,
-        dataset=dataset,
-        layer=range(readout_count(config["models"][model])),
+        model=wildcards.model,
+        dataset=wildcards.dataset,
+        layer=range(study.models[wildcards.model].readouts),
     )
 
 
-def all_stats():
-    return [
-        f"results/stats/{model}/{dataset}.parquet"
-        for model, dataset in analysis_pairs(config)
-    ]
+def ablation_options(wildcards):
+    return as_json(study.ablation_options)
 
 
-def ablation_options():
-    return {k: v for k, v in config["ablation"].items() if k != "analyses"}
+def all_stats(wildcards=None):
+    return [f"results/stats/{model}/{dataset}.parquet" for model, dataset in study.statistics]
 
 
-def all_ablations():
-    return [
-        f"results/ablation/{model}/{dataset}.parquet"
-        for model, dataset in analysis_pairs(config, config["ablation"]["analyses"])
-    ]
+def all_ablations(wildcards=None):
+    return [f"results/ablation/{model}/{dataset}.parquet" for model, dataset in study.ablations]
+
+
+# --- figures and tables ---
 
 
 def all_figures():
     figures = [
-        f"results/figures/{figure}-{group}.{ext}"
-        for group, spec in config["figures"]["groups"].items()
-        for figure in spec["figures"]
+        f"results/figures/{figure}-{group.name}.{ext}"
+        for group in study.figure_groups.values()
+        for figure in group.figures
         for ext in ("png", "pdf")
     ]
-    for spec in config["figures"]["top_examples"]:
-        figures += expand(
-            "results/figures/top-examples-{model}-{dataset}-layer{layer}.{ext}",
-            ext=("png", "pdf"), **{k: spec[k] for k in ("model", "dataset", "layer")},
-        )
+    for spec in study.top_examples:
+        figures += [
+            f"results/figures/top-examples-{spec.model}-{spec.dataset}-layer{spec.layer}.{ext}"
+            for ext in ("png", "pdf")
+        ]
     figures += ["results/tables/statistics.csv"]
-    if config["ablation"]["analyses"]:
+    if study.ablations:
         figures += ["results/tables/ablation.csv"]
-    if config["figures"]["training"] and config["training"]["runs"]:
+    if study.training_figure:
         figures += ["results/figures/training.png", "results/figures/training.pdf"]
     return figures
 
 
-def stats_inputs(wildcards):
-    group = config["figures"]["groups"][wildcards.group]
-    return [f"results/stats/{m}/{d}.parquet" for m in group["models"] for d in group["datasets"]]
+def group_stats(wildcards):
+    group = study.figure_groups[wildcards.group]
+    return [f"results/stats/{m}/{d}.parquet" for m in group.models for d in group.datasets]
 
 
-def ablation_inputs(wildcards):
-    group = config["figures"]["groups"][wildcards.group]
-    return [f"results/ablation/{m}/{d}.parquet" for m in group["models"] for d in group["datasets"]]
+def group_ablations(wildcards):
+    group = study.figure_groups[wildcards.group]
+    return [f"results/ablation/{m}/{d}.parquet" for m in group.models for d in group.datasets]
+
+
+def training_metrics(wildcards):
+    return [f"results/train/{run}/metrics.parquet" for run in study.runs]
+
+
+def input_order(wildcards, input):
+    """The order of a figure's or table's inputs, which is its legend's or rows' order: the
+    output cache does not see it otherwise."""
+    return list(input.data)
 
 
 def top_examples_options(wildcards):
     """The settings of a top-examples figure, as JSON."""
-    for spec in config["figures"]["top_examples"]:
-        if (spec["model"], spec["dataset"], spec["layer"]) == (
-            wildcards.model, wildcards.dataset, int(wildcards.layer)
-        ):
-            break
-    else:
-        raise ValueError(f"no figures.top_examples entry for {dict(wildcards)}")
-    return json.dumps(
+    key = (wildcards.model, wildcards.dataset, int(wildcards.layer))
+    spec = next(s for s in study.top_examples if (s.model, s.dataset, s.layer) == key)
+    return as_json(
         {
-            **spec,
-            "include_padding": config["stats"]["include_padding"],
-            "dpi": config["figures"]["dpi"],
-            "max_tokens": extract_options(config, wildcards.model)["max_tokens"],
-        },
-        sort_keys=True,
+            **spec.settings,
+            "model": spec.model,
+            "dataset": spec.dataset,
+            "layer": spec.layer,
+            "include_padding": study.stats_options["include_padding"],
+            "dpi": study.dpi,
+            "max_tokens": study.models[spec.model].extract["max_tokens"],
+        }
     )

@@ -9,7 +9,7 @@ rule prepare_data:
         "results/data/{dataset}.parquet",
     params:
         spec=dataset_spec,
-        name=lambda wildcards: wildcards.dataset,
+        name="{dataset}",
     cache: True
     log:
         "results/logs/prepare_data/{dataset}.log",

@@ -9,10 +9,10 @@ rule extract:
     output:
         directory("results/activations/{model}/{dataset}/shard-{shard}.zarr"),
     params:
-        shard=lambda wildcards: int(wildcards.shard),
-        shards=lambda wildcards: shard_count(wildcards.dataset),
+        shard="{shard}",
+        shards=shard_count,
         options=extraction_options,
-        readouts=lambda wildcards: readout_count(config["models"][wildcards.model]),
+        readouts=readout_count,
     resources:
         mem_mb=job_resource("extract", "mem_mb"),
         runtime=job_resource("extract", "runtime"),

@@ -1,12 +1,13 @@
 # One rule per figure: results/figures/{figure}-{group}.png and .pdf, drawn for the groups of
-# models in figures.groups; the training loss curves as results/figures/training.png and .pdf.
+# models in figures.groups; the training loss curves as results/figures/training.png and .pdf;
+# the top-example figures; the statistics and ablation tables of the report.
 
 
 for figure_name, figure_inputs in (
-    ("outliers", stats_inputs),
-    ("kurtosis", stats_inputs),
-    ("regimes", stats_inputs),
-    ("ablation", ablation_inputs),
+    ("outliers", group_stats),
+    ("kurtosis", group_stats),
+    ("regimes", group_stats),
+    ("ablation", group_ablations),
 ):
 
     rule:
@@ -24,10 +25,9 @@ for figure_name, figure_inputs in (
             pdf=f"results/figures/{figure_name}-{{group}}.pdf",
         params:
             figure=figure_name,
-            group=lambda wildcards: wildcards.group,
-            # the order of the inputs is the order of the legend; the cache does not see it
-            order=lambda wildcards, input: list(input.data),
-            dpi=config["figures"]["dpi"],
+            group="{group}",
+            order=input_order,
+            dpi=study.dpi,
         cache: True
         log:
             f"results/logs/figures/{figure_name}-{{group}}.log",
@@ -41,9 +41,7 @@ for figure_name, figure_inputs in (
 
 rule figure_training:
     input:
-        metrics=lambda wildcards: [
-            f"results/train/{run}/metrics.parquet" for run in config["training"]["runs"]
-        ],
+        data=training_metrics,
         code=code_files("workflow_scripts.figures"),
     output:
         png=report(
@@ -53,15 +51,15 @@ rule figure_training:
         ),
         pdf="results/figures/training.pdf",
     params:
-        order=lambda wildcards, input: list(input.metrics),
-        dpi=config["figures"]["dpi"],
+        order=input_order,
+        dpi=study.dpi,
     cache: True
     log:
         "results/logs/figures/training.log",
     conda:
         "../envs/workflow.yaml"
     shell:
-        "python -m workflow_scripts.figures training --group runs --inputs {input.metrics:q} "
+        "python -m workflow_scripts.figures training --group runs --inputs {input.data:q} "
         "--dpi {params.dpi} --out {output.png:q} {output.pdf:q} 2> {log:q}"
 
 
@@ -69,7 +67,7 @@ rule figure_top_examples:
     input:
         model="results/models/{model}",
         data="results/data/{dataset}.parquet",
-        shards=lambda wildcards: activation_shards(wildcards.model, wildcards.dataset),
+        shards=activation_shards,
         stats="results/stats/{model}/{dataset}/layer-{layer}.parquet",
         code=model_code_files("workflow_scripts.top_examples"),
     output:
@@ -82,11 +80,11 @@ rule figure_top_examples:
     wildcard_constraints:
         # names hold dashes: only configured names, so roberta-base + mnli-matched is not
         # read as roberta-base-mnli + matched
-        model=names_pattern(sorted(config["models"])),
-        dataset=names_pattern(sorted(config["datasets"])),
+        model=names_pattern(study.models),
+        dataset=names_pattern(study.datasets),
     params:
         options=top_examples_options,
-        title=lambda wildcards: f"{wildcards.model} on {wildcards.dataset}, read-out point {wildcards.layer}",
+        title="{model} on {dataset}, read-out point {layer}",
     cache: True
     log:
         "results/logs/figures/top-examples-{model}-{dataset}-layer{layer}.log",
@@ -98,26 +96,37 @@ rule figure_top_examples:
         "--title {params.title:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
 
 
-for table_name, table_inputs in (("statistics", all_stats), ("ablation", all_ablations)):
+rule table_statistics:
+    input:
+        data=all_stats,
+        code=code_files("workflow_scripts.report_tables"),
+    output:
+        report(
+            "results/tables/statistics.csv",
+            caption="../report/table_statistics.rst",
+            category="tables",
+        ),
+    params:
+        order=input_order,
+    cache: True
+    log:
+        "results/logs/tables/statistics.log",
+    conda:
+        "../envs/workflow.yaml"
+    shell:
+        "python -m workflow_scripts.report_tables --inputs {input.data:q} --out {output:q} "
+        "2> {log:q}"
 
-    rule:
-        name:
-            f"table_{table_name}"
-        input:
-            data=lambda wildcards, inputs=table_inputs: inputs(),
-            code=code_files("workflow_scripts.tables"),
-        output:
-            report(
-                f"results/tables/{table_name}.csv",
-                caption=f"../report/table_{table_name}.rst",
-                category="tables",
-            ),
-        params:
-            order=lambda wildcards, input: list(input.data),
-        cache: True
-        log:
-            f"results/logs/tables/{table_name}.log",
-        conda:
-            "../envs/workflow.yaml"
-        shell:
-            "python -m workflow_scripts.tables --inputs {input.data:q} --out {output:q} 2> {log:q}"
+
+use rule table_statistics as table_ablation with:
+    input:
+        data=all_ablations,
+        code=code_files("workflow_scripts.report_tables"),
+    output:
+        report(
+            "results/tables/ablation.csv",
+            caption="../report/table_ablation.rst",
+            category="tables",
+        ),
+    log:
+        "results/logs/tables/ablation.log",

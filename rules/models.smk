@@ -9,7 +9,7 @@ rule fetch_model:
     output:
         directory("results/models/{model}"),
     wildcard_constraints:
-        model=names_pattern(sorted(set(config["models"]) - set(trained_models(config)))),
+        model=fetched_model_names(),
     params:
         spec=model_spec,
     cache: True

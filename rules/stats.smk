@@ -4,16 +4,16 @@
 
 rule layer_stats:
     input:
-        shards=lambda wildcards: activation_shards(wildcards.model, wildcards.dataset),
+        shards=activation_shards,
         code=code_files("workflow_scripts.layer_stats"),
     output:
         "results/stats/{model}/{dataset}/layer-{layer}.parquet",
     params:
-        layer=lambda wildcards: int(wildcards.layer),
-        thresholds=lambda wildcards: thresholds(config, wildcards.model),
-        options=lambda wildcards: json.dumps(stats_options(), sort_keys=True),
-        model=lambda wildcards: wildcards.model,
-        dataset=lambda wildcards: wildcards.dataset,
+        layer="{layer}",
+        thresholds=thresholds,
+        options=stats_options,
+        model="{model}",
+        dataset="{dataset}",
     cache: True
     log:
         "results/logs/layer_stats/{model}/{dataset}/layer-{layer}.log",
@@ -28,7 +28,7 @@ rule layer_stats:
 
 rule merge_stats:
     input:
-        layers=lambda wildcards: layer_stats_files(wildcards.model, wildcards.dataset),
+        layers=layer_stats_files,
         code=code_files("workflow_scripts.merge_stats"),
     output:
         "results/stats/{model}/{dataset}.parquet",

@@ -4,25 +4,20 @@
 
 rule train:
     input:
-        data=lambda wildcards: f"results/data/{training_run(wildcards.model)['dataset']}.parquet",
-        base=lambda wildcards: run_model_dir(wildcards.model, "base"),
-        tokenizer=lambda wildcards: run_model_dir(wildcards.model, "tokenizer"),
+        data=run_data,
+        base=run_base,
+        tokenizer=run_tokenizer,
         code=model_code_files("workflow_scripts.train"),
     output:
         model=directory("results/models/{model}"),
         metrics="results/train/{model}/metrics.parquet",
         plot="results/train/{model}/loss.png",
     wildcard_constraints:
-        model=names_pattern(trained_models(config)),
+        model=trained_model_names(),
     params:
-        spec=lambda wildcards: json.dumps(training_run(wildcards.model), sort_keys=True),
-        name=lambda wildcards: wildcards.model,
-        models=lambda wildcards: " ".join(
-            f"--{key} {shlex.quote(d)}"
-            for key in ("base", "tokenizer")
-            for d in run_model_dir(wildcards.model, key)
-        ),
-        checkpoint=lambda wildcards: f"results/train/{wildcards.model}/checkpoint.pt",
+        spec=run_settings,
+        name="{model}",
+        checkpoint="results/train/{model}/checkpoint.pt",
     resources:
         mem_mb=job_resource("train", "mem_mb"),
         runtime=job_resource("train", "runtime"),
@@ -34,6 +29,6 @@ rule train:
         "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.train --name {params.name:q} --spec {params.spec:q} "
-        "--data {input.data:q} {params.models} --checkpoint {params.checkpoint:q} "
-        "--metrics {output.metrics:q} --plot {output.plot:q} --threads {threads} "
-        "--out {output.model:q} 2> {log:q}"
+        "--data {input.data:q} --base {input.base:q} --tokenizer {input.tokenizer:q} "
+        "--checkpoint {params.checkpoint:q} --metrics {output.metrics:q} --plot {output.plot:q} "
+        "--threads {threads} --out {output.model:q} 2> {log:q}"

@@ -10,10 +10,10 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import TINY_SPECS
+from support import TINY_SPECS
 from workflow_scripts.ablate import ablate, check_compatible
-from workflow_scripts.data import builtin, table
-from workflow_scripts.data.table import DatasetError
+from workflow_scripts.data import builtin, store
+from workflow_scripts.data.store import DatasetError
 from workflow_scripts.fetch_model import fetch
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.resnet import ResNetAdapter
@@ -144,7 +144,7 @@ def test_resnet_ablated_block_keeps_the_downsample_projection():
 def write(tmp_path, name, rows):
     kind = {"pairs": "pairs", "corpus": "text", "shapes": "image"}[name]
     path = tmp_path / f"{name}.parquet"
-    table.write(builtin.generate(name, rows, 0), path, kind, builtin.label_names(name))
+    store.write(builtin.generate(name, rows, 0), path, kind, builtin.label_names(name))
     return path
 
 
@@ -195,7 +195,7 @@ def test_resnet_ablation_end_to_end(model_dirs, tmp_path):
 def test_a_language_model_on_labelled_pairs_is_refused_before_any_forward(model_dirs, tmp_path,
                                                                          monkeypatch):
     adapter, _ = load_adapter(model_dirs["gpt2"])
-    frame, kind, names = table.read(write(tmp_path, "pairs", 6))
+    frame, kind, names = store.read(write(tmp_path, "pairs", 6))
     with pytest.raises(DatasetError, match="head 'causal_lm'.*classification head"):
         check_compatible(adapter, kind, frame, names, "gpt2 on pairs")
     monkeypatch.setattr("workflow_scripts.ablate.score", lambda *a: pytest.fail("forward ran"))
@@ -207,7 +207,7 @@ def test_labels_outside_the_heads_classes(model_dirs, tmp_path, monkeypatch):
     data = builtin.generate("shapes", 12, 0)
     data.loc[3, "label"] = 11  # the tiny ResNet has 10 classes
     path = tmp_path / "shapes.parquet"
-    table.write(data, path, "image", None)
+    store.write(data, path, "image", None)
     monkeypatch.setattr("workflow_scripts.ablate.score", lambda *a: pytest.fail("forward ran"))
     with pytest.raises(DatasetError, match=r"label\(s\) \[11\] outside the head's 10 classes"):
         ablate(model_dirs["resnet"], path, OPTIONS)
@@ -215,7 +215,7 @@ def test_labels_outside_the_heads_classes(model_dirs, tmp_path, monkeypatch):
 
 def test_classes_in_another_order_are_matched_by_name(model_dirs, tmp_path):
     adapter, _ = load_adapter(model_dirs["roberta"])
-    frame, kind, names = table.read(write(tmp_path, "pairs", 6))
+    frame, kind, names = store.read(write(tmp_path, "pairs", 6))
     assert check_compatible(adapter, kind, frame, names, "x") is None  # no class names: as is
     adapter.label_names = ["CONTRADICTION", "NEUTRAL", "ENTAILMENT"]
     order = check_compatible(adapter, kind, frame, names, "x")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from workflow_scripts.data import builtin
-from workflow_scripts.models.transformers_text import builtin_tokenizer
+from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
 
 
 @pytest.mark.parametrize("name", ["pairs", "corpus", "shapes"])
@@ -83,7 +83,8 @@ def test_pairs_are_learnable():
 
 def test_shapes_are_learnable():
     frame = builtin.generate("shapes", 1200, seed=0)
-    pixels = np.stack([np.asarray(Image.open(io.BytesIO(d)), np.float32) / 255 for d in frame["image"]])
+    images = [Image.open(io.BytesIO(data)) for data in frame["image"]]
+    pixels = np.stack([np.asarray(image, np.float32) / 255 for image in images])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
     x = (x - x.mean(dim=(1, 2, 3), keepdim=True))  # colours are random: keep the pattern
     y = torch.tensor(frame["label"].to_numpy())
@@ -94,7 +95,7 @@ def test_shapes_are_learnable():
         torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
         torch.nn.Flatten(), torch.nn.Linear(32, 10))
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for epoch in range(8):
+    for _epoch in range(8):
         for i in torch.randperm(1000).split(50):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(net(x[i]), y[i]).backward()

@@ -19,19 +19,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, TINY_SPECS
+from support import REPO, TINY_SPECS, environment, load_config
 from workflow_scripts.fetch_model import fetch
 
-CONFIG = {
-    "models": {"gpt2-tiny": copy.deepcopy(TINY_SPECS["gpt2"]),
-               "roberta-tiny": copy.deepcopy(TINY_SPECS["roberta"])},
-    "datasets": {"pairs": {"source": "builtin:pairs", "rows": 16, "shards": 1}},
-    "analyses": [{"models": ["gpt2-tiny", "roberta-tiny"], "datasets": ["pairs"]}],
-    "extract": {"batch_size": 8, "max_tokens": 32},
-    "ablation": {"max_tokens": 32, "analyses": []},
-    "figures": {"groups": {"encoders": {"models": ["gpt2-tiny", "roberta-tiny"],
-                                       "datasets": ["pairs"], "figures": ["kurtosis"]}}},
-}
+pytestmark = pytest.mark.workflow
+
+CONFIG = load_config("cache")
 WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "envs", "report", "config.yaml")
 
 
@@ -65,12 +58,13 @@ class Workflow:
                 "--cores", "2", "--cache", "--rerun-incomplete", *args]
 
     def environment(self) -> dict:
-        return {**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(self.cache)}
+        """The jobs run the copy's code, and store in and take from this cache folder."""
+        return environment(SNAKEMAKE_OUTPUT_CACHE=str(self.cache), PYTHONPATH=str(self.checkout))
 
     def run(self, config: dict, *args) -> list[tuple[str, dict]]:
         """Run to the end; the jobs it scheduled, as (rule, wildcards)."""
         result = subprocess.run(self.command(config, *args), capture_output=True, text=True,
-                                timeout=600, env=self.environment())
+                                timeout=600, env=self.environment(), cwd=self.workdir)
         assert result.returncode == 0, result.stderr[-4000:]
         return scheduled_jobs(result.stderr)
 
@@ -231,7 +225,8 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
     config["stats"] = {"thresholds": {"gpt2": [2.0], "roberta": [2.0]}}
     config["models"][gpt2].pop("thresholds", None)
     result = subprocess.run(workflow.command(config, "--keep-going"), capture_output=True,
-                            text=True, timeout=600, env=workflow.environment())
+                            text=True, timeout=600, env=workflow.environment(),
+                            cwd=workflow.workdir)
     assert result.returncode != 0
     log = workflow.result(f"logs/layer_stats/{gpt2}/pairs/layer-1.log").read_text()
     assert "layer-1 rows" in log and "corrupted on disk" in log and str(shard) in log
@@ -240,34 +235,22 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
     # extraction anew (another option) loads the corrupted model: refused
     config["extract"]["max_tokens"] = 28
     result = subprocess.run(workflow.command(config, "--keep-going"), capture_output=True,
-                            text=True, timeout=600, env=workflow.environment())
+                            text=True, timeout=600, env=workflow.environment(),
+                            cwd=workflow.workdir)
     assert result.returncode != 0
     log = workflow.result("logs/extract/roberta-tiny/pairs/shard-0.log").read_text()
     assert "model.safetensors does not match its sha256" in log
     assert not workflow.result("activations/roberta-tiny/pairs/shard-0.zarr").exists()
 
 
-KILL_CONFIG = {
-    "models": {"gpt2-tiny": copy.deepcopy(TINY_SPECS["gpt2"])},  # defined, not analysed
-    "training": {"runs": {"lm": {"kind": "causal_lm", "family": "gptr2",
-                                 "arch": TINY_SPECS["gptr2"]["arch"], "dataset": "corpus",
-                                 "context": 32, "steps": 300, "batch_size": 8,
-                                 "checkpoint_every": 20,
-                                 "optimizer": {"name": "adam", "lr": 0.003}}}},
-    "datasets": {"corpus": {"source": "builtin:corpus", "rows": 240, "shards": 1}},
-    "analyses": [{"models": ["lm"], "datasets": ["corpus"]}],
-    "extract": {"batch_size": 2, "max_tokens": 64, "chunk_rows": 64, "chunks_per_shard": 2},
-    "stats": {"rotations": 64},
-    "ablation": {"analyses": []},
-    "figures": {"training": False},
-}
+KILL_CONFIG = load_config("interrupted")
 
 
 def kill_when(flow: Workflow, config: dict, started) -> None:
     """Start the workflow and SIGKILL it, jobs and all, once ``started()`` holds; then remove
     the lock that the killed Snakemake left (`snakemake --unlock`, as a user would)."""
     with open(flow.workdir / "killed.log", "w") as log:
-        process = subprocess.Popen(flow.command(config), env=flow.environment(), stdout=log,
+        process = subprocess.Popen(flow.command(config), env=flow.environment(), cwd=flow.workdir, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 300
         while not started():

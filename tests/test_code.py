@@ -4,10 +4,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from conftest import REPO
-from workflow_scripts.code import code_digest, module_sources
+from support import REPO
+from workflow_scripts.stage_code import code_digest, module_sources
 from workflow_scripts.models import family_module
-from workflow_scripts.sources import FAMILY_MODULES
+from workflow_scripts import families
 
 
 def names(paths):
@@ -28,23 +28,26 @@ def test_extraction_runs_the_store_but_not_other_stages_or_model_families():
 
 
 def test_each_family_module_brings_its_own_code_only():
-    text = names(module_sources("workflow_scripts.extract", FAMILY_MODULES["gpt2"]))
-    image = names(module_sources("workflow_scripts.extract", FAMILY_MODULES["resnet"]))
-    assert {"workflow_scripts/models/transformers_text.py", "workflow_scripts/data/builtin.py"} <= text
+    text = names(module_sources("workflow_scripts.extract", families.get("gpt2").module))
+    image = names(module_sources("workflow_scripts.extract", families.get("resnet").module))
+    assert {"workflow_scripts/models/transformers_text.py",
+            "workflow_scripts/models/builtin_tokenizer.py"} <= text
+    # model code takes the built-in vocabulary, not the dataset generator
+    assert "workflow_scripts/data/builtin.py" not in text | image
     assert "workflow_scripts/models/resnet.py" not in text
     assert "workflow_scripts/models/resnet.py" in image
     assert "workflow_scripts/models/transformers_text.py" not in image
 
 
 def test_every_family_module_has_the_family_interface():
-    for family in FAMILY_MODULES:
+    for family in families.FAMILIES:
         module = family_module(family)
         assert all(callable(getattr(module, name)) for name in ("init", "load", "write", "adapter"))
 
 
 def test_data_preparation_does_not_run_model_code():
     files = names(module_sources("workflow_scripts.prepare_data"))
-    assert "workflow_scripts/data/table.py" in files
+    assert "workflow_scripts/data/store.py" in files
     assert not any(f.startswith("workflow_scripts/models/") for f in files)
 
 

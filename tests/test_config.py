@@ -1,7 +1,10 @@
-"""Config validation: every problem stops the run with one message naming key, value and what is
-allowed."""
+"""Config validation and the study's plan: every problem stops the run with one message naming
+key, value and what is allowed; a valid config resolves into an immutable plan and stays as the
+user wrote it."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import subprocess
 import sys
 import time
@@ -9,29 +12,62 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO
-from workflow_scripts.config import ConfigError, analysis_pairs, check_config, extract_options
+from support import REPO, environment
+from workflow_scripts.config import ConfigError, validate
+from workflow_scripts.plan import resolve
 
 
-def test_default_config_is_valid_and_gets_defaults(default_config):
-    config = check_config(default_config)
-    assert config["extract"]["chunk_rows"] == 1024
-    assert config["extract"]["gpt2_final_readout"] == "raw"
-    assert config["datasets"]["pairs"]["seed"] == 0
-    assert ("resnet-init", "shapes") in analysis_pairs(config)
-    assert ("resnet-init", "pairs") not in analysis_pairs(config)
+def test_default_config_resolves_with_defaults(default_config):
+    study = resolve(default_config)
+    assert study.models["gpt2-init"].extract["chunk_rows"] == 1024
+    assert study.models["gpt2-init"].extract["gpt2_final_readout"] == "raw"
+    assert study.datasets["pairs"].entry["seed"] == 0
+    assert ("resnet-init", "shapes") in study.statistics
+    assert ("resnet-init", "pairs") not in study.statistics
+    assert study.top_examples[0].settings == {"top": 4, "examples": 6}  # the schema's defaults
+
+
+def test_validation_and_resolution_leave_the_config_as_written(default_config):
+    written = copy.deepcopy(default_config)
+    validate(default_config)
+    study = resolve(default_config)
+    assert default_config == written
+    assert "gptr2-nano-sgd" in study.models and "gptr2-nano-sgd" not in default_config["models"]
+
+
+def test_the_plan_is_immutable(default_config):
+    study = resolve(default_config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        study.dpi = 300
+    with pytest.raises(TypeError):
+        study.models["extra"] = study.models["gpt2-init"]
+    with pytest.raises(TypeError):
+        study.runs["gptr2-nano-sgd"].settings["optimizer"]["lr"] = 1.0
+
+
+def test_grid_runs_are_models_with_their_settings(default_config):
+    study = resolve(default_config)
+    sgd = study.runs["gptr2-nano-sgd"]
+    assert sgd.settings["optimizer"] == {"name": "sgd", "lr": 0.3, "momentum": 0.9}
+    assert sgd.settings["batch_size"] == 16 and sgd.settings["seed"] == 0  # given, default
+    model = study.models["gptr2-nano-sgd"]
+    assert model.run == "gptr2-nano-sgd" and model.family.name == "gptr2"
+    assert model.head == "causal_lm" and model.readouts == 5
+    assert study.models["roberta-pairs"].readouts == 5  # a fine-tune: its base's
+    assert study.run_of("roberta-pairs").base == "roberta-init"
+    assert set(study.trained_models()) == set(study.runs)
 
 
 def test_model_extract_options_override_the_global_ones(default_config):
     default_config["models"]["gpt2-init"]["extract"] = {"dtype": "float32"}
-    config = check_config(default_config)
-    assert extract_options(config, "gpt2-init")["dtype"] == "float32"
-    assert extract_options(config, "roberta-init")["dtype"] == "float16"
+    study = resolve(default_config)
+    assert study.models["gpt2-init"].extract["dtype"] == "float32"
+    assert study.models["roberta-init"].extract["dtype"] == "float16"
 
 
 def error_for(config) -> str:
     with pytest.raises(ConfigError) as caught:
-        check_config(config)
+        validate(config)
     return str(caught.value)
 
 
@@ -59,7 +95,7 @@ def test_unknown_family(default_config):
     default_config["models"]["gpt2-init"]["family"] = "gpt3"
     message = error_for(default_config)
     assert "models.gpt2-init.family" in message and "'gpt3'" in message
-    assert "gpt2, gptr2, roberta, bert, resnet" in message
+    assert "known: gpt2, gptr2, roberta, bert, decoder, resnet" in message
 
 
 def test_unknown_model_source_scheme(default_config):
@@ -138,9 +174,12 @@ def test_snakemake_stops_before_any_job(tmp_path, default_config):
     start = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile",
                           str(REPO / "Snakefile"), "--directory", str(tmp_path),
-                          "--configfile", str(bad)], capture_output=True, text=True)
+                          "--configfile", str(bad)], capture_output=True, text=True,
+                         env=environment())
     assert run.returncode != 0
-    assert "config error at models.gpt2-init.family: 'gpt3' is not allowed" in run.stderr + run.stdout
+    assert "config error at models.gpt2-init.family: unknown model family 'gpt3'" in (
+        run.stderr + run.stdout
+    )
     assert not (tmp_path / "results").exists()
     assert time.monotonic() - start < 30
 
@@ -157,24 +196,39 @@ def test_unknown_torchvision_resnet(default_config):
     assert "'resnet19'" in message and "resnet18" in message
 
 
-def test_read_out_counts_come_from_the_config_alone():
-    from workflow_scripts.sources import readout_count
-    assert readout_count({"family": "gpt2", "source": "init:", "arch": {"layers": 4}}) == 5
-    assert readout_count({"family": "resnet", "source": "init:", "arch": {"layers": [2, 3]}}) == 5
-    assert readout_count({"family": "resnet", "source": "torchvision:resnet50"}) == 16
-    assert readout_count({"family": "resnet", "source": "torchvision:resnet152"}) == 50
-    assert readout_count({"family": "roberta", "source": "hf:FacebookAI/roberta-base", "blocks": 12}) == 13
+def test_read_out_counts_come_from_the_config_alone(default_config):
+    default_config["models"].update(
+        gpt2={"family": "gpt2", "source": "init:", "arch": {"layers": 4, "width": 8, "heads": 2}},
+        staged={"family": "resnet", "source": "init:", "arch": {"layers": [2, 3], "widths": [4, 8]}},
+        resnet50={"family": "resnet", "source": "torchvision:resnet50"},
+        resnet152={"family": "resnet", "source": "torchvision:resnet152"},
+        roberta={"family": "roberta", "source": "hf:FacebookAI/roberta-base", "blocks": 12},
+    )
+    study = resolve(default_config)
+    counts = {name: study.models[name].readouts for name in
+              ("gpt2", "staged", "resnet50", "resnet152", "roberta")}
+    assert counts == {"gpt2": 5, "staged": 5, "resnet50": 16, "resnet152": 50, "roberta": 13}
 
 
 def test_thresholds_per_family_and_per_model(default_config):
-    from workflow_scripts.config import thresholds
     default_config["stats"] = {"thresholds": {"gpt2": [5, 10]}}
     default_config["models"]["roberta-init"]["thresholds"] = 2.5
-    config = check_config(default_config)
-    assert thresholds(config, "gpt2-init") == [5.0, 10.0]
-    assert thresholds(config, "gptr2-init") == [10.0]  # the family default is kept
-    assert thresholds(config, "roberta-init") == [2.5]
-    assert thresholds(config, "resnet-init") == [6.0]
+    models = resolve(default_config).models
+    assert models["gpt2-init"].thresholds == (5.0, 10.0)
+    assert models["gptr2-init"].thresholds == (10.0,)  # the family default is kept
+    assert models["roberta-init"].thresholds == (2.5,)
+    assert models["resnet-init"].thresholds == (6.0,)
+
+
+def test_thresholds_of_an_unknown_family(default_config):
+    default_config["stats"] = {"thresholds": {"gpt3": 5}}
+    assert "stats.thresholds.gpt3: unknown model family 'gpt3'" in error_for(default_config)
+
+
+def test_a_head_the_family_does_not_have(default_config):
+    default_config["models"]["gpt2-init"]["head"] = "image_classification"
+    message = error_for(default_config)
+    assert "models.gpt2-init.head" in message and "causal_lm, sequence_classification" in message
 
 
 def test_token_lengths_beyond_a_models_context(default_config):

@@ -15,13 +15,14 @@ from torch import nn
 from workflow_scripts import extract as extraction
 from workflow_scripts.ablate import ablate
 from workflow_scripts.activations import open_shard
-from workflow_scripts.code import module_sources
-from workflow_scripts.data import builtin, table
+from workflow_scripts.stage_code import module_sources
+from workflow_scripts.data import builtin, store
 from workflow_scripts.fetch_model import fetch
-from workflow_scripts.models import hf_decoder, load_adapter
+from workflow_scripts.models import hf_decoder, hooked, load_adapter
 from workflow_scripts.models.store import MANIFEST, WEIGHTS, read_manifest
-from workflow_scripts.models.transformers_text import builtin_tokenizer
-from workflow_scripts.sources import FAMILY_MODULES, model_head, model_kind, readout_count
+from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
+from workflow_scripts import families
+from workflow_scripts.plan import resolve
 
 TYPES = ["llama", "qwen2", "gpt_neox"]
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -72,11 +73,11 @@ def zero_branches(model, blocks):
 
 
 def test_the_family_is_registered_as_a_causal_text_model():
-    entry = {"family": "decoder", "source": "hf:EleutherAI/pythia-160m", "blocks": 12}
-    assert FAMILY_MODULES["decoder"] == "workflow_scripts.models.hf_decoder"
-    assert model_head(entry) == "causal_lm" and model_kind(entry) == "text"
-    assert readout_count(entry) == 13
-    assert readout_count(spec("qwen2")) == 3
+    family = families.get("decoder")
+    assert family.module == "workflow_scripts.models.hf_decoder"
+    assert family.default_head == "causal_lm" and family.modality == "text"
+    assert family.readouts(12) == 13
+    assert family.readouts(family.blocks(spec("qwen2")["arch"])) == 3
 
 
 @pytest.mark.parametrize("kind", TYPES)
@@ -194,7 +195,7 @@ def test_unknown_arch_type_and_other_heads_are_refused(tmp_path):
 def test_extraction_stores_every_readout(decoder_dirs, dataset_files, tmp_path, kind, dataset):
     out = tmp_path / "s.zarr"
     extraction.extract(decoder_dirs[kind], dataset_files[dataset], 0, 1, out, EXTRACT,
-                       module_sources("workflow_scripts.extract", FAMILY_MODULES["decoder"]),
+                       module_sources("workflow_scripts.extract", families.get("decoder").module),
                        readouts=3)
     group = open_shard(out)
     attrs = dict(group.attrs)
@@ -204,7 +205,7 @@ def test_extraction_stores_every_readout(decoder_dirs, dataset_files, tmp_path, 
         "layer-0", "layer-1", "layer-2"]
     # the stored rows of the first example equal its stream computed alone
     adapter, _ = load_adapter(decoder_dirs[kind])
-    data, _, _ = table.read(dataset_files[dataset])
+    data, _, _ = store.read(dataset_files[dataset])
     first = data.iloc[0]
     text = ([first["premise"]], [first["hypothesis"]]) if dataset == "pairs" else ([first["text"]],)
     rows = group["example_id"][:] == first["example_id"]
@@ -280,12 +281,12 @@ def test_skipped_block_returns_what_the_block_returns(decoder_dirs, kind):
         args, kwargs = calls[0]
         assert "position_embeddings" in kwargs and "attention_mask" in kwargs
         real = block(*args, **kwargs)
-        skipped = hf_decoder.SkippedBlock(block, {})(*args, **kwargs)
+        skipped = hooked.SkippedBlock(block, {})(*args, **kwargs)
     assert type(skipped) is type(real)
     stream = args[0] if args else kwargs["hidden_states"]
     out = skipped[0] if isinstance(skipped, tuple) else skipped
     assert out is stream
-    assert not list(hf_decoder.SkippedBlock(block, {}).parameters())
+    assert not list(hooked.SkippedBlock(block, {}).parameters())
 
 
 class TupleBlock(nn.Module):
@@ -304,7 +305,7 @@ class TupleBlock(nn.Module):
 
 def test_skipped_block_keeps_a_tuple_returning_blocks_form():
     block, form = TupleBlock(), {}
-    skipped = hf_decoder.SkippedBlock(block, form)
+    skipped = hooked.SkippedBlock(block, form)
     x = torch.randn(2, 3, 4)
     out = skipped(x)
     assert isinstance(out, tuple) and len(out) == 1 and out[0] is x
@@ -313,7 +314,7 @@ def test_skipped_block_keeps_a_tuple_returning_blocks_form():
     assert len(out) == 3 and out[0] is x and out[1:] == (None, None)
     assert len(skipped(hidden_states=x, use_cache=True)) == 2
     calls = block.calls
-    hf_decoder.SkippedBlock(block, form)(x, use_cache=True)  # another block, the same form
+    hooked.SkippedBlock(block, form)(x, use_cache=True)  # another block, the same form
     assert block.calls == calls == 3  # the block ran once per setting of the flags
 
 
@@ -389,7 +390,7 @@ def test_hub_decoder_is_pinned_and_loads(decoder_dirs, tmp_path, monkeypatch):
 
 
 def test_config_accepts_decoder_models(default_config):
-    from workflow_scripts.config import ConfigError, check_config, thresholds
+    from workflow_scripts.config import ConfigError, validate
 
     config = copy.deepcopy(default_config)
     config["models"]["pythia"] = {"family": "decoder", "source": "hf:EleutherAI/pythia-160m",
@@ -398,16 +399,16 @@ def test_config_accepts_decoder_models(default_config):
                                       "arch": {**ARCH, "type": "qwen2", "context": 128}}
     config["analyses"].append({"models": ["pythia", "llama-init"], "datasets": ["corpus"]})
     config["ablation"]["analyses"].append({"models": ["llama-init"], "datasets": ["corpus"]})
-    checked = check_config(config)
-    assert readout_count(checked["models"]["pythia"]) == 13
-    assert readout_count(checked["models"]["llama-init"]) == 3
-    assert thresholds(checked, "pythia") == [10.0]
+    models = resolve(config).models
+    assert models["pythia"].readouts == 13
+    assert models["llama-init"].readouts == 3
+    assert models["pythia"].thresholds == (10.0,)
     bad = copy.deepcopy(default_config)
     bad["models"]["gpt2-init"]["arch"]["type"] = "llama"  # a decoder setting only
     with pytest.raises(ConfigError, match=r"gpt2-init\.arch\.type: not a setting of family gpt2"):
-        check_config(bad)
+        validate(bad)
     bad = copy.deepcopy(default_config)
     bad["models"]["x"] = {"family": "decoder", "source": "init:", "arch": {"type": "gpt2", **ARCH}}
     with pytest.raises(ConfigError, match=r"models\.x\.arch\.type: 'gpt2' is not allowed; "
                                           r"allowed values: llama, qwen2, gpt_neox"):
-        check_config(bad)
+        validate(bad)

@@ -6,7 +6,7 @@ import re
 
 import yaml
 
-from conftest import REPO
+from support import REPO
 
 
 def requirement_lines(lines):

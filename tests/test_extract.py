@@ -16,13 +16,13 @@ import torch
 import zarr
 from zarr.codecs import ShardingCodec
 
-from conftest import REPO
+from support import REPO
 from workflow_scripts import extract as extraction
 from workflow_scripts.activations import open_shard
 from workflow_scripts.batches import preprocess_image
-from workflow_scripts.code import code_digest, module_sources
-from workflow_scripts.data import builtin, table
-from workflow_scripts.data.table import DatasetError
+from workflow_scripts.stage_code import code_digest, module_sources
+from workflow_scripts.data import builtin, store
+from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import ModelDirError
 
@@ -59,7 +59,7 @@ def test_stored_stream_equals_the_model_at_every_token(model_dirs, dataset_files
                                                        family, dataset):
     group = run(model_dirs[family], dataset_files[dataset], tmp_path / "s.zarr", dtype="float32")
     adapter, _ = load_adapter(model_dirs[family])
-    frame, kind, _ = table.read(dataset_files[dataset])
+    frame, kind, _ = store.read(dataset_files[dataset])
     reference = reference_streams(adapter, frame, kind, OPTIONS)
     ids, pos, pad = (group[n][:] for n in ("example_id", "position", "is_padding"))
     assert sorted(set(ids)) == sorted(reference)
@@ -129,8 +129,8 @@ def test_images_one_pooled_row_per_image(model_dirs, dataset_files, tmp_path):
     group = run(model_dirs["resnet"], dataset_files["shapes"], tmp_path / "s.zarr",
                 dtype="float32", batch_size=6)
     adapter, _ = load_adapter(model_dirs["resnet"])
-    frame, _, _ = table.read(dataset_files["shapes"])
-    pixels = torch.stack([preprocess_image(table.decode_image(d, ""), adapter.preprocess)
+    frame, _, _ = store.read(dataset_files["shapes"])
+    pixels = torch.stack([preprocess_image(store.decode_image(d, ""), adapter.preprocess)
                           for d in frame["image"]])
     assert pixels.shape == (20, 3, 32, 32) and -1 <= pixels.min() < pixels.max() <= 1
     with torch.no_grad():
@@ -174,7 +174,7 @@ def test_image_that_does_not_decode(model_dirs, tmp_path):
     frame = builtin.generate("shapes", 6, 0)
     frame.loc[4, "image"] = b"not an image"
     path = tmp_path / "bad.parquet"
-    table.write(frame, path, "image", builtin.label_names("shapes"))  # bypasses prepare's check
+    store.write(frame, path, "image", builtin.label_names("shapes"))  # bypasses prepare's check
     with pytest.raises(DatasetError, match="example 4: image does not decode"):
         run(model_dirs["resnet"], path, tmp_path / "s.zarr")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet"]
@@ -203,7 +203,7 @@ def test_failure_midway_leaves_nothing_and_keeps_an_older_shard(model_dirs, data
 def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
     frame = builtin.generate("corpus", 400, 0)
     data = tmp_path / "corpus.parquet"
-    table.write(frame, data, "text", None)
+    store.write(frame, data, "text", None)
     out = tmp_path / "shard-0.zarr"
     options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
     env = {**os.environ, "PYTHONPATH": str(REPO)}

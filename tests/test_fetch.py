@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import TINY_SPECS
+from support import TINY_SPECS
 from workflow_scripts.fetch_model import count_parameters, fetch, resolve_revision
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import MANIFEST, WEIGHTS, ModelDirError, read_manifest, sha256_file

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from workflow_scripts.config import ConfigError, check_config
+from workflow_scripts.config import ConfigError, validate
 from workflow_scripts.figures import FigureError, blocks_applied, main
 
 
@@ -76,19 +76,19 @@ def test_group_naming_a_model_without_statistics(default_config):
     default_config["figures"]["groups"]["resnets"]["models"].append("gpt2-init")
     with pytest.raises(ConfigError, match="figures.groups.resnets: model 'gpt2-init' has no "
                                           "statistics on dataset 'shapes'"):
-        check_config(default_config)
+        validate(default_config)
 
 
 def test_group_ablation_figure_needs_ablation_results(default_config):
     default_config["ablation"]["analyses"] = default_config["ablation"]["analyses"][:2]
     with pytest.raises(ConfigError, match="no ablation on dataset 'shapes'.*ablation.analyses"):
-        check_config(default_config)
+        validate(default_config)
 
 
 def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_path):
     from workflow_scripts import extract as extraction
     from workflow_scripts.activations import open_shard
-    from workflow_scripts.data import table
+    from workflow_scripts.data import store
     from workflow_scripts.models import load_adapter
     from workflow_scripts.top_examples import draw, top_rows
     from workflow_scripts.figures import save
@@ -115,7 +115,7 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
             assert [e for e, _ in got] == [e for e, _ in expected]
             np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], rtol=1e-6)
         adapter, _ = load_adapter(model_dirs[family])
-        frame, kind, names = table.read(dataset_files[dataset])
+        frame, kind, names = store.read(dataset_files[dataset])
         figure = draw(adapter, frame, kind, names, layer, chosen, 40, "test")
         save(figure, [str(tmp_path / f"{family}.png")])
         assert Image.open(tmp_path / f"{family}.png").size[0] > 600
@@ -125,8 +125,8 @@ def test_top_examples_need_activations(default_config):
     default_config["figures"]["top_examples"] = [{"model": "resnet-init", "dataset": "pairs",
                                                   "layer": 1}]
     with pytest.raises(ConfigError, match="no activations of dataset 'pairs'"):
-        check_config(default_config)
+        validate(default_config)
     default_config["figures"]["top_examples"] = [{"model": "resnet-init", "dataset": "shapes",
                                                   "layer": 9}]
     with pytest.raises(ConfigError, match="read-out points 0..3"):
-        check_config(default_config)
+        validate(default_config)

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torchvision
+from support import TINY_SPECS
 from torch import nn
 
-from conftest import TINY_SPECS
 from workflow_scripts.fetch_model import fetch
-from workflow_scripts.models import load_adapter
+from workflow_scripts.models import family_module, load_adapter, load_model, write_model_files
+from workflow_scripts.models.hooked import SkippedBlock
+from workflow_scripts.models.norms import ScalarRMSNorm
 from workflow_scripts.models.resnet import ResNet, ResNetAdapter
-from workflow_scripts.models.transformers_text import ScalarRMSNorm
 
 PREMISES = ["the tall teacher carried the book in the park .", "the old pilot found the map ."]
 HYPOTHESES = ["a person carried the book .", "nobody found the map in the office ."]
@@ -64,6 +66,34 @@ def test_gptr2_has_only_scalar_gain_rms_norms(model_dirs):
     q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
     norm = norms[0].double()
     torch.testing.assert_close(norm(x @ q), norm(x) @ q)  # basis-independent
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptr2", "roberta", "bert"])
+def test_skipped_block_returns_what_the_block_returns(model_dirs, family):
+    """Called as the model calls its blocks, the skipped block returns the same kind of thing
+    as the block, holding the stream it was given; ablating every block passes the embedding
+    output on to every read-out point."""
+    adapter, _ = load_adapter(model_dirs[family])
+    inputs = encode(adapter)
+    container, index = adapter.block_slots[0]
+    block = container[index]
+    calls = []
+    handle = block.register_forward_pre_hook(lambda m, a, kw: calls.append((a, kw)),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        adapter.logits(inputs)
+        handle.remove()
+        args, kwargs = calls[0]
+        real = block(*args, **kwargs)
+        skipped = SkippedBlock(block, {})(*args, **kwargs)
+        with adapter.ablated(set(range(len(adapter.block_slots)))):
+            streams = adapter.streams(inputs)
+    assert type(skipped) is type(real)
+    stream = args[0] if args else kwargs["hidden_states"]
+    assert (skipped[0] if isinstance(skipped, tuple) else skipped) is stream
+    assert len(streams) == len(adapter.readouts)
+    for later in streams[1:]:
+        torch.testing.assert_close(later, streams[0], rtol=0, atol=0)
 
 
 def test_stored_weights_round_trip(model_dirs, tmp_path):
@@ -129,6 +159,46 @@ def test_bottleneck_resnet_with_other_norm_and_widths():
     for stream, ref in zip(streams, outputs, strict=True):
         torch.testing.assert_close(stream, ref, rtol=0, atol=0)
     assert logits.shape == (2, 5)
+
+
+@pytest.mark.parametrize("block,layers,name", [("basic", [2, 2, 2, 2], "resnet18"),
+                                               ("bottleneck", [3, 4, 6, 3], "resnet50")])
+def test_resnet_of_torchvisions_widths_is_torchvisions_resnet(block, layers, name):
+    """Built with the same seed, the same modules and weights as torchvision's own."""
+    torch.manual_seed(0)
+    ours = ResNet(block, layers, [64, 128, 256, 512], num_classes=10).state_dict()
+    torch.manual_seed(0)
+    theirs = torchvision.models.get_model(name, num_classes=10).state_dict()
+    assert list(ours) == list(theirs)
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], rtol=0, atol=0, msg=key)
+
+
+def test_rms_norm_resnet_has_one_scalar_gain_per_norm():
+    spec = {"family": "resnet", "source": "init:", "num_labels": 10,
+            "arch": {"block": "basic", "layers": [1, 1], "widths": [8, 16], "stem": "cifar",
+                     "norm": "rms"}}
+    model, tokenizer = family_module("resnet").init(spec)
+    assert tokenizer is None and model.config["norm"] == "rms"
+    norms = [m for m in model.modules() if isinstance(m, ScalarRMSNorm)]
+    assert len(norms) == 1 + 2 * 2 + 1  # bn1, bn1 and bn2 per block, the downsample's
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert model.state_dict()["bn1.weight"].shape == (1,)
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    rotate = lambda t: torch.einsum("bchw,cd->bdhw", t, q)  # noqa: E731
+    norm = norms[0].double()
+    torch.testing.assert_close(norm(rotate(x)), rotate(norm(x)))  # basis-independent
+
+
+def test_resnet_carries_its_config(model_dirs, tmp_path):
+    model, tokenizer = load_model(model_dirs["resnet"], "resnet")
+    stored = json.loads((model_dirs["resnet"] / "config.json").read_text())
+    assert tokenizer is None and model.config == stored
+    write_model_files(model, None, "resnet", tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == stored
+    with pytest.raises(ValueError, match="only the image_classification head"):
+        load_model(model_dirs["resnet"], "resnet", head="causal_lm")
 
 
 def test_stored_init_resnet_matches_hooks(model_dirs):

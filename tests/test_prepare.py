@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from workflow_scripts.data import builtin, table
-from workflow_scripts.data.table import DatasetError
+from workflow_scripts.data import builtin, store
+from workflow_scripts.data.store import DatasetError
 from workflow_scripts.prepare_data import prepare
 
 
@@ -21,7 +21,7 @@ def test_builtin_pairs_layout_and_label_names(tmp_path):
     parquet = pq.read_table(out)
     assert parquet.column_names == ["example_id", "premise", "hypothesis", "label"]
     assert json.loads(parquet.schema.metadata[b"label_names"]) == builtin.PAIR_LABELS
-    frame, kind, names = table.read(out)
+    frame, kind, names = store.read(out)
     assert kind == "pairs" and names == builtin.PAIR_LABELS and len(frame) == 30
     pd.testing.assert_frame_equal(frame, builtin.generate("pairs", 30, 0))
 
@@ -81,7 +81,7 @@ def test_imagefolder(tmp_path):
             (tmp_path / "images" / cls / f"{i}.png").write_bytes(_png(colour, (40, 20)))
     frame = prepare({"source": f"imagefolder:{tmp_path / 'images'}", "image_resize": 10},
                     tmp_path / "out.parquet")
-    _, kind, names = table.read(tmp_path / "out.parquet")
+    _, kind, names = store.read(tmp_path / "out.parquet")
     assert kind == "image" and names == ["cat", "dog"]
     assert frame["label"].tolist() == [0, 0, 0, 1, 1, 1]
     image = Image.open(io.BytesIO(frame["image"][4]))
@@ -112,7 +112,7 @@ def test_more_shards_than_rows(tmp_path):
 def test_reading_a_file_that_is_not_a_prepared_dataset(tmp_path):
     pd.DataFrame({"text": ["a"]}).to_parquet(tmp_path / "raw.parquet")
     with pytest.raises(DatasetError, match="no 'kind'"):
-        table.read(tmp_path / "raw.parquet")
+        store.read(tmp_path / "raw.parquet")
     (tmp_path / "junk.parquet").write_bytes(b"junk")
     with pytest.raises(DatasetError, match="not a readable Parquet file"):
-        table.read(tmp_path / "junk.parquet")
+        store.read(tmp_path / "junk.parquet")

@@ -1,5 +1,5 @@
 """profiles/slurm on a real SLURM: scripts/slurm-localhost.sh installs and starts a single-node
-SLURM on this machine (Debian, root, apt), the tiny config of test_workflow.py runs through it
+SLURM on this machine (Debian, root, apt), the tiny test config (tests/configs/tiny.yaml) runs through it
 with the profile, and gives the same statistics and ablation results as a local run.
 
 Fails, not skips, where SLURM cannot be installed or started: CI runs this on a fresh machine."""
@@ -16,8 +16,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
-from test_workflow import TINY_CONFIG, job_counts
+from support import REPO, environment, job_counts, load_config
+
+TINY_CONFIG = load_config("tiny")
+pytestmark = pytest.mark.workflow
 
 SCRIPT = REPO / "scripts/slurm-localhost.sh"
 RESULTS = ["results/stats/gpt2-tiny/pairs.parquet", "results/stats/roberta-tiny/pairs.parquet",
@@ -49,7 +51,7 @@ def start_snakemake(workdir, *args, timeout: int) -> subprocess.Popen:
                "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
                "--configfile", str(workdir / "config.yaml"), *args]
     # each run in its own output cache (profiles/default turns it on): in the working directory
-    env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_OUTPUT_CACHE"}
+    env = {k: v for k, v in environment().items() if k != "SNAKEMAKE_OUTPUT_CACHE"}
     with open(workdir / "snakemake.out", "w") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -121,7 +123,7 @@ def slurm_jobs() -> dict[int, dict[str, str]]:
 
 
 def test_every_job_but_the_local_rules_is_a_slurm_job(runs):
-    planned = job_counts(SimpleNamespace(stdout=runs.slurm_output, stderr=""))  # its "Job stats"
+    planned = job_counts(runs.slurm_output)  # its "Job stats"
     expected = {rule: n for rule, n in planned.items() if rule not in LOCAL_RULES | {"total"}}
     assert {"extract", "layer_stats", "ablate", "figure_kurtosis"} <= set(expected)
     jobs = submitted(runs.slurm_output)

@@ -12,7 +12,7 @@ from workflow_scripts.atomic import write_parquet
 from workflow_scripts.layer_stats import compute
 from workflow_scripts.merge_stats import merge
 from workflow_scripts.models.adapter import Readout
-from workflow_scripts.statistics import (ClusterMeans, LayerStatistics, StatisticsError,
+from workflow_scripts.streaming_stats import (ClusterMeans, LayerStatistics, StatisticsError,
                                          random_rotation)
 
 OPTIONS = {"include_padding": False, "rotations": 1, "seed": 0, "top_features": 3}

@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, TINY_SPECS
-from workflow_scripts.config import ConfigError, check_config
-from workflow_scripts.data import builtin, table
+from support import REPO, TINY_SPECS
+from workflow_scripts.config import ConfigError, validate
+from workflow_scripts.plan import resolve
+from workflow_scripts.data import builtin, store
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import read_manifest
 from workflow_scripts.train import TrainingError, train
@@ -40,7 +41,7 @@ def data(tmp_path_factory):
     paths = {}
     for name, kind, rows in (("corpus", "text", 300), ("shapes", "image", 400), ("pairs", "pairs", 400)):
         paths[name] = root / f"{name}.parquet"
-        table.write(builtin.generate(name, rows, 1), paths[name], kind, builtin.label_names(name))
+        store.write(builtin.generate(name, rows, 1), paths[name], kind, builtin.label_names(name))
     return paths
 
 
@@ -139,17 +140,17 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, data):
 
 
 def test_grid_expands_into_runs_and_models(default_config):
-    config = check_config(default_config)
-    runs = config["training"]["runs"]
+    study = resolve(default_config)
+    runs = study.runs
     assert {"gptr2-nano-sgd", "gptr2-nano-adam", "resnet-rms-sgd", "roberta-pairs"} <= set(runs)
     assert "gptr2-nano" not in runs
-    assert runs["gptr2-nano-sgd"]["optimizer"] == {"name": "sgd", "lr": 0.3, "momentum": 0.9}
-    assert runs["gptr2-nano-adam"]["optimizer"]["name"] == "adam"
-    model = config["models"]["gptr2-nano-sgd"]
-    assert model["source"] == "train:gptr2-nano-sgd" and model["family"] == "gptr2"
-    assert model["blocks"] == 4
-    assert config["models"]["roberta-pairs"]["family"] == "roberta"
-    assert config["models"]["roberta-pairs"]["blocks"] == 4
+    assert runs["gptr2-nano-sgd"].settings["optimizer"] == {"name": "sgd", "lr": 0.3, "momentum": 0.9}
+    assert runs["gptr2-nano-adam"].settings["optimizer"]["name"] == "adam"
+    model = study.models["gptr2-nano-sgd"]
+    assert model.source == "train:gptr2-nano-sgd" and model.family.name == "gptr2"
+    assert model.blocks == 4
+    assert study.models["roberta-pairs"].family.name == "roberta"
+    assert study.models["roberta-pairs"].blocks == 4
 
 
 def test_two_axis_grid_and_bad_settings_after_the_grid(default_config):
@@ -161,34 +162,34 @@ def test_two_axis_grid_and_bad_settings_after_the_grid(default_config):
         analysis["models"] = [m for m in analysis["models"] if not m.startswith("gptr2-nano")]
     default_config["figures"]["top_examples"] = [
         t for t in default_config["figures"]["top_examples"] if not t["model"].startswith("gptr2-nano")]
-    runs = check_config(copy.deepcopy(default_config))["training"]["runs"]
+    runs = resolve(default_config).runs
     assert {"gptr2-nano-sgd-wd0", "gptr2-nano-sgd-wd1", "gptr2-nano-adam-wd0",
             "gptr2-nano-adam-wd1"} <= set(runs)
-    assert runs["gptr2-nano-sgd-wd1"]["optimizer"] == {"name": "sgd", "lr": 0.3, "momentum": 0.9,
+    assert runs["gptr2-nano-sgd-wd1"].settings["optimizer"] == {"name": "sgd", "lr": 0.3, "momentum": 0.9,
                                                        "weight_decay": 0.1}
     run["grid"]["decay"]["wd1"] = {"optimizer": {"weight_decay": "lots"}}
     with pytest.raises(ConfigError, match="training.runs.gptr2-nano-sgd-wd1.optimizer.weight_decay"):
-        check_config(default_config)
+        validate(default_config)
 
 
 def test_run_on_the_wrong_kind_of_dataset(default_config):
     default_config["training"]["runs"]["resnet-rms-sgd"]["dataset"] = "corpus"
     with pytest.raises(ConfigError, match="image_classification run needs an? image dataset"):
-        check_config(default_config)
+        validate(default_config)
 
 
 def test_train_source_must_name_a_run(default_config):
     default_config["models"]["mystery"] = {"family": "gpt2", "source": "train:nothing"}
     with pytest.raises(ConfigError, match="training run 'nothing' is not defined"):
-        check_config(default_config)
+        validate(default_config)
 
 
 def test_epochs_set_the_number_of_steps(tmp_path, data):
     spec = {k: v for k, v in LM.items() if k != "steps"} | {"epochs": 0.5, "batch_size": 8}
     _, metrics = run(tmp_path, "epochs", spec, data["corpus"])
-    from workflow_scripts.models.transformers_text import builtin_tokenizer
-    texts = table.read(data["corpus"])[0]["text"]
-    tokens = sum(len(ids) + 1 for ids in builtin_tokenizer("gptr2")(list(texts))["input_ids"])
+    from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
+    texts = store.read(data["corpus"])[0]["text"]
+    tokens = sum(len(ids) + 1 for ids in builtin_tokenizer("gpt2")(list(texts))["input_ids"])
     blocks = tokens // 32
     n_train = blocks - round(blocks * 0.1)
     assert metrics["step"].tolist() == list(range(-(-n_train // 16)))  # ceil(0.5 * n / 8)
@@ -197,7 +198,7 @@ def test_epochs_set_the_number_of_steps(tmp_path, data):
 def test_steps_or_epochs(default_config):
     default_config["training"]["runs"]["roberta-pairs"]["epochs"] = 2
     with pytest.raises(ConfigError, match="either 'steps' or 'epochs'"):
-        check_config(default_config)
+        validate(default_config)
 
 
 def test_a_fine_tune_of_another_run(default_config):
@@ -205,17 +206,16 @@ def test_a_fine_tune_of_another_run(default_config):
     runs["lm-pairs"] = {"kind": "sequence_classification", "base": "gptr2-nano-adam",
                         "num_labels": 3, "dataset": "pairs-train", "steps": 10,
                         "optimizer": {"name": "adamw", "lr": 0.001}}
-    config = check_config(default_config)
-    model = config["models"]["lm-pairs"]
-    assert model["family"] == "gptr2" and model["blocks"] == 4
-    assert model["head"] == "sequence_classification"
+    model = resolve(default_config).models["lm-pairs"]
+    assert model.family.name == "gptr2" and model.blocks == 4
+    assert model.head == "sequence_classification"
 
 
 def test_token_blocks_are_the_same_in_chunks_as_in_one_pass(data):
-    from workflow_scripts.models.transformers_text import builtin_tokenizer
+    from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
     from workflow_scripts.train import _token_blocks
 
-    tokenizer = builtin_tokenizer("gptr2")
+    tokenizer = builtin_tokenizer("gpt2")
     texts = pd.read_parquet(data["corpus"])["text"].to_numpy()[:50]
     stream = []
     for text in texts:
@@ -241,9 +241,9 @@ def test_a_tokenizer_must_come_from_a_text_model(default_config):
     runs = default_config["training"]["runs"]
     runs["gptr2-nano"]["tokenizer"] = "resnet-init"
     with pytest.raises(ConfigError, match="tokenizer: 'resnet-init' is not a defined text model"):
-        check_config(copy.deepcopy(default_config))
+        validate(default_config)
     runs["gptr2-nano"]["tokenizer"] = "gpt2-init"
-    check_config(default_config)
+    validate(default_config)
 
 
 def test_a_decoder_cannot_be_fine_tuned_for_pairs(default_config):
@@ -251,4 +251,4 @@ def test_a_decoder_cannot_be_fine_tuned_for_pairs(default_config):
                                               "arch": {"layers": 2, "width": 32, "heads": 2}}
     default_config["training"]["runs"]["roberta-pairs"]["base"] = "llama-init"
     with pytest.raises(ConfigError, match="is a decoder, which has a causal_lm head only"):
-        check_config(default_config)
+        validate(default_config)

@@ -1,7 +1,6 @@
 """The workflow end to end: a real Snakemake run of a tiny config in a temporary folder."""
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
@@ -9,30 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, TINY_SPECS
+from support import REPO, environment, job_counts, load_config, snakemake
 from workflow_scripts.activations import open_shard
 
-TINY_CONFIG = {
-    "models": {"gpt2-tiny": TINY_SPECS["gpt2"], "roberta-tiny": TINY_SPECS["roberta"],
-               "resnet-tiny": TINY_SPECS["resnet"]},
-    "datasets": {"pairs": {"source": "builtin:pairs", "rows": 20, "shards": 2},
-                 "shapes": {"source": "builtin:shapes", "rows": 12, "shards": 1}},
-    "analyses": [{"models": ["gpt2-tiny", "roberta-tiny"], "datasets": ["pairs"]},
-                 {"models": ["resnet-tiny"], "datasets": ["shapes"]}],
-    "extract": {"batch_size": 8, "max_tokens": 32},
-    "ablation": {"max_tokens": 32,
-                 "analyses": [{"models": ["roberta-tiny"], "datasets": ["pairs"]},
-                              {"models": ["resnet-tiny"], "datasets": ["shapes"]}]},
-    "figures": {"groups": {"resnets": {"models": ["resnet-tiny"], "datasets": ["shapes"],
-                                       "figures": ["kurtosis", "ablation"]}}},
-}
-
-
-def snakemake(workdir, *args):
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-               "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
-               "--cores", "2", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+TINY_CONFIG = load_config("tiny")
+pytestmark = pytest.mark.workflow
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +72,7 @@ def test_every_job_writes_its_log(finished_run):
 def test_a_second_run_has_nothing_to_do(finished_run):
     result = snakemake(finished_run, "-n")
     assert result.returncode == 0
-    assert job_counts(result) == {}
+    assert job_counts(result.stdout + result.stderr) == {}
 
 
 def test_a_single_target_builds_only_what_it_needs(finished_run, tmp_path):
@@ -101,33 +81,26 @@ def test_a_single_target_builds_only_what_it_needs(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr
     jobs = result.stdout + result.stderr
     assert "fetch_model" in jobs and "extract" in jobs
-    assert job_counts(result) == {"fetch_model": 1, "prepare_data": 1, "extract": 1, "total": 3}
+    assert job_counts(result.stdout + result.stderr) == {"fetch_model": 1, "prepare_data": 1, "extract": 1, "total": 3}
 
 
 def test_lint_is_clean():
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, env=environment(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Lints for" not in result.stdout + result.stderr, result.stdout
 
 
-def job_counts(result) -> dict[str, int]:
-    text = result.stdout + result.stderr
-    if "Nothing to be done" in text:
-        return {}
-    return {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", text[text.index("Job stats"):], re.M)}
-
-
 def test_an_extraction_option_of_one_model_reruns_only_that_model_from_extraction_on(finished_run):
-    changed = {**TINY_CONFIG, "models": {**TINY_CONFIG["models"]}}
-    changed["models"]["gpt2-tiny"] = {**TINY_SPECS["gpt2"], "extract": {"dtype": "float32"}}
+    changed = load_config("tiny")
+    changed["models"]["gpt2-tiny"]["extract"] = {"dtype": "float32"}
     config = finished_run / "changed.yaml"
     config.write_text(yaml.safe_dump(changed))
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                "--directory", str(finished_run), "--configfile", str(config), "-n"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment())
     assert result.returncode == 0, result.stderr
-    assert job_counts(result) == {"extract": 2, "layer_stats": 3, "merge_stats": 1,
+    assert job_counts(result.stdout + result.stderr) == {"extract": 2, "layer_stats": 3, "merge_stats": 1,
                                   "table_statistics": 1, "all": 1, "total": 8}
     assert "gpt2-tiny/pairs/shard-0.zarr" in result.stdout + result.stderr
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import autocast, image_batches, pick_device, text_batches
-from workflow_scripts.data import table
-from workflow_scripts.data.table import DatasetError
+from workflow_scripts.data import store
+from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.sources import ABLATION_HEADS
 
@@ -88,7 +88,7 @@ def score(adapter, batches, device, autocast_dtype: str | None, top5: bool,
 def ablate(model_dir: str | Path, data_path: str | Path, options: dict) -> pd.DataFrame:
     """Long-form accuracies for every read-out point and direction."""
     adapter, _ = load_adapter(model_dir)
-    frame, kind, label_names = table.read(data_path)
+    frame, kind, label_names = store.read(data_path)
     label_order = check_compatible(adapter, kind, frame, label_names, f"{model_dir} on {data_path}")
     device = pick_device(options["device"])
     adapter.to(device)

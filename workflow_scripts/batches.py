@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from workflow_scripts.data import table
-from workflow_scripts.data.table import DatasetError
+from workflow_scripts.data import store
+from workflow_scripts.data.store import DatasetError
 
 
 @dataclass
@@ -66,7 +66,7 @@ def image_batches(preprocess: dict, frame, batch_size: int):
     """Every batch of an image frame, decoded lazily (a generator)."""
     for start in range(0, len(frame), batch_size):
         part = frame.iloc[start:start + batch_size]
-        pixels = [preprocess_image(table.decode_image(data, f"example {i}"), preprocess)
+        pixels = [preprocess_image(store.decode_image(data, f"example {i}"), preprocess)
                   for i, data in zip(part["example_id"], part["image"])]
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) > 1:

@@ -20,9 +20,9 @@ from tqdm import tqdm
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.atomic import written
 from workflow_scripts.batches import Batch, autocast, image_batches, pick_device, text_batches
-from workflow_scripts.code import code_digest
-from workflow_scripts.data import table
-from workflow_scripts.data.table import DatasetError
+from workflow_scripts.stage_code import code_digest
+from workflow_scripts.data import store
+from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import MANIFEST, sha256_file
 
@@ -64,7 +64,7 @@ def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: in
     if readouts is not None and readouts != len(adapter.readouts):
         raise ValueError(f"model {model_dir} has {len(adapter.readouts)} read-out points, but "
                          f"its config entry says {readouts} (check 'blocks' in the config)")
-    frame, kind, _ = table.read(data_path)
+    frame, kind, _ = store.read(data_path)
     if (adapter.modality == "image") != (kind == "image"):
         raise DatasetError(f"model {model_dir} reads {adapter.modality}, but {data_path} holds "
                            f"{kind}")

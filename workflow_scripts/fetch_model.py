@@ -17,16 +17,19 @@ import sys
 from pathlib import Path
 
 
-from workflow_scripts.sources import source_scheme
-from workflow_scripts.models import family_module, load_model, write_model_files
+from workflow_scripts import families
 from workflow_scripts.atomic import written
-from workflow_scripts.models.store import (MANIFEST, WEIGHTS, ModelDirError,
-                                           read_manifest, verify_files, write_manifest)
+from workflow_scripts.models import family_module, load_model, write_model_files
+from workflow_scripts.models.store import (
+    MANIFEST,
+    ModelDirError,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
+from workflow_scripts.sources import source_scheme
 
 log = logging.getLogger("fetch_model")
-# Hugging Face model_type(s) each text family accepts
-MODEL_TYPES = {"gpt2": ("gpt2",), "gptr2": ("gpt2",), "roberta": ("roberta",), "bert": ("bert",),
-               "decoder": ("llama", "qwen2", "gpt_neox", "mistral")}
 
 
 def fetch(spec: dict, out: str | Path) -> dict:
@@ -54,8 +57,8 @@ def count_parameters(directory: Path, family: str) -> int:
 
 def _init(spec: dict, _rest: str, tmp: Path) -> dict:
     settings = {k: spec[k] for k in ("arch", "seed", "head", "num_labels") if k in spec}
-    model, companion = family_module(spec["family"]).init(spec)
-    write_model_files(model, companion, spec["family"], tmp)
+    model, tokenizer = family_module(spec["family"]).init(spec)
+    write_model_files(model, tokenizer, spec["family"], tmp)
     return {"revision": None, "init": settings}
 
 
@@ -98,7 +101,7 @@ def _hub(spec: dict, repo_and_revision: str, tmp: Path) -> dict:
     commit = resolve_revision(repo, revision or "main", HfApi())
     log.info("hf:%s at %s is commit %s", repo, revision or "main", commit)
     config = transformers.AutoConfig.from_pretrained(repo, revision=commit)
-    expected = MODEL_TYPES.get(spec["family"], ())
+    expected = families.get(spec["family"]).model_types
     if config.model_type not in expected:
         raise ValueError(f"hf:{repo} is a {config.model_type!r} model, not family "
                          f"{spec['family']!r} (model_type {' or '.join(map(repr, expected))})")
@@ -118,12 +121,17 @@ def _torchvision(spec: dict, arch: str, tmp: Path) -> dict:
         raise ValueError(f"torchvision:{arch} is not a ResNet (no layer1); "
                          "only ResNet-layout architectures are supported")
     transform = weights.transforms()
-    config = {"family": "resnet", "architecture": arch,
-              "num_classes": len(weights.meta["categories"]),
-              "label_names": list(weights.meta["categories"]),
-              "preprocess": family_module("resnet").imagenet_preprocess(resize=transform.resize_size[0],
-                                                       crop=transform.crop_size[0])}
-    write_model_files(model, config, "resnet", tmp)
+    resnet = family_module(spec["family"])
+    model.config = {
+        "family": spec["family"],
+        "architecture": arch,
+        "num_classes": len(weights.meta["categories"]),
+        "label_names": list(weights.meta["categories"]),
+        "preprocess": resnet.imagenet_preprocess(
+            resize=transform.resize_size[0], crop=transform.crop_size[0]
+        ),
+    }
+    write_model_files(model, None, spec["family"], tmp)
     return {"revision": str(weights), "url": weights.url}
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from workflow_scripts.activations import layer_name, open_shard, read_rows
 from workflow_scripts.atomic import write_parquet
-from workflow_scripts.statistics import LayerStatistics, StatisticsError, random_rotation
+from workflow_scripts.streaming_stats import LayerStatistics, StatisticsError, random_rotation
 
 log = logging.getLogger("layer_stats")
 BLOCK_BYTES = 16 << 20  # float32 bytes of one block of rows

@@ -14,12 +14,16 @@ VARIABLE = "SNAKEMAKE_OUTPUT_CACHE"
 DEFAULT = ".cache/snakemake"  # in the working directory
 
 
-def location(create: bool) -> Path:
-    """The cache folder: $SNAKEMAKE_OUTPUT_CACHE, else ``.cache/snakemake`` in the working
-    directory (then exported, for Snakemake to find). Created when ``create``."""
-    folder = Path(os.environ.setdefault(VARIABLE, str(Path(DEFAULT).resolve())))
-    if create:
-        folder.mkdir(parents=True, exist_ok=True)
+def default_location() -> Path:
+    """``.cache/snakemake`` in the working directory."""
+    return Path(DEFAULT).resolve()
+
+
+def create() -> Path:
+    """The cache folder ($SNAKEMAKE_OUTPUT_CACHE), created if missing: Snakemake stores entries
+    only in a folder that exists."""
+    folder = Path(os.environ.get(VARIABLE) or default_location())
+    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 

@@ -20,8 +20,8 @@ import pandas as pd
 from PIL import Image
 
 from workflow_scripts.sources import dataset_kind, source_scheme
-from workflow_scripts.data import builtin, table
-from workflow_scripts.data.table import DatasetError
+from workflow_scripts.data import builtin, store
+from workflow_scripts.data.store import DatasetError
 
 log = logging.getLogger("prepare_data")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -46,12 +46,12 @@ def prepare(spec: dict, out: str | Path, name: str = "dataset") -> pd.DataFrame:
         frame = _subsample(frame, spec.get("rows"), seed)
     if kind == "image" and "image_resize" in spec:
         frame["image"] = [_resize(data, spec["image_resize"]) for data in frame["image"]]
-    frame = table.check(frame, kind, names, name)
+    frame = store.check(frame, kind, names, name)
     shards = spec.get("shards", 1)
     if shards > len(frame):
         raise DatasetError(f"dataset {name}: {shards} shards for {len(frame)} rows; "
                            "shards must not exceed rows")
-    table.write(frame, out, kind, names)
+    store.write(frame, out, kind, names)
     log.info("wrote %s: %d rows of kind %s", out, len(frame), kind)
     return frame
 
@@ -72,7 +72,7 @@ def _subsample(frame: pd.DataFrame, rows: int | None, seed: int) -> pd.DataFrame
 
 
 def _resize(data: bytes, shorter_side: int) -> bytes:
-    image = table.decode_image(data, "image_resize")
+    image = store.decode_image(data, "image_resize")
     scale = shorter_side / min(image.size)
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)),
@@ -100,7 +100,7 @@ def _from_hub(rest: str, name: str):
     image_columns = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
     frame = data.to_pandas()
     for column in image_columns:  # datasets stores images as {"bytes", "path"}
-        frame[column] = [_png(table.decode_image(v["bytes"], f"dataset {name}")) for v in frame[column]]
+        frame[column] = [_png(store.decode_image(v["bytes"], f"dataset {name}")) for v in frame[column]]
     if "label" in frame and (frame["label"] < 0).any():  # hub test splits mark unlabelled as -1
         frame = frame[frame["label"] >= 0].reset_index(drop=True)
     return frame, names
@@ -128,7 +128,7 @@ def _from_imagefolder(path: str, name: str):
     for label, cls in enumerate(classes):
         for file in sorted((root / cls).iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
-                image = table.decode_image(file.read_bytes(), f"dataset {name}, file {file}")
+                image = store.decode_image(file.read_bytes(), f"dataset {name}, file {file}")
                 rows.append({"image": _png(image), "label": label})
     if not rows:
         raise DatasetError(f"dataset {name}: image folder {path!r} holds no images")

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from workflow_scripts.activations import layer_name, open_shard, read_rows
-from workflow_scripts.data import table
+from workflow_scripts.data import store
 from workflow_scripts.figures import PALETTE, _pyplot, _style, save
 
 
@@ -88,7 +88,7 @@ def draw(adapter, frame, kind: str, label_names, layer: int, chosen: dict, max_t
                 axis.axis("off")
                 if col < len(chosen[feature]):
                     value, example, _ = chosen[feature][col]
-                    axis.imshow(table.decode_image(by_id.loc[example, "image"], f"example {example}"))
+                    axis.imshow(store.decode_image(by_id.loc[example, "image"], f"example {example}"))
                     label = by_id.loc[example, "label"]
                     axis.set_title(f"{value:.2f}\n{label_names[label] if label_names else label}",
                                    fontsize=7)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     if not features:
         raise ValueError(f"{args.stats}: no top features listed (stats.top_features is 0)")
     adapter, _ = load_adapter(args.model)
-    frame, kind, label_names = table.read(args.data)
+    frame, kind, label_names = store.read(args.data)
     chosen = top_rows(args.shards, layer, features, options["examples"],
                       options["include_padding"])
     figure = draw(adapter, frame, kind, label_names, layer, chosen, options["max_tokens"],

@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from workflow_scripts.atomic import write_parquet, written
 from workflow_scripts.batches import autocast, pick_device, preprocess_image
-from workflow_scripts.code import code_digest, module_sources
-from workflow_scripts.data import table
-from workflow_scripts.data.table import DatasetError
+from workflow_scripts.stage_code import code_digest, module_sources
+from workflow_scripts.data import store
+from workflow_scripts.data.store import DatasetError
+from workflow_scripts import families
 from workflow_scripts.models import family_module, load_model, save_model
 from workflow_scripts.models.store import MANIFEST, read_manifest, sha256_file
-from workflow_scripts.sources import FAMILY_MODULES
 
 log = logging.getLogger("train")
 KINDS = {"causal_lm": "text", "image_classification": "image", "sequence_classification": "pairs"}
@@ -45,21 +45,17 @@ class TrainingError(RuntimeError):
 
 
 def build(spec: dict, base_dir: str | Path | None, tokenizer_dir: str | Path | None = None):
-    """The model to train, its companion (the tokenizer of a text model, the config of a
-    ResNet, which holds its preprocessing) and its family."""
-    kind = spec["kind"]
-    if kind == "image_classification":
-        model, config = family_module("resnet").init(
-            {"arch": spec["arch"], "seed": spec["seed"], "num_labels": spec["num_labels"]})
-        return model, config, "resnet"
-    if kind == "causal_lm":
+    """The model to train, its tokenizer (None for an image model) and its family."""
+    kind, family = spec["kind"], families.run_family(spec)
+    if family is not None:  # built from its architecture
         tokenizer = None
         if tokenizer_dir is not None:  # another model's tokenizer: a real vocabulary
             _, tokenizer = load_model(tokenizer_dir, read_manifest(tokenizer_dir)["family"])
-        model, tokenizer = family_module(spec["family"]).init(
-            {"family": spec["family"], "arch": spec["arch"], "seed": spec["seed"],
-             "head": "causal_lm"}, tokenizer)
-        return model, tokenizer, spec["family"]
+        built = {"family": family, "arch": spec["arch"], "seed": spec["seed"], "head": kind}
+        if "num_labels" in spec:
+            built["num_labels"] = spec["num_labels"]
+        model, tokenizer = family_module(family).init(built, tokenizer)
+        return model, tokenizer, family
     family = read_manifest(base_dir)["family"]
     torch.manual_seed(spec["seed"])  # the new head's initialisation
     model, tokenizer = load_model(base_dir, family, head="sequence_classification",
@@ -84,12 +80,12 @@ def _token_blocks(tokenizer, texts, context: int, chunk: int = 10_000) -> torch.
     return torch.from_numpy(stream[:blocks * context].copy()).view(blocks, context)
 
 
-def make_data(spec: dict, frame: pd.DataFrame, kind: str, companion) -> dict[str, torch.Tensor]:
+def make_data(spec: dict, frame: pd.DataFrame, kind: str, tokenizer) -> dict[str, torch.Tensor]:
     """Every example as tensors: the model's inputs, and ``labels`` where the data has them."""
     if kind == "text":
-        return {"input_ids": _token_blocks(companion, frame["text"].to_numpy(), spec["context"])}
+        return {"input_ids": _token_blocks(tokenizer, frame["text"].to_numpy(), spec["context"])}
     if kind == "pairs":
-        encoded = companion(list(frame["premise"]), list(frame["hypothesis"]), truncation=True,
+        encoded = tokenizer(list(frame["premise"]), list(frame["hypothesis"]), truncation=True,
                           max_length=spec["max_tokens"], padding="longest", return_tensors="pt")
         return {**encoded, "labels": torch.tensor(frame["label"].to_numpy())}
     # images stay encoded and are decoded per batch (see ``on_device``): memory stays bounded
@@ -101,7 +97,7 @@ def on_device(batch: dict[str, torch.Tensor], device, images=None, preprocess=No
     batch = dict(batch)
     if "image_index" in batch:
         batch["pixel_values"] = torch.stack([
-            preprocess_image(table.decode_image(images[i], f"example {i}"), preprocess)
+            preprocess_image(store.decode_image(images[i], f"example {i}"), preprocess)
             for i in batch.pop("image_index").tolist()])
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -170,7 +166,7 @@ def learning_rate(step: int, spec: dict) -> float:
 def fingerprint(spec: dict, family: str, data_path, *model_dirs) -> str:
     """What a checkpoint must match to be resumed: the run, its inputs and the training code."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    code = module_sources("workflow_scripts.train", FAMILY_MODULES[family])
+    code = module_sources("workflow_scripts.train", families.get(family).module)
     digest.update(code_digest(code).encode())
     digest.update(sha256_file(data_path).encode())
     for directory in model_dirs:  # the base of a fine-tune, the model lending its tokenizer
@@ -181,12 +177,12 @@ def fingerprint(spec: dict, family: str, data_path, *model_dirs) -> str:
 
 def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, checkpoint_path,
           base_dir=None, tokenizer_dir=None) -> pd.DataFrame:
-    frame, kind, label_names = table.read(data_path)
+    frame, kind, label_names = store.read(data_path)
     if kind != KINDS[spec["kind"]]:
         raise DatasetError(f"run {name}: a {spec['kind']} run needs a {KINDS[spec['kind']]} "
                            f"dataset, but {data_path} holds {kind}")
-    model, companion, family = build(spec, base_dir, tokenizer_dir)
-    data = make_data(spec, frame, kind, companion)
+    model, tokenizer, family = build(spec, base_dir, tokenizer_dir)
+    data = make_data(spec, frame, kind, tokenizer)
     if "labels" in data and int(data["labels"].max()) >= spec["num_labels"]:
         raise DatasetError(f"run {name}: labels go up to {int(data['labels'].max())}, but the "
                            f"model has {spec['num_labels']} classes")
@@ -199,7 +195,7 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
     images = frame["image"].tolist() if kind == "image" else None
 
     def decode(batch):
-        return on_device(batch, device, images, companion.get("preprocess") if images else None)
+        return on_device(batch, device, images, model.config["preprocess"] if images else None)
 
     model.to(device).train()
     optimizer = make_optimizer(model, spec["optimizer"])
@@ -248,7 +244,7 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
         if (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:
             _save_checkpoint(checkpoint_path, key, step + 1, model, optimizer, schedule, records)
     model.eval().cpu()
-    save_model(model, companion, family, out_model, source=f"train:{name}", training=spec)
+    save_model(model, tokenizer, family, out_model, source=f"train:{name}", training=spec)
     metrics = pd.DataFrame(records)
     write_parquet(metrics, metrics_path)
     plot_losses(metrics, name, plot_path)
@@ -293,9 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="the run's name")
     parser.add_argument("--spec", required=True, help="the run's settings, as JSON")
     parser.add_argument("--data", required=True, help="dataset Parquet file")
-    parser.add_argument("--base", help="the model directory a fine-tune starts from")
-    parser.add_argument("--tokenizer", help="the model directory whose tokenizer a language "
-                        "model uses")
+    # empty where the run has none: the rule passes its (possibly empty) inputs
+    parser.add_argument("--base", nargs="?", help="the model directory a fine-tune starts from")
+    parser.add_argument("--tokenizer", nargs="?",
+                        help="the model directory whose tokenizer a language model uses")
     parser.add_argument("--checkpoint", required=True, help="where to keep the checkpoint")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--plot", required=True)
@@ -306,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     metrics = train(args.name, json.loads(args.spec), args.data, args.out, args.metrics,
-                    args.plot, args.checkpoint, args.base, args.tokenizer)
+                    args.plot, args.checkpoint, args.base or None, args.tokenizer or None)
     final = metrics["eval_accuracy"].dropna()
     log.info("run %s: final loss %.4f, held-out accuracy %.3f", args.name,
              metrics["loss"].iloc[-1], final.iloc[-1] if len(final) else float("nan"))

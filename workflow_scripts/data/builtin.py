@@ -14,8 +14,9 @@ Three sets, each small enough to make on the fly and each learnable by a tiny mo
   cross, ring, horizontal / vertical / diagonal stripes, checkerboard, dots) with random colours,
   sizes, positions and pixel noise.
 
-The vocabulary of the two text sets is closed and listed by :func:`vocabulary`, so a word-level
-tokenizer built from it covers them exactly.
+The two text sets draw their words from the closed vocabulary of
+:mod:`workflow_scripts.data.vocabulary`, so a word-level tokenizer built from it covers them
+exactly.
 """
 from __future__ import annotations
 
@@ -25,41 +26,25 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from workflow_scripts.data.vocabulary import (
+    ADJECTIVES,
+    ADVERBS,
+    ANIMALS,
+    CORPUS_ADJECTIVES,
+    CORPUS_VERBS,
+    INTRANSITIVE,
+    OBJECTS,
+    PEOPLE,
+    PLACES,
+    REASONS,
+    TIMES,
+    VERBS,
+)
+
 PAIR_LABELS = ["entailment", "neutral", "contradiction"]
 SHAPE_LABELS = ["circle", "square", "triangle", "cross", "ring",
                 "hstripes", "vstripes", "diagonal", "checkerboard", "dots"]
 DEFAULT_ROWS = {"pairs": 2000, "corpus": 2000, "shapes": 2000}
-
-PEOPLE = ["teacher", "doctor", "farmer", "student", "painter", "baker", "pilot", "nurse",
-          "singer", "lawyer", "driver", "writer"]
-ADJECTIVES = ["tall", "young", "old", "quiet", "happy", "tired", "clever", "busy"]
-OBJECTS = ["book", "ball", "letter", "cake", "box", "map", "lamp", "chair", "kite", "basket"]
-PLACES = ["park", "kitchen", "garden", "library", "station", "market", "office", "school"]
-# (past tense, base form) of transitive verbs
-VERBS = [("carried", "carry"), ("found", "find"), ("painted", "paint"), ("moved", "move"),
-         ("bought", "buy"), ("opened", "open"), ("cleaned", "clean"), ("dropped", "drop")]
-TIMES = ["yesterday", "today", "early", "late"]
-REASONS = ["it was raining", "it was heavy", "the day was long", "a friend asked"]
-
-# corpus grammar: (singular, plural) nouns and (singular, plural) present-tense verbs
-ANIMALS = [("dog", "dogs"), ("cat", "cats"), ("bird", "birds"), ("horse", "horses"),
-           ("fox", "foxes"), ("rabbit", "rabbits"), ("mouse", "mice"), ("sheep", "sheep")]
-CORPUS_VERBS = [("chases", "chase"), ("sees", "see"), ("follows", "follow"), ("likes", "like"),
-                ("watches", "watch"), ("finds", "find")]
-INTRANSITIVE = [("runs", "run"), ("sleeps", "sleep"), ("jumps", "jump"), ("waits", "wait")]
-CORPUS_ADJECTIVES = ["small", "big", "brown", "white", "fast", "slow", "wild", "gentle"]
-ADVERBS = ["quickly", "slowly", "often", "never", "always", "quietly"]
-
-
-def vocabulary() -> list[str]:
-    """Every word and punctuation mark that the built-in text sets can produce, sorted."""
-    words = set(PEOPLE + ADJECTIVES + OBJECTS + PLACES + TIMES + CORPUS_ADJECTIVES + ADVERBS)
-    words |= {w for pair in VERBS + ANIMALS + CORPUS_VERBS + INTRANSITIVE for w in pair}
-    for phrase in REASONS:
-        words |= set(phrase.split())
-    words |= {"the", "a", "in", "did", "not", "nobody", "someone", "person", "was", "is", "also",
-              "because", "somewhere", "something", "that", "and", "but", "then", ".", ","}
-    return sorted(words)
 
 
 def generate(name: str, rows: int | None, seed: int) -> pd.DataFrame:
@@ -168,7 +153,8 @@ def _shape_mask(rng, label: int) -> np.ndarray:
         return (dy <= radius * 0.7) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) * 0.6)
     if name == "cross":
         arm = radius * 0.3
-        return ((np.abs(dy) <= arm) | (np.abs(dx) <= arm)) & (np.maximum(abs(dy), abs(dx)) <= radius)
+        within = np.maximum(abs(dy), abs(dx)) <= radius
+        return ((np.abs(dy) <= arm) | (np.abs(dx) <= arm)) & within
     if name == "ring":
         return (dist <= radius) & (dist >= radius * 0.55)
     if name == "hstripes":

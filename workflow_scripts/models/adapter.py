@@ -50,7 +50,7 @@ class Adapter:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: torch.device | str) -> "Adapter":
+    def to(self, device: torch.device | str) -> Adapter:
         self.model.to(device)
         return self
 

@@ -1,9 +1,12 @@
 """ResNets in torchvision's layout: building, loading, and their adapter.
 
-A stored ResNet is ``model.safetensors`` plus ``config.json`` naming the architecture: either a
-torchvision one (``"architecture": "resnet50"``) or ``"resnet"`` with its blocks per stage,
-stage widths and stem, built by :class:`ResNet`, which keeps torchvision's module names
-(``conv1, bn1, layer1.. layerN, fc``) so one adapter reads both.
+A stored ResNet is ``model.safetensors`` plus ``config.json``, which the model carries as the
+dict ``model.config``: ``architecture`` is a torchvision one (``"resnet50"``) or ``"resnet"``,
+built by :class:`ResNet` from its ``block``, blocks per stage (``layers``), stage ``widths``,
+``stem`` and ``norm``; ``num_classes``, ``preprocess`` (how images are prepared) and, where
+known, ``label_names``. :class:`ResNet` keeps torchvision's module names (``conv1, bn1,
+layer1.. layerN, fc``), so one adapter reads both. A ResNet has no tokenizer: the family
+interface passes and returns None for it.
 
 Read-out points: the output of every residual block, mean-pooled over space, labelled with its
 stage (1-based, torchvision's ``layerN``) and its block within the stage (0-based).
@@ -20,6 +23,7 @@ from torch import nn
 from torchvision.models import resnet as tv
 
 from workflow_scripts.models.adapter import Adapter, Readout
+from workflow_scripts.models.norms import ScalarRMSNorm
 from workflow_scripts.models.store import CONFIG, WEIGHTS
 
 BLOCKS = {"basic": tv.BasicBlock, "bottleneck": tv.Bottleneck}
@@ -27,34 +31,27 @@ BLOCKS = {"basic": tv.BasicBlock, "bottleneck": tv.Bottleneck}
 SMALL_IMAGE_PREPROCESS = {"resize": None, "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3}
 
 
-class ChannelRMSNorm(nn.Module):
-    """RMSNorm over channels at every position, with one scalar gain and no bias: it commutes
-    with rotations of the channels, so it privileges no channel basis (BatchNorm's per-channel
-    scale and shift do)."""
-
-    def __init__(self, channels: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps) * self.weight
+def channel_rms_norm(channels: int) -> ScalarRMSNorm:
+    """A ScalarRMSNorm over the channels at every position, as a norm layer (called with the
+    channel count, which one scalar gain does not need): unlike BatchNorm's per-channel scale
+    and shift, it privileges no channel basis."""
+    return ScalarRMSNorm(dim=1)
 
 
-NORMS = {"batch": nn.BatchNorm2d, "rms": ChannelRMSNorm}
+NORMS = {"batch": nn.BatchNorm2d, "rms": channel_rms_norm}
 
 
-class ResNet(tv.ResNet):
-    """torchvision's ResNet with any number of stages, any stage widths, and a choice of stem:
-    ``imagenet`` (7x7 stride-2 convolution and max-pool) or ``cifar`` (3x3 stride-1, no pool,
-    for 32x32 images)."""
+class ResNet(nn.Module):
+    """A ResNet of torchvision's blocks with any number of stages, any stage widths, and a
+    choice of stem: ``imagenet`` (7x7 stride-2 convolution and max-pool) or ``cifar`` (3x3
+    stride-1, no pool, for 32x32 images). ``norm_layer(channels)`` makes every norm."""
 
     def __init__(self, block: str, layers: list[int], widths: list[int], num_classes: int,
                  stem: str = "imagenet", norm_layer=None):
-        nn.Module.__init__(self)
+        super().__init__()
         block_class = BLOCKS[block]
         self._norm_layer = norm_layer or nn.BatchNorm2d
-        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        self.inplanes = widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -66,9 +63,9 @@ class ResNet(tv.ResNet):
         for i, (depth, width) in enumerate(zip(layers, widths)):
             stage = self._make_layer(block_class, width, depth, stride=1 if i == 0 else 2)
             setattr(self, f"layer{i + 1}", stage)
-        self.num_stages = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block_class.expansion, num_classes)
+
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -76,7 +73,24 @@ class ResNet(tv.ResNet):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int,
+                    stride: int) -> nn.Sequential:
+        """A stage of ``blocks`` blocks of width ``planes``; its first block takes the stride
+        and the change of channels, its shortcut projecting where they change."""
+        norm_layer = self._norm_layer
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                tv.conv1x1(self.inplanes, planes * block.expansion, stride),
+                norm_layer(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, norm_layer=norm_layer)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, norm_layer=norm_layer))
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in stages(self):
             x = stage(x)
@@ -92,52 +106,70 @@ def stages(model: nn.Module) -> list[nn.Sequential]:
     return found
 
 
-def build(spec: dict) -> tuple[nn.Module, dict]:
-    """A random-initialised ResNet from ``spec`` and the config.json that describes it."""
-    arch = spec["arch"]
-    config = {"family": "resnet", "architecture": "resnet", "block": arch.get("block", "basic"),
-              "layers": list(arch["layers"]), "widths": list(arch["widths"]),
-              "stem": arch.get("stem", "imagenet"), "num_classes": spec.get("num_labels", 10),
-              "norm": arch.get("norm", "batch"),
-              "preprocess": SMALL_IMAGE_PREPROCESS if arch.get("stem") == "cifar" else
-              imagenet_preprocess(resize=256, crop=224)}
-    torch.manual_seed(spec.get("seed", 0))
-    return from_config(config).eval(), config
-
-
 def imagenet_preprocess(resize: int, crop: int) -> dict:
+    """The preprocessing of ImageNet models: resize, centre crop, ImageNet mean and std."""
     return {"resize": resize, "crop": crop, "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225]}
 
 
 def from_config(config: dict) -> nn.Module:
+    """A random-initialised model of ``config`` (a stored config.json), carrying it as
+    ``model.config``."""
     if config["architecture"] == "resnet":
-        return ResNet(config["block"], config["layers"], config["widths"], config["num_classes"],
-                      stem=config["stem"], norm_layer=NORMS[config.get("norm", "batch")])
-    return torchvision.models.get_model(config["architecture"], weights=None,
-                                        num_classes=config["num_classes"])
+        model = ResNet(config["block"], config["layers"], config["widths"],
+                       config["num_classes"], stem=config["stem"],
+                       norm_layer=NORMS[config.get("norm", "batch")])
+    else:
+        model = torchvision.models.get_model(config["architecture"], weights=None,
+                                             num_classes=config["num_classes"])
+    model.config = config
+    return model
 
 
-def load(directory: str | Path, family: str = "resnet") -> tuple[nn.Module, dict]:
-    """The model stored in ``directory`` and its config.json."""
-    config = json.loads(Path(directory, CONFIG).read_text())
-    model = from_config(config)
-    model.load_state_dict(load_file(Path(directory, WEIGHTS)))
-    return model.eval(), config
+def build(spec: dict) -> nn.Module:
+    """A random-initialised ResNet from ``spec`` (arch: block, layers, widths, stem, norm;
+    num_labels, seed)."""
+    arch = spec["arch"]
+    small = arch.get("stem") == "cifar"
+    config = {"family": "resnet", "architecture": "resnet", "block": arch.get("block", "basic"),
+              "layers": list(arch["layers"]), "widths": list(arch["widths"]),
+              "stem": arch.get("stem", "imagenet"), "num_classes": spec.get("num_labels", 10),
+              "norm": arch.get("norm", "batch"),
+              "preprocess": dict(SMALL_IMAGE_PREPROCESS) if small else
+              imagenet_preprocess(resize=256, crop=224)}
+    torch.manual_seed(spec.get("seed", 0))
+    return from_config(config).eval()
 
 
 # the family interface (see ``workflow_scripts.models``)
-init = build
+def init(spec: dict, tokenizer=None) -> tuple[nn.Module, None]:
+    """A random-initialised ResNet of ``spec``, and no tokenizer."""
+    return build(spec), None
 
 
-def write(model: nn.Module, config: dict, directory: str | Path) -> None:
-    """Weights and config.json in the stored layout."""
+def load(directory: str | Path, family: str, head: str | None = None,
+         num_labels: int | None = None) -> tuple[nn.Module, None]:
+    """The model stored in ``directory`` (carrying its config.json), and no tokenizer; a ResNet
+    keeps its stored head and classes."""
+    config = json.loads(Path(directory, CONFIG).read_text())
+    if head not in (None, "image_classification"):
+        raise ValueError(f"family resnet has only the image_classification head, not {head!r}")
+    if num_labels not in (None, config["num_classes"]):
+        raise ValueError(f"{directory}: a ResNet keeps its {config['num_classes']} classes, "
+                         f"not {num_labels}")
+    model = from_config(config)
+    model.load_state_dict(load_file(Path(directory, WEIGHTS)))
+    return model.eval(), None
+
+
+def write(model: nn.Module, tokenizer, directory: str | Path) -> None:
+    """Weights and config.json (``model.config``) in the stored layout."""
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, Path(directory, WEIGHTS))
-    Path(directory, CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    Path(directory, CONFIG).write_text(json.dumps(model.config, indent=2, sort_keys=True) + "\n")
 
 
-def adapter(model: nn.Module, config: dict, family: str, final_readout: str) -> "ResNetAdapter":
-    return ResNetAdapter(model, config["preprocess"], config.get("label_names"))
+def adapter(model: nn.Module, tokenizer, family: str, final_readout: str) -> ResNetAdapter:
+    return ResNetAdapter(model, model.config["preprocess"], model.config.get("label_names"))
 
 
 class ShortcutOnly(nn.Module):

@@ -1,0 +1,56 @@
+"""Helpers the tests share: the repository, the test configs (tests/configs/*.yaml) and
+running Snakemake the way a user does, from the project's environment."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = Path(__file__).with_name("configs")
+
+
+def load_config(name: str) -> dict:
+    """A fresh copy of the test config ``tests/configs/<name>.yaml``."""
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+TINY_SPECS = load_config("models")
+
+
+def environment(**variables: str) -> dict:
+    """The environment of a Snakemake run: this Python's environment first on PATH (the rules
+    run ``python -m workflow_scripts.<stage>``), plus ``variables``."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **variables}
+
+
+def snakemake(
+    workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile", timeout=600, **variables
+):
+    """Run Snakemake on ``workdir/config.yaml`` with two cores and the environment
+    ``variables``; the finished process."""
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
+        "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
+        "--cores", "2", *args,
+    ]  # fmt: skip
+    # run from the working directory, as a user does: `python -m` puts the current directory
+    # first on the path, and the jobs run there
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=environment(**variables),
+        cwd=workdir,
+    )  # fmt: skip
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a Snakemake run's output, as {rule: jobs}; {} for nothing."""
+    if "Nothing to be done" in output:
+        return {}
+    table = output[output.index("Job stats") :]
+    return {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}

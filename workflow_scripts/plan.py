@@ -1,0 +1,235 @@
+"""The study's plan: ``resolve(config)`` turns a config into a typed, immutable ``Study``.
+
+The Study says what the workflow computes: every model (trained runs included) with its family,
+read-out count, size, extraction options and thresholds; every dataset; every training run with
+its grid expanded and its defaults filled in; the (model, dataset) pairs of the statistics and of
+the ablation; the figure groups and top-example figures. ``rules/common.smk``, the estimator and
+the tests read it; the ``config`` the user wrote is never changed.
+
+Imported by the Snakefile at DAG-build time, so it stays light: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from workflow_scripts import families
+from workflow_scripts.config import analysis_pairs, checked, extract_options, model_blocks, model_head
+from workflow_scripts.sources import dataset_kind, source_scheme
+
+# what fetching a model uses of its entry: a threshold or an extraction option must not refetch
+FETCHED_KEYS = ("family", "source", "arch", "seed", "head", "num_labels")
+# what a dataset entry holds that is not the data's business (jobs and the cost estimate)
+NOT_PREPARED_KEYS = ("shards", "expected_rows", "expected_tokens")
+
+
+def freeze(value):
+    """``value`` with every dict read-only and every list a tuple."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def as_json(value) -> str:
+    """``value`` (frozen or not) as JSON with sorted keys: how settings reach a job's params."""
+    return json.dumps(value, sort_keys=True, default=dict)
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    family: families.Family
+    source: str
+    head: str
+    blocks: int
+    readouts: int  # read-out points: the per-layer statistics jobs
+    size: families.ModelSize
+    entry: Mapping  # its config entry (a trained model's: family, source, head, num_labels)
+    extract: Mapping  # extraction options, the model's own over the global ones
+    thresholds: tuple[float, ...]  # outlier thresholds
+
+    @property
+    def scheme(self) -> str:
+        return source_scheme(self.source)[0]
+
+    @property
+    def location(self) -> str:
+        """What follows the scheme: a repository, a path, an architecture or a run's name."""
+        return source_scheme(self.source)[1]
+
+    @property
+    def run(self) -> str | None:
+        """The training run that makes this model, if any."""
+        return self.location if self.scheme == "train" else None
+
+    def fetch_spec(self) -> dict:
+        return {k: v for k, v in self.entry.items() if k in FETCHED_KEYS}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str
+    kind: str  # pairs, text or image
+    shards: int  # extraction jobs, each over a contiguous block of rows
+    entry: Mapping
+
+    @property
+    def scheme(self) -> str:
+        return source_scheme(self.source)[0]
+
+    @property
+    def location(self) -> str:
+        return source_scheme(self.source)[1]
+
+    @property
+    def estimated_rows(self) -> int:
+        """Rows for job resources and the cost estimate: ``rows``, else ``expected_rows``."""
+        return self.entry.get("rows") or self.entry.get("expected_rows") or 1000
+
+    def prepare_spec(self) -> dict:
+        return {k: v for k, v in self.entry.items() if k not in NOT_PREPARED_KEYS}
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    kind: str  # causal_lm, image_classification or sequence_classification
+    dataset: str
+    settings: Mapping  # the run's settings after its grid, with every default
+
+    @property
+    def base(self) -> str | None:
+        """The model a fine-tune starts from."""
+        return self.settings.get("base")
+
+    @property
+    def tokenizer(self) -> str | None:
+        """The model whose tokenizer a language model uses."""
+        return self.settings.get("tokenizer")
+
+
+@dataclass(frozen=True)
+class FigureGroup:
+    name: str
+    models: tuple[str, ...]
+    datasets: tuple[str, ...]
+    figures: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TopExamples:
+    model: str
+    dataset: str
+    layer: int
+    settings: Mapping  # features (optional), top, examples
+
+
+@dataclass(frozen=True)
+class Study:
+    models: Mapping[str, Model]
+    datasets: Mapping[str, Dataset]
+    runs: Mapping[str, Run]
+    statistics: tuple[tuple[str, str], ...]  # (model, dataset) pairs with activations
+    ablations: tuple[tuple[str, str], ...]  # (model, dataset) pairs scored under ablation
+    stats_options: Mapping  # the stats options that change the numbers (not the thresholds)
+    ablation_options: Mapping
+    figure_groups: Mapping[str, FigureGroup]
+    top_examples: tuple[TopExamples, ...]
+    dpi: int
+    training_figure: bool  # draw the loss curves of every run
+
+    def trained_models(self) -> list[str]:
+        return [name for name, model in self.models.items() if model.run is not None]
+
+    def fetched_models(self) -> list[str]:
+        return [name for name, model in self.models.items() if model.run is None]
+
+    def run_of(self, model: str) -> Run:
+        return self.runs[self.models[model].run]
+
+
+def resolve(config: Mapping) -> Study:
+    """The plan of the study ``config`` describes; raises ConfigError for a bad config."""
+    full = checked(config)
+    thresholds = full["stats"]["thresholds"]
+    models = {
+        name: _model(full, name, spec, thresholds) for name, spec in full["models"].items()
+    }
+    datasets = {
+        name: Dataset(name, spec["source"], dataset_kind(spec), spec["shards"], freeze(spec))
+        for name, spec in full["datasets"].items()
+    }
+    runs = {
+        name: Run(name, run["kind"], run["dataset"], freeze(run))
+        for name, run in full["training"]["runs"].items()
+    }
+    figures = full["figures"]
+    return Study(
+        models=MappingProxyType(models),
+        datasets=MappingProxyType(datasets),
+        runs=MappingProxyType(runs),
+        statistics=tuple(analysis_pairs(full["analyses"])),
+        ablations=tuple(analysis_pairs(full["ablation"]["analyses"])),
+        stats_options=freeze({k: v for k, v in full["stats"].items() if k != "thresholds"}),
+        ablation_options=freeze({k: v for k, v in full["ablation"].items() if k != "analyses"}),
+        figure_groups=MappingProxyType(
+            {
+                name: FigureGroup(
+                    name, tuple(g["models"]), tuple(g["datasets"]), tuple(g["figures"])
+                )
+                for name, g in figures["groups"].items()
+            }
+        ),
+        top_examples=tuple(
+            TopExamples(
+                s["model"],
+                s["dataset"],
+                s["layer"],
+                freeze({k: v for k, v in s.items() if k not in ("model", "dataset", "layer")}),
+            )
+            for s in figures["top_examples"]
+        ),
+        dpi=figures["dpi"],
+        training_figure=figures["training"] and bool(runs),
+    )
+
+
+def _model(config: dict, name: str, spec: dict, thresholds: dict) -> Model:
+    family = families.get(spec["family"])
+    blocks = model_blocks(config, name)
+    value = spec.get("thresholds", thresholds[family.name])
+    return Model(
+        name=name,
+        family=family,
+        source=spec["source"],
+        head=model_head(spec),
+        blocks=blocks,
+        readouts=family.readouts(blocks),
+        size=_size(config, name),
+        entry=freeze(spec),
+        extract=freeze(extract_options(config, name)),
+        thresholds=tuple(float(v) for v in (value if isinstance(value, list) else [value])),
+    )
+
+
+def _size(config: dict, name: str) -> families.ModelSize:
+    """A model's size: a trained model's from its run's architecture (a fine-tune: its base's),
+    with a real vocabulary where it uses another model's tokenizer."""
+    spec = config["models"][name]
+    family = families.get(spec["family"])
+    scheme, rest = source_scheme(spec["source"])
+    blocks = model_blocks(config, name)
+    if scheme == "train":
+        run = config["training"]["runs"][rest]
+        if "arch" not in run:
+            return _size(config, run["base"])
+        return family.size(blocks, run["arch"], vocabulary="tokenizer" in run)
+    if scheme == "torchvision":
+        return family.size(blocks, architecture=rest)
+    return family.size(blocks, spec.get("arch"), spec.get("width"), vocabulary=scheme != "init")

@@ -52,8 +52,8 @@ include: "rules/figures.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_stats(),
         all_ablations(),
         all_figures(),
-    default_target: True

@@ -9,6 +9,7 @@ cores and the same Snakemake options as `make run` (profiles/default: `--cache`)
     .venv/bin/python benchmarks/cache_warm.py              # the default workflow, about 6 min
     .venv/bin/python benchmarks/cache_warm.py --cores 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,16 +22,26 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "envs", "report", "config.yaml",
-                  "profiles")
+WORKFLOW_FILES = (
+    "Snakefile",
+    "rules",
+    "workflow_scripts",
+    "envs",
+    "report",
+    "config.yaml",
+    "profiles",
+)
 
 
 def timed_run(checkout: Path, cache: Path, cores: int) -> float:
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", str(cores), "--cache", "--quiet", "all"],
-        cwd=checkout, env={**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(cache)},
-        capture_output=True, text=True)
+        cwd=checkout,
+        env={**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"the workflow failed:\n{result.stderr[-3000:]}")
@@ -47,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
         for name in WORKFLOW_FILES:
             source = REPO / name
             if source.is_dir():
-                shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(
+                    source, checkout / name, ignore=shutil.ignore_patterns("__pycache__")
+                )
             else:
                 checkout.mkdir(exist_ok=True)
                 shutil.copy2(source, checkout / name)
@@ -58,8 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"default workflow on {args.cores} cores, {entries} cache entries")
     print(f"  cold (empty cache):            {cold:8.1f} s")
     print(f"  warm (results/ deleted):       {warm:8.1f} s")
-    print(f"  warm / cold:                   {warm / cold:8.3f}   [target < 0.2: "
-          f"{'ok' if warm / cold < 0.2 else 'ABOVE TARGET'}]")
+    print(
+        f"  warm / cold:                   {warm / cold:8.3f}   [target < 0.2: "
+        f"{'ok' if warm / cold < 0.2 else 'ABOVE TARGET'}]"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/extract_throughput.py --quick      # about 30 s
     .venv/bin/python benchmarks/extract_throughput.py --breakdown  # adds the per-part timings
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,22 +44,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workflow_scripts.activations import ShardWriter  # noqa: E402
-from workflow_scripts.data import builtin, store  # noqa: E402
 from workflow_scripts.batches import Batch, text_batches  # noqa: E402
+from workflow_scripts.data import builtin, store  # noqa: E402
 from workflow_scripts.extract import _kept_positions, _write_batch  # noqa: E402
 from workflow_scripts.fetch_model import fetch  # noqa: E402
 from workflow_scripts.models import load_adapter  # noqa: E402
 
 # the defaults of ``extract`` in workflow_scripts/config.schema.yaml (device: cpu here)
-OPTIONS = {"dtype": "float16", "batch_size": 32, "max_tokens": 128, "padding": "longest",
-           "rows_per_example": None, "device": "cpu", "autocast": None, "chunk_rows": 1024,
-           "chunks_per_shard": 8, "gpt2_final_readout": "raw", "seed": 0}
+OPTIONS = {
+    "dtype": "float16",
+    "batch_size": 32,
+    "max_tokens": 128,
+    "padding": "longest",
+    "rows_per_example": None,
+    "device": "cpu",
+    "autocast": None,
+    "chunk_rows": 1024,
+    "chunks_per_shard": 8,
+    "gpt2_final_readout": "raw",
+    "seed": 0,
+}
 
-GPT2_SPEC = {"family": "gpt2", "source": "init:", "seed": 0,
-             "arch": {"layers": 12, "width": 768, "heads": 12, "context": 128}}
-RESNET_SPEC = {"family": "resnet", "source": "init:", "seed": 0, "num_labels": 1000,
-               "arch": {"block": "basic", "layers": [2, 2, 2, 2], "widths": [64, 128, 256, 512],
-                        "stem": "imagenet"}}
+GPT2_SPEC = {
+    "family": "gpt2",
+    "source": "init:",
+    "seed": 0,
+    "arch": {"layers": 12, "width": 768, "heads": 12, "context": 128},
+}
+RESNET_SPEC = {
+    "family": "resnet",
+    "source": "init:",
+    "seed": 0,
+    "num_labels": 1000,
+    "arch": {
+        "block": "basic",
+        "layers": [2, 2, 2, 2],
+        "widths": [64, 128, 256, 512],
+        "stem": "imagenet",
+    },
+}
 
 
 def text_case(work: Path, examples: int):
@@ -68,10 +92,19 @@ def text_case(work: Path, examples: int):
     adapter, _ = load_adapter(work / "gpt2", OPTIONS["gpt2_final_readout"])
     store.write(builtin.generate("corpus", examples, seed=0), work / "corpus.parquet", "text", None)
     frame, kind, _ = store.read(work / "corpus.parquet")
-    batches = text_batches(adapter.tokenizer, frame, kind, OPTIONS["batch_size"],
-                           OPTIONS["max_tokens"], OPTIONS["padding"])
-    rows = sum(len(_kept_positions(p, e, OPTIONS))
-               for b in batches for p, e in zip(b.padding, b.example_id))
+    batches = text_batches(
+        adapter.tokenizer,
+        frame,
+        kind,
+        OPTIONS["batch_size"],
+        OPTIONS["max_tokens"],
+        OPTIONS["padding"],
+    )
+    rows = sum(
+        len(_kept_positions(p, e, OPTIONS))
+        for b in batches
+        for p, e in zip(b.padding, b.example_id)
+    )
     return adapter, batches, rows
 
 
@@ -82,8 +115,12 @@ def image_case(work: Path, images: int):
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(images, 3, 224, 224, generator=generator)
     size = OPTIONS["batch_size"]
-    batches = [Batch({"pixel_values": pixels[s:s + size]}, np.arange(s, min(s + size, images)),
-                     None, None) for s in range(0, images, size)]
+    batches = [
+        Batch(
+            {"pixel_values": pixels[s : s + size]}, np.arange(s, min(s + size, images)), None, None
+        )
+        for s in range(0, images, size)
+    ]
     return adapter, batches, images
 
 
@@ -95,12 +132,19 @@ def forward_batch(adapter, batch: Batch, device) -> None:
 
 
 def new_writer(adapter, rows: int, path: Path) -> ShardWriter:
-    return ShardWriter(path, adapter.readouts, rows, OPTIONS["dtype"], OPTIONS["chunk_rows"],
-                       OPTIONS["chunks_per_shard"])
+    return ShardWriter(
+        path,
+        adapter.readouts,
+        rows,
+        OPTIONS["dtype"],
+        OPTIONS["chunk_rows"],
+        OPTIONS["chunks_per_shard"],
+    )
 
 
-def paired_pass(adapter, batches, rows, device, path: Path,
-                repetition: int = 0) -> tuple[list[float], list[float], float]:
+def paired_pass(
+    adapter, batches, rows, device, path: Path, repetition: int = 0
+) -> tuple[list[float], list[float], float]:
     """One repetition: the bare forward and the extraction (into one shard writer) of every
     batch, back to back, which one first alternating by batch and repetition. Returns the
     per-batch forward and extraction times and the writer's fixed cost (creation + close, the
@@ -110,8 +154,9 @@ def paired_pass(adapter, batches, rows, device, path: Path,
     writer = new_writer(adapter, rows, path)
     fixed = time.perf_counter() - t
     for i, batch in enumerate(batches):
-        for side in (("forward", "extraction") if (i + repetition) % 2 == 0 else
-                     ("extraction", "forward")):
+        for side in (
+            ("forward", "extraction") if (i + repetition) % 2 == 0 else ("extraction", "forward")
+        ):
             t = time.perf_counter()
             if side == "forward":
                 forward_batch(adapter, batch, device)
@@ -128,9 +173,16 @@ def paired_pass(adapter, batches, rows, device, path: Path,
 
 def breakdown(adapter, batches, rows, device, path: Path) -> dict[str, float]:
     """One extraction pass with its parts timed apart; mirrors ``_write_batch`` step by step."""
-    times = dict.fromkeys(["writer setup", "stream capture", "select + float16 + numpy",
-                           "writer.append (buffer copy + Zarr writes)",
-                           "writer.close (last flush)"], 0.0)
+    times = dict.fromkeys(
+        [
+            "writer setup",
+            "stream capture",
+            "select + float16 + numpy",
+            "writer.append (buffer copy + Zarr writes)",
+            "writer.close (last flush)",
+        ],
+        0.0,
+    )
     keys = list(times)
     store_dtype = getattr(torch, OPTIONS["dtype"])
     t = time.perf_counter()
@@ -152,10 +204,19 @@ def breakdown(adapter, batches, rows, device, path: Path) -> dict[str, float]:
             keep = [_kept_positions(p, e, OPTIONS) for p, e in zip(batch.padding, batch.example_id)]
             flat = np.concatenate([i * tokens + k for i, k in enumerate(keep)])
             flat_rows = torch.from_numpy(flat).to(device)
-            arrays = [s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype)
-                      .cpu().numpy() for s in streams]
-            index = (np.repeat(batch.example_id, [len(k) for k in keep]),
-                     (flat % tokens).astype(np.int32), batch.padding.reshape(-1)[flat])
+            arrays = [
+                s.reshape(examples * tokens, -1)
+                .index_select(0, flat_rows)
+                .to(store_dtype)
+                .cpu()
+                .numpy()
+                for s in streams
+            ]
+            index = (
+                np.repeat(batch.example_id, [len(k) for k in keep]),
+                (flat % tokens).astype(np.int32),
+                batch.padding.reshape(-1)[flat],
+            )
         times[keys[2]] += time.perf_counter() - t
         t = time.perf_counter()
         writer.append(arrays, *index)
@@ -174,15 +235,18 @@ def batch_rows(batch: Batch) -> int:
     return sum(len(_kept_positions(p, e, OPTIONS)) for p, e in zip(batch.padding, batch.example_id))
 
 
-def measure(key: str, name: str, adapter, batches, rows: int, repeats: int, work: Path,
-            with_breakdown: bool) -> float:
+def measure(
+    key: str, name: str, adapter, batches, rows: int, repeats: int, work: Path, with_breakdown: bool
+) -> float:
     device = torch.device(OPTIONS["device"])
     adapter.to(device)
     examples = sum(len(b.example_id) for b in batches)
     readouts = adapter.readouts
     stored = rows * sum(r.width for r in readouts) * np.dtype(OPTIONS["dtype"]).itemsize
-    print(f"\n== {name}: {examples} examples in {len(batches)} batches, {rows} rows, "
-          f"{len(readouts)} read-outs, {stored / 2**20:.1f} MiB of {OPTIONS['dtype']} per pass")
+    print(
+        f"\n== {name}: {examples} examples in {len(batches)} batches, {rows} rows, "
+        f"{len(readouts)} read-outs, {stored / 2**20:.1f} MiB of {OPTIONS['dtype']} per pass"
+    )
     # warm-up: one batch of each side (allocator, kernels, Zarr/codec imports)
     paired_pass(adapter, batches[:1], batch_rows(batches[0]), device, work / f"{key}-warmup.zarr")
 
@@ -192,9 +256,11 @@ def measure(key: str, name: str, adapter, batches, rows: int, repeats: int, work
         forward.append(f)
         extraction.append(e)
         fixed.append(c)
-        line = (f"  repetition {r + 1}/{repeats}: forward {sum(f):.2f} s, "
-                f"extraction {sum(e) + c:.2f} s (batches {sum(e):.2f} + writer setup/close "
-                f"{c:.2f})")
+        line = (
+            f"  repetition {r + 1}/{repeats}: forward {sum(f):.2f} s, "
+            f"extraction {sum(e) + c:.2f} s (batches {sum(e):.2f} + writer setup/close "
+            f"{c:.2f})"
+        )
         if with_breakdown:
             parts.append(breakdown(adapter, batches, rows, device, work / f"{key}.zarr"))
             line += f", timed-parts pass {sum(parts[-1].values()):.2f} s"
@@ -202,27 +268,38 @@ def measure(key: str, name: str, adapter, batches, rows: int, repeats: int, work
 
     # best: per batch the fastest repetition (and the fastest writer setup/close), summed;
     # median: the median of the repetitions' totals
-    totals = {"forward": [sum(f) for f in forward],
-              "extraction": [sum(e) + c for e, c in zip(extraction, fixed)]}
-    best = {"forward": sum(min(f[i] for f in forward) for i in range(len(batches))),
-            "extraction": sum(min(e[i] for e in extraction) for i in range(len(batches)))
-            + min(fixed)}
-    print(f"  {'':<11}{'best s':>9}{'median s':>10}{'examples/s':>12}{'rows/s':>11}"
-          "   (throughput from the best)")
+    totals = {
+        "forward": [sum(f) for f in forward],
+        "extraction": [sum(e) + c for e, c in zip(extraction, fixed)],
+    }
+    best = {
+        "forward": sum(min(f[i] for f in forward) for i in range(len(batches))),
+        "extraction": sum(min(e[i] for e in extraction) for i in range(len(batches))) + min(fixed),
+    }
+    print(
+        f"  {'':<11}{'best s':>9}{'median s':>10}{'examples/s':>12}{'rows/s':>11}"
+        "   (throughput from the best)"
+    )
     for side in ("forward", "extraction"):
-        print(f"  {side:<11}{best[side]:>9.2f}{statistics.median(totals[side]):>10.2f}"
-              f"{examples / best[side]:>12.1f}{rows / best[side]:>11.1f}")
+        print(
+            f"  {side:<11}{best[side]:>9.2f}{statistics.median(totals[side]):>10.2f}"
+            f"{examples / best[side]:>12.1f}{rows / best[side]:>11.1f}"
+        )
     ratio_best = best["forward"] / best["extraction"]
     ratio_median = statistics.median(totals["forward"]) / statistics.median(totals["extraction"])
     verdict = "ok" if ratio_best >= 0.8 else "BELOW TARGET"
-    print(f"  ratio extraction/forward throughput: {ratio_best:.3f} (best), "
-          f"{ratio_median:.3f} (median)  [target >= 0.8: {verdict}]")
+    print(
+        f"  ratio extraction/forward throughput: {ratio_best:.3f} (best), "
+        f"{ratio_median:.3f} (median)  [target >= 0.8: {verdict}]"
+    )
 
     if with_breakdown:
         fastest = {part: min(p[part] for p in parts) for part in parts[0]}
         total = sum(fastest.values())
-        print(f"  breakdown of the extraction, fastest of {repeats} timed-parts passes per part "
-              f"(sum {total:.2f} s; forward best {best['forward']:.2f} s):")
+        print(
+            f"  breakdown of the extraction, fastest of {repeats} timed-parts passes per part "
+            f"(sum {total:.2f} s; forward best {best['forward']:.2f} s):"
+        )
         for part, seconds in fastest.items():
             print(f"    {part:<44}{seconds:>8.3f} s {100 * seconds / total:>6.1f} %")
     return ratio_best
@@ -230,14 +307,20 @@ def measure(key: str, name: str, adapter, batches, rows: int, repeats: int, work
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a smaller run: 32 text examples, 32 images, 2 repetitions")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run: 32 text examples, 32 images, 2 repetitions",
+    )
     parser.add_argument("--text-examples", type=int, help="corpus examples (default 128)")
     parser.add_argument("--images", type=int, help="224x224 images (default 64)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="add a pass per repetition that times the parts of the extraction")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="add a pass per repetition that times the parts of the extraction",
+    )
     parser.add_argument("--only", choices=["gpt2", "resnet"], help="run one model only")
     args = parser.parse_args(argv)
     text_examples = args.text_examples or (32 if args.quick else 128)
@@ -245,27 +328,49 @@ def main(argv: list[str] | None = None) -> None:
     repeats = args.repeats or (2 if args.quick else 3)
 
     import transformers  # quiet the model save/load progress bars and notices
+
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
-          f"{OPTIONS['device']}, options {OPTIONS}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device "
+        f"{OPTIONS['device']}, options {OPTIONS}"
+    )
     started = time.perf_counter()
     ratios = {}
     with tempfile.TemporaryDirectory(prefix="extract-throughput-") as tmp:
         work = Path(tmp)
         if args.only in (None, "gpt2"):
             adapter, batches, rows = text_case(work, text_examples)
-            ratios["gpt2"] = measure("gpt2", "gpt2-small (init, 12x768, ctx 128)", adapter, batches,
-                                     rows, repeats, work, args.breakdown)
+            ratios["gpt2"] = measure(
+                "gpt2",
+                "gpt2-small (init, 12x768, ctx 128)",
+                adapter,
+                batches,
+                rows,
+                repeats,
+                work,
+                args.breakdown,
+            )
             del adapter, batches
         if args.only in (None, "resnet"):
             adapter, batches, rows = image_case(work, images)
-            ratios["resnet"] = measure("resnet", "resnet18 (init, 224x224)", adapter, batches, rows,
-                                       repeats, work, args.breakdown)
-    print("\nsummary: " + ", ".join(f"{k} ratio {v:.3f}" for k, v in ratios.items())
-          + f"; total {time.perf_counter() - started:.0f} s")
+            ratios["resnet"] = measure(
+                "resnet",
+                "resnet18 (init, 224x224)",
+                adapter,
+                batches,
+                rows,
+                repeats,
+                work,
+                args.breakdown,
+            )
+    print(
+        "\nsummary: "
+        + ", ".join(f"{k} ratio {v:.3f}" for k, v in ratios.items())
+        + f"; total {time.perf_counter() - started:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ Run from the repository root:
                                                                     # the harness (~3 min)
     .venv/bin/python benchmarks/gpu_stages.py --skip-throughput       # only the checks
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,36 +102,101 @@ TINY_TEXT = {"layers": 4, "width": 64, "heads": 4, "context": 64}
 CHECK_MODELS = {
     "gpt2": {"family": "gpt2", "source": "init:", "seed": 0, "arch": TINY_TEXT},
     "gptr2": {"family": "gptr2", "source": "init:", "seed": 0, "arch": TINY_TEXT},
-    "bert": {"family": "bert", "source": "init:", "seed": 0, "arch": TINY_TEXT,
-             "head": "sequence_classification", "num_labels": 3},
-    "resnet": {"family": "resnet", "source": "init:", "seed": 0, "num_labels": 10,
-               "arch": {"block": "basic", "layers": [1, 2], "widths": [8, 16], "stem": "cifar"}},
-    "resnet-rms": {"family": "resnet", "source": "init:", "seed": 0, "num_labels": 10,
-                   "arch": {"block": "bottleneck", "layers": [1, 1], "widths": [8, 16],
-                            "stem": "cifar", "norm": "rms"}},
+    "bert": {
+        "family": "bert",
+        "source": "init:",
+        "seed": 0,
+        "arch": TINY_TEXT,
+        "head": "sequence_classification",
+        "num_labels": 3,
+    },
+    "resnet": {
+        "family": "resnet",
+        "source": "init:",
+        "seed": 0,
+        "num_labels": 10,
+        "arch": {"block": "basic", "layers": [1, 2], "widths": [8, 16], "stem": "cifar"},
+    },
+    "resnet-rms": {
+        "family": "resnet",
+        "source": "init:",
+        "seed": 0,
+        "num_labels": 10,
+        "arch": {
+            "block": "bottleneck",
+            "layers": [1, 1],
+            "widths": [8, 16],
+            "stem": "cifar",
+            "norm": "rms",
+        },
+    },
 }
-CHECK_PAIRS = {"gpt2": "corpus", "gptr2": "corpus", "bert": "pairs", "resnet": "shapes",
-               "resnet-rms": "shapes"}
+CHECK_PAIRS = {
+    "gpt2": "corpus",
+    "gptr2": "corpus",
+    "bert": "pairs",
+    "resnet": "shapes",
+    "resnet-rms": "shapes",
+}
 ABLATION_MODELS = ("gpt2", "bert", "resnet", "resnet-rms")
-EXTRACT_CHECK_OPTIONS = {"dtype": "float32", "batch_size": 8, "max_tokens": 48,
-                         "padding": "longest", "rows_per_example": None, "chunk_rows": 64,
-                         "chunks_per_shard": 4, "gpt2_final_readout": "raw", "seed": 0}
+EXTRACT_CHECK_OPTIONS = {
+    "dtype": "float32",
+    "batch_size": 8,
+    "max_tokens": 48,
+    "padding": "longest",
+    "rows_per_example": None,
+    "chunk_rows": 64,
+    "chunks_per_shard": 4,
+    "gpt2_final_readout": "raw",
+    "seed": 0,
+}
 ABLATION_CHECK_OPTIONS = {"batch_size": 8, "max_tokens": 48, "padding": "longest"}
 EXTRACT_TOLERANCE = {None: 5e-3, "float16": 3e-2, "bfloat16": 1e-1}  # max err / layer RMS
 ABLATION_TOLERANCE = {None: 0.02, "float16": 0.05, "bfloat16": 0.05}  # accuracy, absolute
 
-TRAIN_COMMON = {"seed": 0, "eval_fraction": 0.1, "eval_every": 50, "checkpoint_every": 1000,
-                "warmup_steps": 5, "schedule": "cosine", "clip_grad_norm": 1.0,
-                "batch_size": 16, "max_tokens": 64, "context": 32}
+TRAIN_COMMON = {
+    "seed": 0,
+    "eval_fraction": 0.1,
+    "eval_every": 50,
+    "checkpoint_every": 1000,
+    "warmup_steps": 5,
+    "schedule": "cosine",
+    "clip_grad_norm": 1.0,
+    "batch_size": 16,
+    "max_tokens": 64,
+    "context": 32,
+}
 TRAIN_CHECKS = {
-    "lm-gptr2": ({**TRAIN_COMMON, "kind": "causal_lm", "family": "gptr2",
-                  "arch": {"layers": 2, "width": 64, "heads": 2, "context": 64},
-                  "optimizer": {"name": "adam", "lr": 0.003}, "steps": 60}, "train-corpus", 0.8),
-    "resnet-rms": ({**TRAIN_COMMON, "kind": "image_classification", "num_labels": 10,
-                    "arch": {"block": "basic", "layers": [1, 1], "widths": [16, 32],
-                             "stem": "cifar", "norm": "rms"},
-                    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "steps": 100},
-                   "train-shapes", 0.9),
+    "lm-gptr2": (
+        {
+            **TRAIN_COMMON,
+            "kind": "causal_lm",
+            "family": "gptr2",
+            "arch": {"layers": 2, "width": 64, "heads": 2, "context": 64},
+            "optimizer": {"name": "adam", "lr": 0.003},
+            "steps": 60,
+        },
+        "train-corpus",
+        0.8,
+    ),
+    "resnet-rms": (
+        {
+            **TRAIN_COMMON,
+            "kind": "image_classification",
+            "num_labels": 10,
+            "arch": {
+                "block": "basic",
+                "layers": [1, 1],
+                "widths": [16, 32],
+                "stem": "cifar",
+                "norm": "rms",
+            },
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+            "steps": 100,
+        },
+        "train-shapes",
+        0.9,
+    ),
 }
 
 
@@ -153,13 +219,18 @@ def quiet_stderr():
 
 def write_data(work: Path) -> dict[str, Path]:
     paths = {}
-    for name, source, rows in (("corpus", "corpus", 48), ("pairs", "pairs", 32),
-                               ("shapes", "shapes", 64), ("train-corpus", "corpus", 300),
-                               ("train-shapes", "shapes", 400)):
+    for name, source, rows in (
+        ("corpus", "corpus", 48),
+        ("pairs", "pairs", 32),
+        ("shapes", "shapes", 64),
+        ("train-corpus", "corpus", 300),
+        ("train-shapes", "shapes", 400),
+    ):
         kind = {"corpus": "text", "pairs": "pairs", "shapes": "image"}[source]
         paths[name] = work / f"{name}.parquet"
-        store.write(builtin.generate(source, rows, seed=0), paths[name], kind,
-                    builtin.label_names(source))
+        store.write(
+            builtin.generate(source, rows, seed=0), paths[name], kind, builtin.label_names(source)
+        )
     return paths
 
 
@@ -169,30 +240,76 @@ def mode_name(mode: str | None) -> str:
 
 def run_extract(model_dir, data, out, options, threads) -> list[np.ndarray]:
     with quiet_stderr():
-        extract_stage.main(["--model", str(model_dir), "--data", str(data), "--shard", "0",
-                            "--shards", "1", "--options", json.dumps(options),
-                            "--threads", str(threads), "--out", str(out)])
+        extract_stage.main(
+            [
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--shard",
+                "0",
+                "--shards",
+                "1",
+                "--options",
+                json.dumps(options),
+                "--threads",
+                str(threads),
+                "--out",
+                str(out),
+            ]
+        )
     group = open_shard(out)
     names = [f"layer-{r['index']}" for r in group.attrs["readouts"]]
-    return [group[n][:] for n in names] + [group[n][:] for n in
-                                           ("example_id", "position", "is_padding")]
+    return [group[n][:] for n in names] + [
+        group[n][:] for n in ("example_id", "position", "is_padding")
+    ]
 
 
 def run_ablate(model_dir, data, out, options, threads) -> pd.DataFrame:
     with quiet_stderr():
-        ablate_stage.main(["--model", str(model_dir), "--data", str(data), "--options",
-                           json.dumps(options), "--model-name", "m", "--dataset-name", "d",
-                           "--threads", str(threads), "--out", str(out)])
+        ablate_stage.main(
+            [
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--options",
+                json.dumps(options),
+                "--model-name",
+                "m",
+                "--dataset-name",
+                "d",
+                "--threads",
+                str(threads),
+                "--out",
+                str(out),
+            ]
+        )
     return pd.read_parquet(out)
 
 
 def run_train(name, spec, data, out: Path, threads) -> pd.DataFrame:
     with quiet_stderr():
-        train_stage.main(["--name", name, "--spec", json.dumps(spec), "--data", str(data),
-                          "--checkpoint", str(out / "checkpoint.pt"),
-                          "--metrics", str(out / "metrics.parquet"),
-                          "--plot", str(out / "loss.png"), "--threads", str(threads),
-                          "--out", str(out / "model")])
+        train_stage.main(
+            [
+                "--name",
+                name,
+                "--spec",
+                json.dumps(spec),
+                "--data",
+                str(data),
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--metrics",
+                str(out / "metrics.parquet"),
+                "--plot",
+                str(out / "loss.png"),
+                "--threads",
+                str(threads),
+                "--out",
+                str(out / "model"),
+            ]
+        )
     return pd.read_parquet(out / "metrics.parquet")
 
 
@@ -200,24 +317,34 @@ def check_extraction(work, models, data, device, threads) -> None:
     print(f"\n== extraction: {device} against cpu (stored float32)")
     for name, dataset in CHECK_PAIRS.items():
         options = {**EXTRACT_CHECK_OPTIONS, "device": "cpu", "autocast": None}
-        reference = run_extract(models[name], data[dataset], work / f"x-{name}-cpu.zarr",
-                                options, threads)
+        reference = run_extract(
+            models[name], data[dataset], work / f"x-{name}-cpu.zarr", options, threads
+        )
         for mode in MODES:
             options = {**EXTRACT_CHECK_OPTIONS, "device": device, "autocast": mode}
-            got = run_extract(models[name], data[dataset],
-                              work / f"x-{name}-{device}-{mode_name(mode)}.zarr", options, threads)
+            got = run_extract(
+                models[name],
+                data[dataset],
+                work / f"x-{name}-{device}-{mode_name(mode)}.zarr",
+                options,
+                threads,
+            )
             layers = len(reference) - 3
-            errors = [float(np.abs(g - r).max() / max(np.sqrt(np.mean(r.astype(np.float64) ** 2)),
-                                                      1e-12))
-                      for g, r in zip(got[:layers], reference[:layers])]
+            errors = [
+                float(np.abs(g - r).max() / max(np.sqrt(np.mean(r.astype(np.float64) ** 2)), 1e-12))
+                for g, r in zip(got[:layers], reference[:layers])
+            ]
             index_same = all(np.array_equal(g, r) for g, r in zip(got[layers:], reference[layers:]))
             worst = max(errors)
-            check(f"extract {name} on {dataset}, {mode_name(mode)}",
-                  worst <= EXTRACT_TOLERANCE[mode] and index_same
-                  and got[0].shape == reference[0].shape,
-                  f"{layers} read-outs x {reference[0].shape[0]} rows, max |d|/rms {worst:.2e} "
-                  f"(tol {EXTRACT_TOLERANCE[mode]:.0e}), index arrays "
-                  f"{'identical' if index_same else 'DIFFER'}")
+            check(
+                f"extract {name} on {dataset}, {mode_name(mode)}",
+                worst <= EXTRACT_TOLERANCE[mode]
+                and index_same
+                and got[0].shape == reference[0].shape,
+                f"{layers} read-outs x {reference[0].shape[0]} rows, max |d|/rms {worst:.2e} "
+                f"(tol {EXTRACT_TOLERANCE[mode]:.0e}), index arrays "
+                f"{'identical' if index_same else 'DIFFER'}",
+            )
 
 
 def check_ablation(work, models, data, device, threads) -> None:
@@ -225,24 +352,33 @@ def check_ablation(work, models, data, device, threads) -> None:
     for name in ABLATION_MODELS:
         dataset = CHECK_PAIRS[name]
         options = {**ABLATION_CHECK_OPTIONS, "device": "cpu", "autocast": None}
-        reference = run_ablate(models[name], data[dataset], work / f"a-{name}-cpu.parquet",
-                               options, threads)
+        reference = run_ablate(
+            models[name], data[dataset], work / f"a-{name}-cpu.parquet", options, threads
+        )
         for mode in MODES:
             options = {**ABLATION_CHECK_OPTIONS, "device": device, "autocast": mode}
-            got = run_ablate(models[name], data[dataset],
-                             work / f"a-{name}-{device}-{mode_name(mode)}.parquet", options,
-                             threads)
+            got = run_ablate(
+                models[name],
+                data[dataset],
+                work / f"a-{name}-{device}-{mode_name(mode)}.parquet",
+                options,
+                threads,
+            )
             keys = ["layer", "direction", "metric"]
             merged = reference.merge(got, on=keys, suffixes=("_cpu", "_gpu"))
-            same_rows = len(merged) == len(reference) == len(got) and (
-                merged["predictions_cpu"] == merged["predictions_gpu"]).all()
+            same_rows = (
+                len(merged) == len(reference) == len(got)
+                and (merged["predictions_cpu"] == merged["predictions_gpu"]).all()
+            )
             diff = (merged["value_cpu"] - merged["value_gpu"]).abs()
-            check(f"ablate {name} on {dataset}, {mode_name(mode)}",
-                  bool(same_rows and diff.max() <= ABLATION_TOLERANCE[mode]),
-                  f"{len(merged)} accuracies, {int((diff == 0).sum())} equal, max |d| "
-                  f"{diff.max():.4f} (tol {ABLATION_TOLERANCE[mode]}), predictions per pass "
-                  f"{int(merged['predictions_cpu'].iloc[0])}"
-                  f"{'' if same_rows else ', ROWS OR COUNTS DIFFER'}")
+            check(
+                f"ablate {name} on {dataset}, {mode_name(mode)}",
+                bool(same_rows and diff.max() <= ABLATION_TOLERANCE[mode]),
+                f"{len(merged)} accuracies, {int((diff == 0).sum())} equal, max |d| "
+                f"{diff.max():.4f} (tol {ABLATION_TOLERANCE[mode]}), predictions per pass "
+                f"{int(merged['predictions_cpu'].iloc[0])}"
+                f"{'' if same_rows else ', ROWS OR COUNTS DIFFER'}",
+            )
 
 
 def check_training(work, data, device, threads) -> None:
@@ -252,8 +388,13 @@ def check_training(work, data, device, threads) -> None:
         for where, mode in [("cpu", None)] + [(device, m) for m in MODES]:
             label = f"{where}-{mode_name(mode)}" if runs else "cpu-reference"
             started = time.perf_counter()
-            metrics = run_train(name, {**spec, "device": where, "mixed_precision": mode},
-                                data[dataset], work / f"t-{name}-{label}", threads)
+            metrics = run_train(
+                name,
+                {**spec, "device": where, "mixed_precision": mode},
+                data[dataset],
+                work / f"t-{name}-{label}",
+                threads,
+            )
             runs[label] = (metrics, time.perf_counter() - started)
         cpu = runs["cpu-reference"][0]
         for label, (metrics, seconds) in runs.items():
@@ -263,16 +404,20 @@ def check_training(work, data, device, threads) -> None:
             start_gap = abs(loss.iloc[0] - cpu["loss"].iloc[0])
             accuracy = metrics["eval_accuracy"].dropna().iloc[-1]
             skipped = int((~np.isfinite(metrics["grad_norm"])).sum())
-            check(f"train {name}, {label}", finite and last < factor * first,
-                  f"{len(loss)} steps in {seconds:.1f} s, loss {first:.3f} -> {last:.3f} "
-                  f"(first 5 / last 10 means, need < {factor}x), step-0 loss {loss.iloc[0]:.4f} "
-                  f"(cpu {cpu['loss'].iloc[0]:.4f}, |d| {start_gap:.1e}), held-out accuracy "
-                  f"{accuracy:.3f} (cpu {cpu['eval_accuracy'].dropna().iloc[-1]:.3f}), "
-                  f"non-finite grad norms (scaler skips) {skipped}")
+            check(
+                f"train {name}, {label}",
+                finite and last < factor * first,
+                f"{len(loss)} steps in {seconds:.1f} s, loss {first:.3f} -> {last:.3f} "
+                f"(first 5 / last 10 means, need < {factor}x), step-0 loss {loss.iloc[0]:.4f} "
+                f"(cpu {cpu['loss'].iloc[0]:.4f}, |d| {start_gap:.1e}), held-out accuracy "
+                f"{accuracy:.3f} (cpu {cpu['eval_accuracy'].dropna().iloc[-1]:.3f}), "
+                f"non-finite grad norms (scaler skips) {skipped}",
+            )
 
 
 def run_checks(work: Path, device: str, threads: int) -> None:
     import transformers
+
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     data = write_data(work)
@@ -281,9 +426,11 @@ def run_checks(work: Path, device: str, threads: int) -> None:
         models[name] = work / "models" / name
         with quiet_stderr():
             fetch(copy.deepcopy(spec), models[name])
-    for section in (lambda: check_extraction(work, models, data, device, threads),
-                    lambda: check_ablation(work, models, data, device, threads),
-                    lambda: check_training(work, data, device, threads)):
+    for section in (
+        lambda: check_extraction(work, models, data, device, threads),
+        lambda: check_ablation(work, models, data, device, threads),
+        lambda: check_training(work, data, device, threads),
+    ):
         try:
             section()
         except Exception:
@@ -294,19 +441,38 @@ def run_checks(work: Path, device: str, threads: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # part 2: throughput on full-size random-initialised models
 
+
 def gpt2_spec(args) -> dict:
-    return {"family": "gpt2", "source": "init:", "seed": 0,
-            "arch": {"layers": args.layers, "width": args.width, "heads": args.heads,
-                     "context": args.context}}
+    return {
+        "family": "gpt2",
+        "source": "init:",
+        "seed": 0,
+        "arch": {
+            "layers": args.layers,
+            "width": args.width,
+            "heads": args.heads,
+            "context": args.context,
+        },
+    }
 
 
 def resnet_arch(args) -> dict:
-    return {"block": "bottleneck", "layers": args.resnet_layers,
-            "widths": [64, 128, 256, 512], "stem": "imagenet"}
+    return {
+        "block": "bottleneck",
+        "layers": args.resnet_layers,
+        "widths": [64, 128, 256, 512],
+        "stem": "imagenet",
+    }
 
 
-EXTRACT_OPTIONS = {"dtype": "float16", "rows_per_example": None, "chunk_rows": 1024,
-                   "chunks_per_shard": 8, "gpt2_final_readout": "raw", "seed": 0}
+EXTRACT_OPTIONS = {
+    "dtype": "float16",
+    "rows_per_example": None,
+    "chunk_rows": 1024,
+    "chunks_per_shard": 8,
+    "gpt2_final_readout": "raw",
+    "seed": 0,
+}
 
 
 def sync(device: torch.device) -> None:
@@ -340,20 +506,51 @@ def timed(fn, iterations: int, device: torch.device, warmup: int = 1) -> list[fl
     return times
 
 
-def record(model: str, case: str, mode, work_per_call: float, unit: str, seconds: float,
-           reference: float | None, peak: float, note: str = "", per: str = "batch") -> None:
+def record(
+    model: str,
+    case: str,
+    mode,
+    work_per_call: float,
+    unit: str,
+    seconds: float,
+    reference: float | None,
+    peak: float,
+    note: str = "",
+    per: str = "batch",
+) -> None:
     rate = work_per_call / seconds
     ratio = reference / seconds if reference else math.nan
-    SUMMARY.append({"model": model, "case": case, "mode": mode_name(mode), "rate": rate,
-                    "unit": unit, "ratio": ratio, "peak_gib": peak, "note": note})
+    SUMMARY.append(
+        {
+            "model": model,
+            "case": case,
+            "mode": mode_name(mode),
+            "rate": rate,
+            "unit": unit,
+            "ratio": ratio,
+            "peak_gib": peak,
+            "note": note,
+        }
+    )
     ratio_text = f"   ratio to forward {ratio:.3f}" if reference else ""
-    print(f"    {case + ', ' + mode_name(mode):<40}{1000 * seconds:>9.1f} ms/{per} {rate:>12,.0f} "
-          f"{unit}{ratio_text}", flush=True)
+    print(
+        f"    {case + ', ' + mode_name(mode):<40}{1000 * seconds:>9.1f} ms/{per} {rate:>12,.0f} "
+        f"{unit}{ratio_text}",
+        flush=True,
+    )
 
 
-def inference_cases(name: str, adapter, batch: Batch, work_per_batch: float, unit: str,
-                    device: torch.device, iterations: int, work: Path,
-                    extract_batches: int) -> None:
+def inference_cases(
+    name: str,
+    adapter,
+    batch: Batch,
+    work_per_batch: float,
+    unit: str,
+    device: torch.device,
+    iterations: int,
+    work: Path,
+    extract_batches: int,
+) -> None:
     """forward, streams, extraction and ablation of one batch, per autocast mode."""
     blocks = len(adapter.block_slots)
     middle = blocks // 2
@@ -379,52 +576,93 @@ def inference_cases(name: str, adapter, batch: Batch, work_per_batch: float, uni
                 captured = adapter.streams(inputs)
             if batch.padding is not None:
                 examples, tokens = batch.padding.shape
-                keep = [extract_stage._kept_positions(p, e, options)
-                        for p, e in zip(batch.padding, batch.example_id)]
-                flat = torch.from_numpy(np.concatenate([i * tokens + k
-                                                        for i, k in enumerate(keep)])).to(device)
-                captured = [s.reshape(examples * tokens, -1).index_select(0, flat)
-                            for s in captured]
+                keep = [
+                    extract_stage._kept_positions(p, e, options)
+                    for p, e in zip(batch.padding, batch.example_id)
+                ]
+                flat = torch.from_numpy(
+                    np.concatenate([i * tokens + k for i, k in enumerate(keep)])
+                ).to(device)
+                captured = [
+                    s.reshape(examples * tokens, -1).index_select(0, flat) for s in captured
+                ]
             [s.to(torch.float16).cpu().numpy() for s in captured]
 
         base = statistics.median(timed(forward, iterations, device))
         record(name, "forward", mode, work_per_batch, unit, base, None, peak_gib(device))
         reset_peak(device)
         seconds = statistics.median(timed(streams, iterations, device))
-        record(name, "streams (capture only)", mode, work_per_batch, unit, seconds, base,
-               peak_gib(device))
+        record(
+            name,
+            "streams (capture only)",
+            mode,
+            work_per_batch,
+            unit,
+            seconds,
+            base,
+            peak_gib(device),
+        )
         reset_peak(device)
         seconds = statistics.median(timed(to_host, iterations, device))
-        record(name, "streams + float16 to host", mode, work_per_batch, unit, seconds, base,
-               peak_gib(device))
+        record(
+            name,
+            "streams + float16 to host",
+            mode,
+            work_per_batch,
+            unit,
+            seconds,
+            base,
+            peak_gib(device),
+        )
 
         # extraction: a writer for warm-up + timed batches; its setup and close spread over them
         rows = len(batch.example_id) * (1 if batch.padding is None else batch.padding.shape[1])
         reset_peak(device)
         path = work / f"{name}-{mode_name(mode)}.zarr".replace(" ", "_")
         t = time.perf_counter()
-        writer = ShardWriter(path, adapter.readouts, rows * (extract_batches + 1),
-                             options["dtype"], options["chunk_rows"], options["chunks_per_shard"])
+        writer = ShardWriter(
+            path,
+            adapter.readouts,
+            rows * (extract_batches + 1),
+            options["dtype"],
+            options["chunk_rows"],
+            options["chunks_per_shard"],
+        )
         fixed = time.perf_counter() - t
-        per_batch = timed(lambda: extract_stage._write_batch(adapter, batch, writer, device,
-                                                             options), extract_batches, device)
+        per_batch = timed(
+            lambda: extract_stage._write_batch(adapter, batch, writer, device, options),
+            extract_batches,
+            device,
+        )
         t = time.perf_counter()
         writer.close({"benchmark": True})
         fixed += time.perf_counter() - t
         shutil.rmtree(path)
         seconds = statistics.median(per_batch) + fixed / (extract_batches + 1)
         stored = rows * sum(r.width for r in adapter.readouts) * 2 / 2**20
-        record(name, "extraction (_write_batch)", mode, work_per_batch, unit, seconds, base,
-               peak_gib(device), f"{stored:.0f} MiB float16 per batch; writer setup+close "
-               f"{fixed:.2f} s over {extract_batches + 1} batches")
+        record(
+            name,
+            "extraction (_write_batch)",
+            mode,
+            work_per_batch,
+            unit,
+            seconds,
+            base,
+            peak_gib(device),
+            f"{stored:.0f} MiB float16 per batch; writer setup+close "
+            f"{fixed:.2f} s over {extract_batches + 1} batches",
+        )
 
-        top5 = (adapter.num_labels if adapter.head != "causal_lm"
-                else len(adapter.tokenizer)) > 5
-        for label, ablated in ((f"ablation score, block {middle}", {middle}),
-                               ("score, nothing ablated", set())):
+        top5 = (adapter.num_labels if adapter.head != "causal_lm" else len(adapter.tokenizer)) > 5
+        for label, ablated in (
+            (f"ablation score, block {middle}", {middle}),
+            ("score, nothing ablated", set()),
+        ):
+
             def score():
                 with adapter.ablated(ablated):
                     ablate_stage.score(adapter, [batch], device, mode, top5)
+
             reset_peak(device)
             seconds = statistics.median(timed(score, iterations, device))
             record(name, label, mode, work_per_batch, unit, seconds, base, peak_gib(device))
@@ -438,42 +676,80 @@ def text_throughput(args, device: torch.device, work: Path) -> None:
     params = sum(p.numel() for p in adapter.model.parameters())
     vocab = len(adapter.tokenizer)
     arch = spec["arch"]
-    print(f"\n== gpt2 {arch['layers']}x{arch['width']} ({arch['heads']} heads, context "
-          f"{arch['context']}), {params / 1e6:.0f} M parameters, vocabulary {vocab}")
+    print(
+        f"\n== gpt2 {arch['layers']}x{arch['width']} ({arch['heads']} heads, context "
+        f"{arch['context']}), {params / 1e6:.0f} M parameters, vocabulary {vocab}"
+    )
     generator = torch.Generator().manual_seed(0)
     for tokens in args.seq:
         examples = max(1, args.tokens // tokens)
         ids = torch.randint(vocab, (examples, tokens), generator=generator)
-        batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                      np.arange(examples), np.zeros((examples, tokens), bool), None)
-        inference_cases(f"gpt2-{arch['layers']}x{arch['width']} @{tokens} tok x{examples}", adapter,
-                        batch, examples * tokens, "tok/s", device, args.iterations, work,
-                        args.extract_batches)
+        batch = Batch(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+            np.arange(examples),
+            np.zeros((examples, tokens), bool),
+            None,
+        )
+        inference_cases(
+            f"gpt2-{arch['layers']}x{arch['width']} @{tokens} tok x{examples}",
+            adapter,
+            batch,
+            examples * tokens,
+            "tok/s",
+            device,
+            args.iterations,
+            work,
+            args.extract_batches,
+        )
     adapter.to("cpu")
     del adapter
 
 
 def image_throughput(args, device: torch.device, work: Path) -> None:
-    spec = {"family": "resnet", "source": "init:", "seed": 0, "num_labels": 1000,
-            "arch": resnet_arch(args)}
+    spec = {
+        "family": "resnet",
+        "source": "init:",
+        "seed": 0,
+        "num_labels": 1000,
+        "arch": resnet_arch(args),
+    }
     fetch(spec, work / "resnet-big")
     adapter, _ = load_adapter(work / "resnet-big")
     adapter.to(device)
     params = sum(p.numel() for p in adapter.model.parameters())
-    print(f"\n== resnet bottleneck {args.resnet_layers} (ImageNet stem, 1000 labels), "
-          f"{params / 1e6:.1f} M parameters, {args.images} images of {args.size}x{args.size}")
+    print(
+        f"\n== resnet bottleneck {args.resnet_layers} (ImageNet stem, 1000 labels), "
+        f"{params / 1e6:.1f} M parameters, {args.images} images of {args.size}x{args.size}"
+    )
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(args.images, 3, args.size, args.size, generator=generator)
     labels = torch.randint(1000, (args.images,), generator=generator).numpy()
     batch = Batch({"pixel_values": pixels}, np.arange(args.images), None, labels)
-    inference_cases(f"resnet{sum(args.resnet_layers) * 3 + 2} x{args.images}", adapter, batch,
-                    args.images, "img/s", device, args.iterations, work, args.extract_batches)
+    inference_cases(
+        f"resnet{sum(args.resnet_layers) * 3 + 2} x{args.images}",
+        adapter,
+        batch,
+        args.images,
+        "img/s",
+        device,
+        args.iterations,
+        work,
+        args.extract_batches,
+    )
     adapter.to("cpu")
     del adapter
 
 
-def train_throughput(name: str, spec: dict, data: dict[str, torch.Tensor], work_per_step: float,
-                     unit: str, device: torch.device, steps: int, warmup: int) -> None:
+def train_throughput(
+    name: str,
+    spec: dict,
+    data: dict[str, torch.Tensor],
+    work_per_step: float,
+    unit: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+) -> None:
     """``train.train``'s step loop on ``data`` (already tensors), timed per step."""
     for mode in MODES:
         reset_peak(device)
@@ -481,9 +757,11 @@ def train_throughput(name: str, spec: dict, data: dict[str, torch.Tensor], work_
         model.to(device).train()
         optimizer = train_stage.make_optimizer(model, spec["optimizer"])
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: train_stage.learning_rate(s, spec))
-        scaler = torch.amp.GradScaler(device.type,
-                                      enabled=mode == "float16" and device.type == "cuda")
+            optimizer, lambda s: train_stage.learning_rate(s, spec)
+        )
+        scaler = torch.amp.GradScaler(
+            device.type, enabled=mode == "float16" and device.type == "cuda"
+        )
         n = len(next(iter(data.values())))
         losses, times, skipped = [], [], 0
         try:
@@ -499,8 +777,9 @@ def train_throughput(name: str, spec: dict, data: dict[str, torch.Tensor], work_
                     raise RuntimeError(f"loss {loss.item()} at step {step}")
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                 spec["clip_grad_norm"]))
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), spec["clip_grad_norm"])
+                )
                 skipped += not math.isfinite(grad_norm)
                 losses.append(loss.item())
                 scaler.step(optimizer)
@@ -512,18 +791,41 @@ def train_throughput(name: str, spec: dict, data: dict[str, torch.Tensor], work_
                     times.append(time.perf_counter() - t)
             seconds = statistics.median(times)
             finite = all(math.isfinite(x) for x in losses)
-            note = (f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-                    f"{'' if finite else ' NON-FINITE'}, scaler-skipped steps {skipped}")
-            record(name, "train step", mode, work_per_step, unit, seconds, None, peak_gib(device),
-                   note, per="step")
-            print(f"    {'':<40}{1 / seconds:>9.2f} steps/s; {note}; peak "
-                  f"{peak_gib(device):.1f} GiB", flush=True)
+            note = (
+                f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+                f"{'' if finite else ' NON-FINITE'}, scaler-skipped steps {skipped}"
+            )
+            record(
+                name,
+                "train step",
+                mode,
+                work_per_step,
+                unit,
+                seconds,
+                None,
+                peak_gib(device),
+                note,
+                per="step",
+            )
+            print(
+                f"    {'':<40}{1 / seconds:>9.2f} steps/s; {note}; peak {peak_gib(device):.1f} GiB",
+                flush=True,
+            )
             SUMMARY[-1]["steps_per_s"] = 1 / seconds
         except torch.OutOfMemoryError:
             print(f"    train step {mode_name(mode)}: out of memory", flush=True)
-            SUMMARY.append({"model": name, "case": "train step", "mode": mode_name(mode),
-                            "rate": math.nan, "unit": unit, "ratio": math.nan,
-                            "peak_gib": peak_gib(device), "note": "OUT OF MEMORY"})
+            SUMMARY.append(
+                {
+                    "model": name,
+                    "case": "train step",
+                    "mode": mode_name(mode),
+                    "rate": math.nan,
+                    "unit": unit,
+                    "ratio": math.nan,
+                    "peak_gib": peak_gib(device),
+                    "note": "OUT OF MEMORY",
+                }
+            )
         finally:
             del model, optimizer, schedule
             if device.type == "cuda":
@@ -531,81 +833,131 @@ def train_throughput(name: str, spec: dict, data: dict[str, torch.Tensor], work_
 
 
 def training_throughput(args, device: torch.device) -> None:
-    common = {"seed": 0, "warmup_steps": 0, "schedule": "constant", "clip_grad_norm": 1.0,
-              "steps": 1000}
-    arch = {"layers": args.layers, "width": args.width, "heads": args.heads,
-            "context": args.context}
-    spec = {**common, "kind": "causal_lm", "family": "gptr2", "arch": arch,
-            "context": args.context, "batch_size": args.train_batch,
-            "optimizer": {"name": "adamw", "lr": 3e-4, "weight_decay": 0.1}}
+    common = {
+        "seed": 0,
+        "warmup_steps": 0,
+        "schedule": "constant",
+        "clip_grad_norm": 1.0,
+        "steps": 1000,
+    }
+    arch = {
+        "layers": args.layers,
+        "width": args.width,
+        "heads": args.heads,
+        "context": args.context,
+    }
+    spec = {
+        **common,
+        "kind": "causal_lm",
+        "family": "gptr2",
+        "arch": arch,
+        "context": args.context,
+        "batch_size": args.train_batch,
+        "optimizer": {"name": "adamw", "lr": 3e-4, "weight_decay": 0.1},
+    }
     _, tokenizer, _ = train_stage.build({**spec, "arch": {**arch, "layers": 1}}, None)
     blocks_needed = 4 * args.train_batch
     frame = builtin.generate("corpus", int(blocks_needed * args.context / 30) + 50, seed=0)
     data = train_stage.make_data(spec, frame, "text", tokenizer)
     name = f"gptr2-{args.layers}x{args.width} @{args.context} x{args.train_batch}"
-    print(f"\n== training {name} (AdamW), {len(data['input_ids'])} blocks of the built-in "
-          "corpus")
-    train_throughput(name, spec, data, args.train_batch * args.context, "tok/s", device,
-                     args.train_steps, args.train_warmup)
+    print(f"\n== training {name} (AdamW), {len(data['input_ids'])} blocks of the built-in corpus")
+    train_throughput(
+        name,
+        spec,
+        data,
+        args.train_batch * args.context,
+        "tok/s",
+        device,
+        args.train_steps,
+        args.train_warmup,
+    )
 
-    spec = {**common, "kind": "image_classification", "num_labels": 1000,
-            "arch": {**resnet_arch(args), "norm": "rms"}, "batch_size": args.train_images,
-            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}
+    spec = {
+        **common,
+        "kind": "image_classification",
+        "num_labels": 1000,
+        "arch": {**resnet_arch(args), "norm": "rms"},
+        "batch_size": args.train_images,
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    }
     generator = torch.Generator().manual_seed(0)
     examples = 2 * args.train_images
-    data = {"pixel_values": torch.randn(examples, 3, args.size, args.size, generator=generator),
-            "labels": torch.randint(1000, (examples,), generator=generator)}
+    data = {
+        "pixel_values": torch.randn(examples, 3, args.size, args.size, generator=generator),
+        "labels": torch.randint(1000, (examples,), generator=generator),
+    }
     name = f"resnet{sum(args.resnet_layers) * 3 + 2}-rms x{args.train_images}"
     print(f"\n== training {name} (SGD, momentum 0.9), random {args.size}x{args.size} images")
-    train_throughput(name, spec, data, args.train_images, "img/s", device, args.train_steps,
-                     args.train_warmup)
+    train_throughput(
+        name, spec, data, args.train_images, "img/s", device, args.train_steps, args.train_warmup
+    )
 
 
 def run_throughput(args, device: torch.device, work: Path) -> None:
-    for section in (lambda: text_throughput(args, device, work),
-                    lambda: image_throughput(args, device, work),
-                    lambda: training_throughput(args, device)):
+    for section in (
+        lambda: text_throughput(args, device, work),
+        lambda: image_throughput(args, device, work),
+        lambda: training_throughput(args, device),
+    ):
         try:
             section()
         except Exception:
             traceback.print_exc(file=sys.stdout)
-            SUMMARY.append({"model": "?", "case": "section FAILED (traceback above)",
-                            "mode": "", "rate": math.nan, "unit": "", "ratio": math.nan,
-                            "peak_gib": math.nan, "note": ""})
+            SUMMARY.append(
+                {
+                    "model": "?",
+                    "case": "section FAILED (traceback above)",
+                    "mode": "",
+                    "rate": math.nan,
+                    "unit": "",
+                    "ratio": math.nan,
+                    "peak_gib": math.nan,
+                    "note": "",
+                }
+            )
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------
 
+
 def print_summary(device: torch.device, started: float) -> None:
     print("\n" + "=" * 100 + "\nSUMMARY")
     if CHECKS:
         failed = [c for c in CHECKS if not c[1]]
-        print(f"checks: {len(CHECKS) - len(failed)}/{len(CHECKS)} passed "
-              f"({device.type} against cpu)")
+        print(
+            f"checks: {len(CHECKS) - len(failed)}/{len(CHECKS)} passed ({device.type} against cpu)"
+        )
         for what, _, detail in failed:
             print(f"  FAILED {what}: {detail}")
     if SUMMARY:
-        print(f"\n{'model':<34}{'case':<31}{'mode':<10}{'throughput':>16}  {'x fwd':>6}"
-              f"{'peak GiB':>9}  note")
+        print(
+            f"\n{'model':<34}{'case':<31}{'mode':<10}{'throughput':>16}  {'x fwd':>6}"
+            f"{'peak GiB':>9}  note"
+        )
         for row in SUMMARY:
             ratio = "" if math.isnan(row["ratio"]) else f"{row['ratio']:.3f}"
             rate = f"{row['rate']:,.0f} {row['unit']}" if not math.isnan(row["rate"]) else "-"
             if "steps_per_s" in row:
                 rate = f"{row['steps_per_s']:.2f}/s {rate}"
             peak = "" if math.isnan(row["peak_gib"]) else f"{row['peak_gib']:.1f}"
-            print(f"{row['model']:<34}{row['case']:<31}{row['mode']:<10}{rate:>16}  {ratio:>6}"
-                  f"{peak:>9}  {row['note']}")
+            print(
+                f"{row['model']:<34}{row['case']:<31}{row['mode']:<10}{rate:>16}  {ratio:>6}"
+                f"{peak:>9}  {row['note']}"
+            )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true",
-                        help="small shapes (gpt2 2x256, a small bottleneck ResNet at 64x64) "
-                             "and few iterations: to test the harness on a CPU")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small shapes (gpt2 2x256, a small bottleneck ResNet at 64x64) "
+        "and few iterations: to test the harness on a CPU",
+    )
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--threads", type=int, default=4, help="torch CPU threads (default 4)")
@@ -615,33 +967,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-batch", type=int, help="LM blocks per training step (8)")
     parser.add_argument("--train-images", type=int, help="images per training step (128)")
     parser.add_argument("--iterations", type=int, help="timed batches per case (default 10)")
-    parser.add_argument("--extract-batches", type=int,
-                        help="timed extraction batches per case (default 3)")
+    parser.add_argument(
+        "--extract-batches", type=int, help="timed extraction batches per case (default 3)"
+    )
     parser.add_argument("--train-steps", type=int, help="timed training steps (default 10)")
     args = parser.parse_args(argv)
     q = args.quick
-    for key, full, quick in (("tokens", 8192, 512), ("seq", [128, 512], [64, 128]),
-                             ("images", 128, 8), ("train_batch", 8, 2), ("train_images", 128, 8),
-                             ("iterations", 10, 2), ("extract_batches", 3, 1),
-                             ("train_steps", 10, 3)):
+    for key, full, quick in (
+        ("tokens", 8192, 512),
+        ("seq", [128, 512], [64, 128]),
+        ("images", 128, 8),
+        ("train_batch", 8, 2),
+        ("train_images", 128, 8),
+        ("iterations", 10, 2),
+        ("extract_batches", 3, 1),
+        ("train_steps", 10, 3),
+    ):
         if getattr(args, key) is None:
             setattr(args, key, quick if q else full)
-    args.layers, args.width, args.heads, args.context = (2, 256, 4, 128) if q else (24, 1024, 16,
-                                                                                     1024)
+    args.layers, args.width, args.heads, args.context = (
+        (2, 256, 4, 128) if q else (24, 1024, 16, 1024)
+    )
     args.resnet_layers = [1, 1, 1, 1] if q else [3, 4, 6, 3]
     args.size = 64 if q else 224
     args.train_warmup = 1 if q else 3
 
     import transformers
+
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, matmul TF32 "
-             f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN TF32 "
-             f"{torch.backends.cudnn.allow_tf32})" if device.type == "cuda" else "")
-          + f", {torch.get_num_threads()} CPU threads", flush=True)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}"
+        + (
+            f" ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, matmul TF32 "
+            f"{torch.backends.cuda.matmul.allow_tf32}, cuDNN TF32 "
+            f"{torch.backends.cudnn.allow_tf32})"
+            if device.type == "cuda"
+            else ""
+        )
+        + f", {torch.get_num_threads()} CPU threads",
+        flush=True,
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-stages-") as tmp:
         work = Path(tmp)

@@ -14,6 +14,7 @@ Then peak RSS of `compute` in a fresh process with N and 10 N rows.
     .venv/bin/python benchmarks/stats_throughput.py            # 200k x 768, about 3 minutes
     .venv/bin/python benchmarks/stats_throughput.py --rows 20000   # quicker
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,30 +48,33 @@ def write_layer(path: Path, rows: int, width: int) -> Path:
         x = rng.standard_normal((n, width), dtype=np.float32)
         x[:, [7, 300]] *= 40
         ids = (start + np.arange(n)) // TOKENS
-        writer.append([x.astype(np.float16)], ids, (start + np.arange(n)) % TOKENS,
-                      np.zeros(n, bool))
+        writer.append(
+            [x.astype(np.float16)], ids, (start + np.arange(n)) % TOKENS, np.zeros(n, bool)
+        )
     writer.close({"readouts": [Readout(0, 0, 0, "block", width).as_dict()]})
     return path
 
 
 def floor(path: Path, width: int) -> None:
     import zarr
+
     array = zarr.open_group(path, mode="r")["layer-0"]
     q = torch.from_numpy(random_rotation(width, 0, 0, 0))
     block = 64 * 1024 * 1024 // (4 * width) // 1024 * 1024
     for start in range(0, array.shape[0], block):
-        x = torch.from_numpy(array[start:start + block].astype(np.float32))
+        x = torch.from_numpy(array[start : start + block].astype(np.float32))
         (x @ q).sum()
 
 
 def study(path: Path, width: int, examples: int = 32) -> None:
     import zarr
+
     array = zarr.open_group(path, mode="r")["layer-0"]
     rng = np.random.default_rng(0)
     batch = examples * TOKENS
     means = []
     for start in range(0, array.shape[0], batch):
-        x = array[start:start + batch].astype(np.float64)
+        x = array[start : start + batch].astype(np.float64)
         q, _ = np.linalg.qr(rng.standard_normal((width, width)))
         means.append(scipy.stats.kurtosis(x, axis=1, fisher=False).mean())
         means.append(scipy.stats.kurtosis(x @ q, axis=1, fisher=False).mean())
@@ -97,8 +101,9 @@ print(rss, status("VmHWM"))
 
 def peak_rss_mb(path: Path) -> tuple[float, float]:
     """RSS of a fresh process after its imports, and its peak RSS while it ran compute."""
-    code = RSS_PROBE.format(root=str(Path(__file__).resolve().parents[1]), path=str(path),
-                            options=OPTIONS)
+    code = RSS_PROBE.format(
+        root=str(Path(__file__).resolve().parents[1]), path=str(path), options=OPTIONS
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, peak = (int(v) / 1024 for v in out.stdout.split()[-2:])
     return before, peak
@@ -109,8 +114,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--study-examples", type=int, default=32,
-                        help="examples per batch of the study's approach (a new rotation each)")
+    parser.add_argument(
+        "--study-examples",
+        type=int,
+        default=32,
+        help="examples per batch of the study's approach (a new rotation each)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,16 +133,30 @@ def main() -> None:
         o, f, s = min(ours), min(low), min(theirs)
         print(f"floor (read + decode + one rotation): {f:7.2f} s")
         print(f"layer_stats (every statistic):        {o:7.2f} s   {o / f:.2f}x the floor")
-        print(f"study (scipy + rotation per batch of {args.study_examples} examples): {s:7.2f} s   "
-              f"layer_stats is {s / o:.1f}x faster")
+        print(
+            f"study (scipy + rotation per batch of {args.study_examples} examples): {s:7.2f} s   "
+            f"layer_stats is {s / o:.1f}x faster"
+        )
         small = write_layer(Path(tmp) / "small.zarr", args.rows // 10, args.width)
         (base, rss_small), (_, rss_large) = peak_rss_mb(small), peak_rss_mb(path)
-        print(f"peak RSS: {rss_small:.0f} MB at {args.rows // 10} rows, {rss_large:.0f} MB at "
-              f"{args.rows} rows: {rss_large / rss_small:.2f}x for 10x the rows "
-              f"({base:.0f} MB after imports, so {rss_small - base:.0f} MB and "
-              f"{rss_large - base:.0f} MB of work)")
-        print(json.dumps({"floor_s": f, "ours_s": o, "study_s": s, "ours_over_floor": o / f,
-                          "study_over_ours": s / o, "rss_ratio": rss_large / rss_small}))
+        print(
+            f"peak RSS: {rss_small:.0f} MB at {args.rows // 10} rows, {rss_large:.0f} MB at "
+            f"{args.rows} rows: {rss_large / rss_small:.2f}x for 10x the rows "
+            f"({base:.0f} MB after imports, so {rss_small - base:.0f} MB and "
+            f"{rss_large - base:.0f} MB of work)"
+        )
+        print(
+            json.dumps(
+                {
+                    "floor_s": f,
+                    "ours_s": o,
+                    "study_s": s,
+                    "ours_over_floor": o / f,
+                    "study_over_ours": s / o,
+                    "rss_ratio": rss_large / rss_small,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -8,20 +8,20 @@ rule extract:
         code=model_code_files("workflow_scripts.extract"),
     output:
         directory("results/activations/{model}/{dataset}/shard-{shard}.zarr"),
+    log:
+        "results/logs/extract/{model}/{dataset}/shard-{shard}.log",
+    cache: True
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=job_resource("extract", "mem_mb"),
+        runtime=job_resource("extract", "runtime"),
     params:
         shard="{shard}",
         shards=shard_count,
         options=extraction_options,
         readouts=readout_count,
-    resources:
-        mem_mb=job_resource("extract", "mem_mb"),
-        runtime=job_resource("extract", "runtime"),
-    cache: True
-    log:
-        "results/logs/extract/{model}/{dataset}/shard-{shard}.log",
-    threads: 1
-    conda:
-        "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.extract --model {input.model:q} --data {input.data:q} "
         "--shard {params.shard} --shards {params.shards} --options {params.options:q} "

@@ -23,16 +23,16 @@ for figure_name, figure_inputs in (
                 category=figure_name,
             ),
             pdf=f"results/figures/{figure_name}-{{group}}.pdf",
+        log:
+            f"results/logs/figures/{figure_name}-{{group}}.log",
+        cache: True
+        conda:
+            "../envs/workflow.yaml"
         params:
             figure=figure_name,
             group="{group}",
             order=input_order,
             dpi=study.dpi,
-        cache: True
-        log:
-            f"results/logs/figures/{figure_name}-{{group}}.log",
-        conda:
-            "../envs/workflow.yaml"
         shell:
             "python -m workflow_scripts.figures {params.figure} --group {params.group:q} "
             "--inputs {input.data:q} --dpi {params.dpi} --out {output.png:q} {output.pdf:q} "
@@ -50,14 +50,14 @@ rule figure_training:
             category="training",
         ),
         pdf="results/figures/training.pdf",
+    log:
+        "results/logs/figures/training.log",
+    cache: True
+    conda:
+        "../envs/workflow.yaml"
     params:
         order=input_order,
         dpi=study.dpi,
-    cache: True
-    log:
-        "results/logs/figures/training.log",
-    conda:
-        "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.figures training --group runs --inputs {input.data:q} "
         "--dpi {params.dpi} --out {output.png:q} {output.pdf:q} 2> {log:q}"
@@ -77,19 +77,19 @@ rule figure_top_examples:
             category="top examples",
         ),
         pdf="results/figures/top-examples-{model}-{dataset}-layer{layer}.pdf",
+    log:
+        "results/logs/figures/top-examples-{model}-{dataset}-layer{layer}.log",
     wildcard_constraints:
         # names hold dashes: only configured names, so roberta-base + mnli-matched is not
         # read as roberta-base-mnli + matched
         model=names_pattern(study.models),
         dataset=names_pattern(study.datasets),
+    cache: True
+    conda:
+        "../envs/workflow.yaml"
     params:
         options=top_examples_options,
         title="{model} on {dataset}, read-out point {layer}",
-    cache: True
-    log:
-        "results/logs/figures/top-examples-{model}-{dataset}-layer{layer}.log",
-    conda:
-        "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.top_examples --model {input.model:q} --data {input.data:q} "
         "--shards {input.shards:q} --stats {input.stats:q} --options {params.options:q} "
@@ -106,13 +106,13 @@ rule table_statistics:
             caption="../report/table_statistics.rst",
             category="tables",
         ),
-    params:
-        order=input_order,
-    cache: True
     log:
         "results/logs/tables/statistics.log",
+    cache: True
     conda:
         "../envs/workflow.yaml"
+    params:
+        order=input_order,
     shell:
         "python -m workflow_scripts.report_tables --inputs {input.data:q} --out {output:q} "
         "2> {log:q}"

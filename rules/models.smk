@@ -8,16 +8,16 @@ rule fetch_model:
         local=local_model_files,
     output:
         directory("results/models/{model}"),
-    wildcard_constraints:
-        model=fetched_model_names(),
-    params:
-        spec=model_spec,
-    cache: True
     log:
         "results/logs/fetch_model/{model}.log",
+    wildcard_constraints:
+        model=fetched_model_names(),
+    cache: True
     localrule: True
     conda:
         "../envs/workflow.yaml"
+    params:
+        spec=model_spec,
     shell:
         "python -m workflow_scripts.fetch_model --spec {params.spec:q} --out {output:q} "
         "2> {log:q}"

@@ -8,18 +8,18 @@ rule layer_stats:
         code=code_files("workflow_scripts.layer_stats"),
     output:
         "results/stats/{model}/{dataset}/layer-{layer}.parquet",
+    log:
+        "results/logs/layer_stats/{model}/{dataset}/layer-{layer}.log",
+    cache: True
+    conda:
+        "../envs/workflow.yaml"
+    threads: 1
     params:
         layer="{layer}",
         thresholds=thresholds,
         options=stats_options,
         model="{model}",
         dataset="{dataset}",
-    cache: True
-    log:
-        "results/logs/layer_stats/{model}/{dataset}/layer-{layer}.log",
-    threads: 1
-    conda:
-        "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.layer_stats --shards {input.shards:q} --layer {params.layer} "
         "--thresholds {params.thresholds} --options {params.options:q} --model {params.model:q} "
@@ -32,9 +32,9 @@ rule merge_stats:
         code=code_files("workflow_scripts.merge_stats"),
     output:
         "results/stats/{model}/{dataset}.parquet",
-    cache: True
     log:
         "results/logs/merge_stats/{model}/{dataset}.log",
+    cache: True
     conda:
         "../envs/workflow.yaml"
     shell:

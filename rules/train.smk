@@ -12,21 +12,21 @@ rule train:
         model=directory("results/models/{model}"),
         metrics="results/train/{model}/metrics.parquet",
         plot="results/train/{model}/loss.png",
+    log:
+        "results/logs/train/{model}.log",
     wildcard_constraints:
         model=trained_model_names(),
+    cache: True
+    conda:
+        "../envs/workflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=job_resource("train", "mem_mb"),
+        runtime=job_resource("train", "runtime"),
     params:
         spec=run_settings,
         name="{model}",
         checkpoint="results/train/{model}/checkpoint.pt",
-    resources:
-        mem_mb=job_resource("train", "mem_mb"),
-        runtime=job_resource("train", "runtime"),
-    cache: True
-    log:
-        "results/logs/train/{model}.log",
-    threads: 2
-    conda:
-        "../envs/workflow.yaml"
     shell:
         "python -m workflow_scripts.train --name {params.name:q} --spec {params.spec:q} "
         "--data {input.data:q} --base {input.base:q} --tokenizer {input.tokenizer:q} "

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random-initialised models of every family and tiny datasets."""
+
 from __future__ import annotations
 
 import copy
@@ -6,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO, TINY_SPECS
 
 from workflow_scripts.data import builtin, store
-from support import REPO, TINY_SPECS
 from workflow_scripts.fetch_model import fetch
+
 
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
@@ -27,10 +29,15 @@ def dataset_files(tmp_path_factory) -> dict[str, Path]:
     """The three built-in datasets, small, in the stored Parquet layout."""
     root = tmp_path_factory.mktemp("data")
     files = {}
-    for name, kind, rows in (("pairs", "pairs", 24), ("corpus", "text", 12), ("shapes", "image", 20)):
+    for name, kind, rows in (
+        ("pairs", "pairs", 24),
+        ("corpus", "text", 12),
+        ("shapes", "image", 20),
+    ):
         files[name] = root / f"{name}.parquet"
-        store.write(builtin.generate(name, rows, seed=0), files[name], kind,
-                    builtin.label_names(name))
+        store.write(
+            builtin.generate(name, rows, seed=0), files[name], kind, builtin.label_names(name)
+        )
     return files
 
 

@@ -1,31 +1,34 @@
 """Head and tail ablation: the definitions, exactness at the ends, and bad input."""
+
 from __future__ import annotations
 
-import copy
-
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from support import TINY_SPECS
 from workflow_scripts.ablate import ablate, check_compatible
 from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError
-from workflow_scripts.fetch_model import fetch
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.resnet import ResNetAdapter
 
-OPTIONS = {"batch_size": 8, "max_tokens": 48, "padding": "longest", "device": "cpu",
-           "autocast": None}
+OPTIONS = {
+    "batch_size": 8,
+    "max_tokens": 48,
+    "padding": "longest",
+    "device": "cpu",
+    "autocast": None,
+}
 
 
 def encode(adapter, n=6):
     frame = builtin.generate("pairs", n, 0)
-    return dict(adapter.tokenizer(list(frame["premise"]), list(frame["hypothesis"]),
-                                  padding=True, return_tensors="pt"))
+    return dict(
+        adapter.tokenizer(
+            list(frame["premise"]), list(frame["hypothesis"]), padding=True, return_tensors="pt"
+        )
+    )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "roberta", "bert"])
@@ -152,8 +155,11 @@ def test_classifier_accuracies_against_the_models_predictions(model_dirs, tmp_pa
     frame = ablate(model_dirs["roberta"], write(tmp_path, "pairs", 20), OPTIONS)
     adapter, _ = load_adapter(model_dirs["roberta"])
     data = builtin.generate("pairs", 20, 0)
-    inputs = dict(adapter.tokenizer(list(data["premise"]), list(data["hypothesis"]),
-                                    padding=True, return_tensors="pt"))
+    inputs = dict(
+        adapter.tokenizer(
+            list(data["premise"]), list(data["hypothesis"]), padding=True, return_tensors="pt"
+        )
+    )
     with torch.no_grad():
         predictions = adapter.model(**inputs).logits.argmax(-1).numpy()
     accuracy = (predictions == data["label"].to_numpy()).mean()
@@ -164,7 +170,9 @@ def test_classifier_accuracies_against_the_models_predictions(model_dirs, tmp_pa
     assert set(frame["metric"]) == {"top1"}  # three classes: no top-5
     assert (frame["examples"] == 20).all() and len(frame) == 3 * 2
     assert frame.groupby("direction")["blocks_ablated"].apply(list).to_dict() == {
-        "head": [0, 1, 2], "tail": [2, 1, 0]}
+        "head": [0, 1, 2],
+        "tail": [2, 1, 0],
+    }
 
 
 def test_logit_lens_counts_next_token_predictions(model_dirs, tmp_path):
@@ -173,12 +181,16 @@ def test_logit_lens_counts_next_token_predictions(model_dirs, tmp_path):
     data = builtin.generate("corpus", 6, 0)
     correct = total = 0
     for text in data["text"]:  # one example at a time: no padding at all
-        ids = adapter.tokenizer(text, truncation=True, max_length=48, return_tensors="pt")["input_ids"]
+        ids = adapter.tokenizer(text, truncation=True, max_length=48, return_tensors="pt")[
+            "input_ids"
+        ]
         with torch.no_grad():
             predicted = adapter.model(ids).logits[0, :-1].argmax(-1)
         correct += int((predicted == ids[0, 1:]).sum())
         total += ids.shape[1] - 1
-    full = frame[(frame["direction"] == "tail") & (frame["layer"] == 2) & (frame["metric"] == "top1")]
+    full = frame[
+        (frame["direction"] == "tail") & (frame["layer"] == 2) & (frame["metric"] == "top1")
+    ]
     assert full["predictions"].item() == total
     assert full["value"].item() == pytest.approx(correct / total)
     assert set(frame["metric"]) == {"top1", "top5"}
@@ -192,8 +204,9 @@ def test_resnet_ablation_end_to_end(model_dirs, tmp_path):
     assert frame[frame["direction"] == "head"]["blocks_ablated"].unique().tolist() == [1, 2, 3]
 
 
-def test_a_language_model_on_labelled_pairs_is_refused_before_any_forward(model_dirs, tmp_path,
-                                                                         monkeypatch):
+def test_a_language_model_on_labelled_pairs_is_refused_before_any_forward(
+    model_dirs, tmp_path, monkeypatch
+):
     adapter, _ = load_adapter(model_dirs["gpt2"])
     frame, kind, names = store.read(write(tmp_path, "pairs", 6))
     with pytest.raises(DatasetError, match="head 'causal_lm'.*classification head"):

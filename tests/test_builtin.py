@@ -1,5 +1,6 @@
 """The built-in datasets: deterministic, well formed, covered by the built-in vocabulary, and
 learnable (a small model gets far above chance on held-out rows)."""
+
 from __future__ import annotations
 
 import io
@@ -51,11 +52,13 @@ def test_the_builtin_tokenizer_covers_the_text_sets(family):
 
 def _bag_of_words(tokenizer, frame):
     vocab = len(tokenizer)
+
     def counts(texts):
         out = np.zeros((len(texts), vocab), np.float32)
         for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
             np.add.at(out[i], ids, 1.0)
         return out
+
     # features: hypothesis words, and words of the hypothesis missing from the premise
     hyp, prem = counts(frame["hypothesis"]), counts(frame["premise"])
     return torch.from_numpy(np.concatenate([hyp, np.maximum(hyp - prem, 0)], axis=1))
@@ -86,14 +89,22 @@ def test_shapes_are_learnable():
     images = [Image.open(io.BytesIO(data)) for data in frame["image"]]
     pixels = np.stack([np.asarray(image, np.float32) / 255 for image in images])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
-    x = (x - x.mean(dim=(1, 2, 3), keepdim=True))  # colours are random: keep the pattern
+    x = x - x.mean(dim=(1, 2, 3), keepdim=True)  # colours are random: keep the pattern
     y = torch.tensor(frame["label"].to_numpy())
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(), torch.nn.Linear(32, 10))
+        torch.nn.Conv2d(3, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, 10),
+    )
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _epoch in range(8):
         for i in torch.randperm(1000).split(50):
@@ -109,7 +120,7 @@ def test_corpus_is_learnable_beyond_word_frequencies():
     """A bigram model predicts held-out text far better than word frequencies alone."""
     tokenizer = builtin_tokenizer("gpt2")
     ids = tokenizer(" ".join(builtin.generate("corpus", 600, seed=0)["text"]))["input_ids"]
-    train, test = np.array(ids[: len(ids) * 4 // 5]), np.array(ids[len(ids) * 4 // 5:])
+    train, test = np.array(ids[: len(ids) * 4 // 5]), np.array(ids[len(ids) * 4 // 5 :])
     vocab = len(tokenizer)
     unigram = np.bincount(train, minlength=vocab) + 1.0
     bigram = np.ones((vocab, vocab))

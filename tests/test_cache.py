@@ -3,6 +3,7 @@
 Each run uses a copy of the workflow (so its code can be edited), its own working directory and
 its own cache folder (SNAKEMAKE_OUTPUT_CACHE), with `--cache` as profiles/default sets it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from support import REPO, TINY_SPECS, environment, load_config
+
 from workflow_scripts.fetch_model import fetch
 
 pytestmark = pytest.mark.workflow
@@ -37,8 +38,9 @@ class Workflow:
         for name in WORKFLOW_FILES:
             source = REPO / name
             if source.is_dir():
-                shutil.copytree(source, self.checkout / name,
-                                ignore=shutil.ignore_patterns("__pycache__"))
+                shutil.copytree(
+                    source, self.checkout / name, ignore=shutil.ignore_patterns("__pycache__")
+                )
             else:
                 self.checkout.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, self.checkout / name)
@@ -53,9 +55,22 @@ class Workflow:
     def command(self, config: dict, *args) -> list[str]:
         self.config = copy.deepcopy(config)
         (self.workdir / "config.yaml").write_text(yaml.safe_dump(config))
-        return [sys.executable, "-m", "snakemake", "--snakefile", str(self.checkout / "Snakefile"),
-                "--directory", str(self.workdir), "--configfile", str(self.workdir / "config.yaml"),
-                "--cores", "2", "--cache", "--rerun-incomplete", *args]
+        return [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(self.checkout / "Snakefile"),
+            "--directory",
+            str(self.workdir),
+            "--configfile",
+            str(self.workdir / "config.yaml"),
+            "--cores",
+            "2",
+            "--cache",
+            "--rerun-incomplete",
+            *args,
+        ]
 
     def environment(self) -> dict:
         """The jobs run the copy's code, and store in and take from this cache folder."""
@@ -63,8 +78,14 @@ class Workflow:
 
     def run(self, config: dict, *args) -> list[tuple[str, dict]]:
         """Run to the end; the jobs it scheduled, as (rule, wildcards)."""
-        result = subprocess.run(self.command(config, *args), capture_output=True, text=True,
-                                timeout=600, env=self.environment(), cwd=self.workdir)
+        result = subprocess.run(
+            self.command(config, *args),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=self.environment(),
+            cwd=self.workdir,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         return scheduled_jobs(result.stderr)
 
@@ -118,8 +139,12 @@ def workflow(tmp_path_factory):
 
 
 def test_outputs_live_in_the_cache_and_nothing_reruns(workflow):
-    for path in ("models/gpt2-tiny", "activations/gpt2-tiny/pairs/shard-0.zarr",
-                 "stats/gpt2-tiny/pairs.parquet", "figures/kurtosis-encoders.png"):
+    for path in (
+        "models/gpt2-tiny",
+        "activations/gpt2-tiny/pairs/shard-0.zarr",
+        "stats/gpt2-tiny/pairs.parquet",
+        "figures/kurtosis-encoders.png",
+    ):
         assert workflow.cache in cache_entry(workflow.result(path)).parents
     assert workflow.run(CONFIG) == []
 
@@ -142,18 +167,30 @@ def test_an_extraction_option_or_a_source_reruns_that_model_from_extraction_on(w
     config = workflow.changed()
     config["models"]["gpt2-tiny"]["extract"] = {"max_tokens": 24}
     jobs = workflow.run(config)
-    assert rules_of(jobs) == {"extract", "layer_stats", "merge_stats", "figure_kurtosis",
-                              "table_statistics"}
+    assert rules_of(jobs) == {
+        "extract",
+        "layer_stats",
+        "merge_stats",
+        "figure_kurtosis",
+        "table_statistics",
+    }
     assert models_of(jobs) == {"gpt2-tiny"}
 
     other = fetch({**TINY_SPECS["gpt2"], "seed": 7}, tmp_path / "gpt2-seed7")
     assert other["family"] == "gpt2"
-    config["models"]["gpt2-tiny"].update(source=f"local:{tmp_path / 'gpt2-seed7'}",
-                                         blocks=TINY_SPECS["gpt2"]["arch"]["layers"])
+    config["models"]["gpt2-tiny"].update(
+        source=f"local:{tmp_path / 'gpt2-seed7'}", blocks=TINY_SPECS["gpt2"]["arch"]["layers"]
+    )
     del config["models"]["gpt2-tiny"]["arch"], config["models"]["gpt2-tiny"]["seed"]
     jobs = workflow.run(config)
-    assert rules_of(jobs) == {"fetch_model", "extract", "layer_stats", "merge_stats",
-                              "figure_kurtosis", "table_statistics"}
+    assert rules_of(jobs) == {
+        "fetch_model",
+        "extract",
+        "layer_stats",
+        "merge_stats",
+        "figure_kurtosis",
+        "table_statistics",
+    }
     assert models_of(jobs) == {"gpt2-tiny"}
 
 
@@ -202,8 +239,9 @@ def test_a_warm_cache_brings_back_deleted_results_without_running_jobs(workflow)
     assert rules_of(jobs) >= {"fetch_model", "extract", "layer_stats"}
     logs = list((workflow.workdir / "results/logs").rglob("*.log"))
     assert logs and not any(ran(log) for log in logs)  # every job came from the cache
-    pd.testing.assert_frame_equal(pd.read_parquet(workflow.result("stats/roberta-tiny/pairs.parquet")),
-                                  statistics)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(workflow.result("stats/roberta-tiny/pairs.parquet")), statistics
+    )
 
 
 def corrupt(path: Path) -> None:
@@ -224,9 +262,14 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
     # statistics computed anew (new thresholds) read the corrupted chunk: refused
     config["stats"] = {"thresholds": {"gpt2": [2.0], "roberta": [2.0]}}
     config["models"][gpt2].pop("thresholds", None)
-    result = subprocess.run(workflow.command(config, "--keep-going"), capture_output=True,
-                            text=True, timeout=600, env=workflow.environment(),
-                            cwd=workflow.workdir)
+    result = subprocess.run(
+        workflow.command(config, "--keep-going"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=workflow.environment(),
+        cwd=workflow.workdir,
+    )
     assert result.returncode != 0
     log = workflow.result(f"logs/layer_stats/{gpt2}/pairs/layer-1.log").read_text()
     assert "layer-1 rows" in log and "corrupted on disk" in log and str(shard) in log
@@ -234,9 +277,14 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
 
     # extraction anew (another option) loads the corrupted model: refused
     config["extract"]["max_tokens"] = 28
-    result = subprocess.run(workflow.command(config, "--keep-going"), capture_output=True,
-                            text=True, timeout=600, env=workflow.environment(),
-                            cwd=workflow.workdir)
+    result = subprocess.run(
+        workflow.command(config, "--keep-going"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=workflow.environment(),
+        cwd=workflow.workdir,
+    )
     assert result.returncode != 0
     log = workflow.result("logs/extract/roberta-tiny/pairs/shard-0.log").read_text()
     assert "model.safetensors does not match its sha256" in log
@@ -250,13 +298,20 @@ def kill_when(flow: Workflow, config: dict, started) -> None:
     """Start the workflow and SIGKILL it, jobs and all, once ``started()`` holds; then remove
     the lock that the killed Snakemake left (`snakemake --unlock`, as a user would)."""
     with open(flow.workdir / "killed.log", "w") as log:
-        process = subprocess.Popen(flow.command(config), env=flow.environment(), cwd=flow.workdir, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            flow.command(config),
+            env=flow.environment(),
+            cwd=flow.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         while not started():
             assert process.poll() is None, (
                 "the workflow ended before the moment to kill it:\n"
-                + (flow.workdir / "killed.log").read_text()[-3000:])
+                + (flow.workdir / "killed.log").read_text()[-3000:]
+            )
             assert time.monotonic() < deadline, "the moment to kill the workflow never came"
             time.sleep(0.02)
         os.killpg(process.pid, signal.SIGKILL)
@@ -278,14 +333,19 @@ def test_jobs_killed_midway_are_redone_and_give_the_same_results(tmp_path):
     kill_when(flow, KILL_CONFIG, lambda: (results / "train/lm/checkpoint.pt").exists())
     assert not (results / "models/lm").exists()
     # mid-extraction: the shard is being written under its temporary name
-    kill_when(flow, KILL_CONFIG, lambda: temporaries(results / "activations/lm/corpus", "shard-0.zarr"))
+    kill_when(
+        flow, KILL_CONFIG, lambda: temporaries(results / "activations/lm/corpus", "shard-0.zarr")
+    )
     assert not (results / "activations/lm/corpus/shard-0.zarr").exists()
     # mid-statistics: the job has started (its log is open), its output is not there
-    kill_when(flow, KILL_CONFIG, lambda: (results / "logs/layer_stats/lm/corpus/layer-1.log").exists())
+    kill_when(
+        flow, KILL_CONFIG, lambda: (results / "logs/layer_stats/lm/corpus/layer-1.log").exists()
+    )
     assert not (results / "stats/lm/corpus/layer-1.parquet").exists()
     flow.run(KILL_CONFIG)
 
     assert (flow.result("logs/train/lm.log")).read_text().count("resum") >= 1
     for path in ("stats/lm/corpus.parquet", "train/lm/metrics.parquet"):
-        pd.testing.assert_frame_equal(pd.read_parquet(flow.result(path)),
-                                      pd.read_parquet(reference.result(path)))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(flow.result(path)), pd.read_parquet(reference.result(path))
+        )

@@ -1,13 +1,15 @@
 """The code a stage runs: found from its imports, declared as its rule's inputs, digested."""
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 from support import REPO
-from workflow_scripts.stage_code import code_digest, module_sources
-from workflow_scripts.models import family_module
+
 from workflow_scripts import families
+from workflow_scripts.models import family_module
+from workflow_scripts.stage_code import code_digest, module_sources
 
 
 def names(paths):
@@ -16,12 +18,18 @@ def names(paths):
 
 def test_extraction_runs_the_store_but_not_other_stages_or_model_families():
     files = names(module_sources("workflow_scripts.extract"))
-    assert {"workflow_scripts/extract.py", "workflow_scripts/activations.py",
-            "workflow_scripts/models/__init__.py", "workflow_scripts/models/store.py",
-            "workflow_scripts/__init__.py"} <= files
+    assert {
+        "workflow_scripts/extract.py",
+        "workflow_scripts/activations.py",
+        "workflow_scripts/models/__init__.py",
+        "workflow_scripts/models/store.py",
+        "workflow_scripts/__init__.py",
+    } <= files
     # families are imported by name: the rule adds the one family its model needs
-    assert not {"workflow_scripts/models/resnet.py",
-                "workflow_scripts/models/transformers_text.py"} & files
+    assert (
+        not {"workflow_scripts/models/resnet.py", "workflow_scripts/models/transformers_text.py"}
+        & files
+    )
     assert "workflow_scripts/prepare_data.py" not in files
     assert "workflow_scripts/fetch_model.py" not in files
     assert "workflow_scripts/config.py" not in files  # validation edits rerun nothing
@@ -30,8 +38,10 @@ def test_extraction_runs_the_store_but_not_other_stages_or_model_families():
 def test_each_family_module_brings_its_own_code_only():
     text = names(module_sources("workflow_scripts.extract", families.get("gpt2").module))
     image = names(module_sources("workflow_scripts.extract", families.get("resnet").module))
-    assert {"workflow_scripts/models/transformers_text.py",
-            "workflow_scripts/models/builtin_tokenizer.py"} <= text
+    assert {
+        "workflow_scripts/models/transformers_text.py",
+        "workflow_scripts/models/builtin_tokenizer.py",
+    } <= text
     # model code takes the built-in vocabulary, not the dataset generator
     assert "workflow_scripts/data/builtin.py" not in text | image
     assert "workflow_scripts/models/resnet.py" not in text

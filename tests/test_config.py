@@ -1,6 +1,7 @@
 """Config validation and the study's plan: every problem stops the run with one message naming
 key, value and what is allowed; a valid config resolves into an immutable plan and stays as the
 user wrote it."""
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,8 @@ import time
 
 import pytest
 import yaml
-
 from support import REPO, environment
+
 from workflow_scripts.config import ConfigError, validate
 from workflow_scripts.plan import resolve
 
@@ -150,8 +151,11 @@ def test_more_shards_than_rows(default_config):
 
 
 def test_missing_local_path(default_config, tmp_path):
-    default_config["models"]["gpt2-init"] = {"family": "gpt2", "blocks": 2,
-                                             "source": f"local:{tmp_path}/nothing"}
+    default_config["models"]["gpt2-init"] = {
+        "family": "gpt2",
+        "blocks": 2,
+        "source": f"local:{tmp_path}/nothing",
+    }
     message = error_for(default_config)
     assert "models.gpt2-init.source" in message and "nothing" in message
 
@@ -172,10 +176,23 @@ def test_snakemake_stops_before_any_job(tmp_path, default_config):
     bad = tmp_path / "config.yaml"
     bad.write_text(yaml.safe_dump(default_config))
     start = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--snakefile",
-                          str(REPO / "Snakefile"), "--directory", str(tmp_path),
-                          "--configfile", str(bad)], capture_output=True, text=True,
-                         env=environment())
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment(),
+    )
     assert run.returncode != 0
     assert "config error at models.gpt2-init.family: unknown model family 'gpt3'" in (
         run.stderr + run.stdout
@@ -199,14 +216,20 @@ def test_unknown_torchvision_resnet(default_config):
 def test_read_out_counts_come_from_the_config_alone(default_config):
     default_config["models"].update(
         gpt2={"family": "gpt2", "source": "init:", "arch": {"layers": 4, "width": 8, "heads": 2}},
-        staged={"family": "resnet", "source": "init:", "arch": {"layers": [2, 3], "widths": [4, 8]}},
+        staged={
+            "family": "resnet",
+            "source": "init:",
+            "arch": {"layers": [2, 3], "widths": [4, 8]},
+        },
         resnet50={"family": "resnet", "source": "torchvision:resnet50"},
         resnet152={"family": "resnet", "source": "torchvision:resnet152"},
         roberta={"family": "roberta", "source": "hf:FacebookAI/roberta-base", "blocks": 12},
     )
     study = resolve(default_config)
-    counts = {name: study.models[name].readouts for name in
-              ("gpt2", "staged", "resnet50", "resnet152", "roberta")}
+    counts = {
+        name: study.models[name].readouts
+        for name in ("gpt2", "staged", "resnet50", "resnet152", "roberta")
+    }
     assert counts == {"gpt2": 5, "staged": 5, "resnet50": 16, "resnet152": 50, "roberta": 13}
 
 

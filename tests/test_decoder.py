@@ -1,5 +1,6 @@
 """The decoder family (Llama, Qwen2, GPT-NeoX from Hugging Face): read-outs equal to the model's
 hidden states, storing and fetching, extraction, ablation and the skipped block."""
+
 from __future__ import annotations
 
 import copy
@@ -13,33 +14,56 @@ import transformers
 from torch import nn
 
 from workflow_scripts import extract as extraction
+from workflow_scripts import families
 from workflow_scripts.ablate import ablate
 from workflow_scripts.activations import open_shard
-from workflow_scripts.stage_code import module_sources
 from workflow_scripts.data import builtin, store
 from workflow_scripts.fetch_model import fetch
 from workflow_scripts.models import hf_decoder, hooked, load_adapter
-from workflow_scripts.models.store import MANIFEST, WEIGHTS, read_manifest
 from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
-from workflow_scripts import families
+from workflow_scripts.models.store import MANIFEST, WEIGHTS, read_manifest
 from workflow_scripts.plan import resolve
+from workflow_scripts.stage_code import module_sources
 
 TYPES = ["llama", "qwen2", "gpt_neox"]
-CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-           "gpt_neox": "GPTNeoXForCausalLM"}
+CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+}
 ARCH = {"layers": 2, "width": 32, "heads": 2, "context": 64}
 PREMISES = ["the tall teacher carried the book in the park .", "the old pilot found the map ."]
 HYPOTHESES = ["a person carried the book .", "nobody found the map in the office ."]
-EXTRACT = {"dtype": "float32", "batch_size": 5, "max_tokens": 40, "padding": "longest",
-           "rows_per_example": None, "device": "cpu", "autocast": None, "chunk_rows": 16,
-           "chunks_per_shard": 4, "gpt2_final_readout": "raw", "seed": 0}
-ABLATE = {"batch_size": 8, "max_tokens": 48, "padding": "longest", "device": "cpu",
-          "autocast": None}
+EXTRACT = {
+    "dtype": "float32",
+    "batch_size": 5,
+    "max_tokens": 40,
+    "padding": "longest",
+    "rows_per_example": None,
+    "device": "cpu",
+    "autocast": None,
+    "chunk_rows": 16,
+    "chunks_per_shard": 4,
+    "gpt2_final_readout": "raw",
+    "seed": 0,
+}
+ABLATE = {
+    "batch_size": 8,
+    "max_tokens": 48,
+    "padding": "longest",
+    "device": "cpu",
+    "autocast": None,
+}
 
 
 def spec(kind: str, **changes) -> dict:
-    return {"family": "decoder", "source": "init:", "arch": {**ARCH, "type": kind}, "seed": 0,
-            **changes}
+    return {
+        "family": "decoder",
+        "source": "init:",
+        "arch": {**ARCH, "type": kind},
+        "seed": 0,
+        **changes,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +120,10 @@ def test_streams_equal_hugging_face_hidden_states(decoder_dirs, kind):
     handle.remove()
     assert len(streams) == len(hidden) == len(adapter.readouts) == 3
     assert [(r.block, r.name) for r in adapter.readouts] == [
-        (0, "embeddings"), (1, "block.0"), (2, "block.1")]
+        (0, "embeddings"),
+        (1, "block.0"),
+        (2, "block.1"),
+    ]
     for k in range(2):
         assert streams[k].shape == (2, inputs["input_ids"].shape[1], 32)
         torch.testing.assert_close(streams[k], hidden[k], rtol=0, atol=0)
@@ -143,10 +170,15 @@ def test_init_round_trips_through_fetch(decoder_dirs, tmp_path, kind):
 def test_local_save_pretrained_directory(tmp_path):
     """A plain save_pretrained folder (no manifest, a tokenizer without a pad token, weights
     stored in bfloat16) loads through local:, in float32, padding with eos on the right."""
-    config = transformers.Qwen2Config(vocab_size=len(builtin_tokenizer("gpt2")), hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64)
+    config = transformers.Qwen2Config(
+        vocab_size=len(builtin_tokenizer("gpt2")),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(3)
     model = transformers.Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
     tokenizer = builtin_tokenizer("gpt2")
@@ -155,8 +187,9 @@ def test_local_save_pretrained_directory(tmp_path):
     model.save_pretrained(plain)
     tokenizer.save_pretrained(plain)
     assert not (plain / MANIFEST).exists()
-    manifest = fetch({"family": "decoder", "source": f"local:{plain}", "blocks": 2},
-                     tmp_path / "stored")
+    manifest = fetch(
+        {"family": "decoder", "source": f"local:{plain}", "blocks": 2}, tmp_path / "stored"
+    )
     assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
     assert manifest["source"] == f"local:{plain}" and manifest["revision"] is None
     adapter, _ = load_adapter(tmp_path / "stored")
@@ -177,8 +210,11 @@ def test_a_model_of_another_layout_is_refused_when_fetched(model_dirs, tmp_path)
     plain = tmp_path / "gpt2"
     shutil.copytree(model_dirs["gpt2"], plain)
     (plain / MANIFEST).unlink()
-    with pytest.raises(ValueError, match=r"GPT2LMHeadModel \(model_type 'gpt2'\) does not have "
-                                         r"a decoder layout.*model\.layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"GPT2LMHeadModel \(model_type 'gpt2'\) does not have "
+        r"a decoder layout.*model\.layers",
+    ):
         fetch({"family": "decoder", "source": f"local:{plain}", "blocks": 2}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -190,19 +226,30 @@ def test_unknown_arch_type_and_other_heads_are_refused(tmp_path):
         hf_decoder.init(spec("llama", head="sequence_classification"))
 
 
-@pytest.mark.parametrize("kind,dataset", [("llama", "pairs"), ("qwen2", "corpus"),
-                                          ("gpt_neox", "corpus")])
+@pytest.mark.parametrize(
+    "kind,dataset", [("llama", "pairs"), ("qwen2", "corpus"), ("gpt_neox", "corpus")]
+)
 def test_extraction_stores_every_readout(decoder_dirs, dataset_files, tmp_path, kind, dataset):
     out = tmp_path / "s.zarr"
-    extraction.extract(decoder_dirs[kind], dataset_files[dataset], 0, 1, out, EXTRACT,
-                       module_sources("workflow_scripts.extract", families.get("decoder").module),
-                       readouts=3)
+    extraction.extract(
+        decoder_dirs[kind],
+        dataset_files[dataset],
+        0,
+        1,
+        out,
+        EXTRACT,
+        module_sources("workflow_scripts.extract", families.get("decoder").module),
+        readouts=3,
+    )
     group = open_shard(out)
     attrs = dict(group.attrs)
     assert attrs["family"] == "decoder" and attrs["modality"] == "text"
     assert [r["name"] for r in attrs["readouts"]] == ["embeddings", "block.0", "block.1"]
     assert sorted(k for k in group.array_keys() if k.startswith("layer-")) == [
-        "layer-0", "layer-1", "layer-2"]
+        "layer-0",
+        "layer-1",
+        "layer-2",
+    ]
     # the stored rows of the first example equal its stream computed alone
     adapter, _ = load_adapter(decoder_dirs[kind])
     data, _, _ = store.read(dataset_files[dataset])
@@ -214,11 +261,19 @@ def test_extraction_stores_every_readout(decoder_dirs, dataset_files, tmp_path, 
         streams = adapter.streams(enc)
     length = enc["input_ids"].shape[1]
     for k in range(3):
-        np.testing.assert_allclose(group[f"layer-{k}"][:][rows][:length], streams[k][0].numpy(),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            group[f"layer-{k}"][:][rows][:length], streams[k][0].numpy(), rtol=1e-4, atol=1e-5
+        )
     with pytest.raises(ValueError, match="has 3 read-out points.*says 13"):
-        extraction.extract(decoder_dirs[kind], dataset_files[dataset], 0, 1, tmp_path / "x.zarr",
-                           EXTRACT, readouts=13)
+        extraction.extract(
+            decoder_dirs[kind],
+            dataset_files[dataset],
+            0,
+            1,
+            tmp_path / "x.zarr",
+            EXTRACT,
+            readouts=13,
+        )
 
 
 @pytest.mark.parametrize("kind", TYPES)
@@ -273,8 +328,9 @@ def test_skipped_block_returns_what_the_block_returns(decoder_dirs, kind):
     adapter, _ = load_adapter(decoder_dirs[kind])
     block = hf_decoder.layout(adapter.model)[1][0]
     calls = []
-    handle = block.register_forward_pre_hook(lambda m, a, kw: calls.append((a, kw)),
-                                             with_kwargs=True)
+    handle = block.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((a, kw)), with_kwargs=True
+    )
     with torch.no_grad():
         adapter.logits(encode(adapter))
         handle.remove()
@@ -296,11 +352,15 @@ class TupleBlock(nn.Module):
         super().__init__()
         self.calls = 0
 
-    def forward(self, hidden_states, attention_mask=None, output_attentions=False,
-                use_cache=False, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, output_attentions=False, use_cache=False, **kwargs
+    ):
         self.calls += 1
-        return (2 * hidden_states,) + (("weights",) if output_attentions else ()) + (
-            ("cache",) if use_cache else ())
+        return (
+            (2 * hidden_states,)
+            + (("weights",) if output_attentions else ())
+            + (("cache",) if use_cache else ())
+        )
 
 
 def test_skipped_block_keeps_a_tuple_returning_blocks_form():
@@ -323,8 +383,9 @@ def test_logit_lens_accuracy_of_a_decoder(decoder_dirs, dataset_files):
     adapter, _ = load_adapter(decoder_dirs["llama"])
     correct = total = 0
     for text in builtin.generate("corpus", 12, 0)["text"]:
-        ids = adapter.tokenizer(text, truncation=True, max_length=48,
-                                return_tensors="pt")["input_ids"]
+        ids = adapter.tokenizer(text, truncation=True, max_length=48, return_tensors="pt")[
+            "input_ids"
+        ]
         with torch.no_grad():
             predicted = adapter.model(ids).logits[0, :-1].argmax(-1)
         correct += int((predicted == ids[0, 1:]).sum())
@@ -334,7 +395,9 @@ def test_logit_lens_accuracy_of_a_decoder(decoder_dirs, dataset_files):
     assert full["predictions"].item() == total
     assert full["value"].item() == pytest.approx(correct / total)
     assert top1.groupby("direction")["blocks_ablated"].apply(list).to_dict() == {
-        "head": [0, 1, 2], "tail": [2, 1, 0]}
+        "head": [0, 1, 2],
+        "tail": [2, 1, 0],
+    }
 
 
 class FakeHub:
@@ -358,45 +421,61 @@ def fake_hub(monkeypatch, repo: str, local) -> None:
                 assert kwargs.pop("revision") == COMMIT  # the pinned commit is asked for
                 name = local
             return original(name, *args, **kwargs)
+
         return load
 
-    for owner in (transformers.AutoConfig, transformers.AutoTokenizer,
-                  transformers.LlamaForCausalLM, transformers.BertForMaskedLM):
+    for owner in (
+        transformers.AutoConfig,
+        transformers.AutoTokenizer,
+        transformers.LlamaForCausalLM,
+        transformers.BertForMaskedLM,
+    ):
         monkeypatch.setattr(owner, "from_pretrained", redirect(owner.from_pretrained))
 
 
 def test_hub_model_of_another_type_is_refused(model_dirs, tmp_path, monkeypatch):
     fake_hub(monkeypatch, "google-bert/bert-base-uncased", model_dirs["bert"])
-    with pytest.raises(ValueError, match=r"hf:google-bert/bert-base-uncased is a 'bert' model, "
-                                         r"not family 'decoder' \(model_type 'llama' or 'qwen2' "
-                                         r"or 'gpt_neox' or 'mistral'\)"):
-        fetch({"family": "decoder", "source": "hf:google-bert/bert-base-uncased", "blocks": 12},
-              tmp_path / "out")
+    with pytest.raises(
+        ValueError,
+        match=r"hf:google-bert/bert-base-uncased is a 'bert' model, "
+        r"not family 'decoder' \(model_type 'llama' or 'qwen2' "
+        r"or 'gpt_neox' or 'mistral'\)",
+    ):
+        fetch(
+            {"family": "decoder", "source": "hf:google-bert/bert-base-uncased", "blocks": 12},
+            tmp_path / "out",
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_hub_decoder_is_pinned_and_loads(decoder_dirs, tmp_path, monkeypatch):
     fake_hub(monkeypatch, "someone/tiny-llama", decoder_dirs["llama"])
-    manifest = fetch({"family": "decoder", "source": "hf:someone/tiny-llama", "blocks": 2},
-                     tmp_path / "hub")
+    manifest = fetch(
+        {"family": "decoder", "source": "hf:someone/tiny-llama", "blocks": 2}, tmp_path / "hub"
+    )
     assert manifest["revision"] == COMMIT and manifest["requested_revision"] == "main"
     adapter, _ = load_adapter(tmp_path / "hub")
     reference, _ = load_adapter(decoder_dirs["llama"])
     assert len(adapter.readouts) == 3
     inputs = encode(adapter)
     with torch.no_grad():
-        torch.testing.assert_close(adapter.logits(inputs), reference.logits(inputs),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(adapter.logits(inputs), reference.logits(inputs), rtol=0, atol=0)
 
 
 def test_config_accepts_decoder_models(default_config):
     from workflow_scripts.config import ConfigError, validate
 
     config = copy.deepcopy(default_config)
-    config["models"]["pythia"] = {"family": "decoder", "source": "hf:EleutherAI/pythia-160m",
-                                  "blocks": 12}
-    config["models"]["llama-init"] = {"family": "decoder", "source": "init:",
-                                      "arch": {**ARCH, "type": "qwen2", "context": 128}}
+    config["models"]["pythia"] = {
+        "family": "decoder",
+        "source": "hf:EleutherAI/pythia-160m",
+        "blocks": 12,
+    }
+    config["models"]["llama-init"] = {
+        "family": "decoder",
+        "source": "init:",
+        "arch": {**ARCH, "type": "qwen2", "context": 128},
+    }
     config["analyses"].append({"models": ["pythia", "llama-init"], "datasets": ["corpus"]})
     config["ablation"]["analyses"].append({"models": ["llama-init"], "datasets": ["corpus"]})
     models = resolve(config).models
@@ -409,6 +488,9 @@ def test_config_accepts_decoder_models(default_config):
         validate(bad)
     bad = copy.deepcopy(default_config)
     bad["models"]["x"] = {"family": "decoder", "source": "init:", "arch": {"type": "gpt2", **ARCH}}
-    with pytest.raises(ConfigError, match=r"models\.x\.arch\.type: 'gpt2' is not allowed; "
-                                          r"allowed values: llama, qwen2, gpt_neox"):
+    with pytest.raises(
+        ConfigError,
+        match=r"models\.x\.arch\.type: 'gpt2' is not allowed; "
+        r"allowed values: llama, qwen2, gpt_neox",
+    ):
         validate(bad)

@@ -1,17 +1,16 @@
 """envs/workflow.yaml (for `--sdm conda`) and requirements.txt (for the virtual environment)
 list the same packages with the same pins; every rule runs in that environment."""
+
 from __future__ import annotations
 
 import re
 
 import yaml
-
 from support import REPO
 
 
 def requirement_lines(lines):
-    return sorted(line.split("#")[0].strip() for line in lines
-                  if line.split("#")[0].strip())
+    return sorted(line.split("#")[0].strip() for line in lines if line.split("#")[0].strip())
 
 
 def test_conda_env_matches_requirements():

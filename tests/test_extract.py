@@ -1,8 +1,8 @@
 """extract: the Zarr layout, stored values equal to the adapters' streams, row bookkeeping, and
 nothing half-written."""
+
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import signal
@@ -13,28 +13,38 @@ import time
 import numpy as np
 import pytest
 import torch
-import zarr
+from support import REPO
 from zarr.codecs import ShardingCodec
 
-from support import REPO
 from workflow_scripts import extract as extraction
 from workflow_scripts.activations import open_shard
 from workflow_scripts.batches import preprocess_image
-from workflow_scripts.stage_code import code_digest, module_sources
 from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import ModelDirError
+from workflow_scripts.stage_code import code_digest, module_sources
 
-OPTIONS = {"dtype": "float16", "batch_size": 5, "max_tokens": 40, "padding": "longest",
-           "rows_per_example": None, "device": "cpu", "autocast": None, "chunk_rows": 16,
-           "chunks_per_shard": 4, "gpt2_final_readout": "raw", "seed": 0}
+OPTIONS = {
+    "dtype": "float16",
+    "batch_size": 5,
+    "max_tokens": 40,
+    "padding": "longest",
+    "rows_per_example": None,
+    "device": "cpu",
+    "autocast": None,
+    "chunk_rows": 16,
+    "chunks_per_shard": 4,
+    "gpt2_final_readout": "raw",
+    "seed": 0,
+}
 
 
 def run(model_dir, data, out, shard=0, shards=1, **changes):
     options = {**OPTIONS, **changes}
-    extraction.extract(model_dir, data, shard, shards, out, options,
-                       module_sources("workflow_scripts.extract"))
+    extraction.extract(
+        model_dir, data, shard, shards, out, options, module_sources("workflow_scripts.extract")
+    )
     return open_shard(out)
 
 
@@ -43,20 +53,31 @@ def reference_streams(adapter, frame, kind, options):
     out = {}
     for _, row in frame.iterrows():
         if kind == "pairs":
-            enc = adapter.tokenizer([row["premise"]], [row["hypothesis"]], truncation=True,
-                                    max_length=options["max_tokens"], return_tensors="pt")
+            enc = adapter.tokenizer(
+                [row["premise"]],
+                [row["hypothesis"]],
+                truncation=True,
+                max_length=options["max_tokens"],
+                return_tensors="pt",
+            )
         else:
-            enc = adapter.tokenizer([row["text"]], truncation=True,
-                                    max_length=options["max_tokens"], return_tensors="pt")
+            enc = adapter.tokenizer(
+                [row["text"]],
+                truncation=True,
+                max_length=options["max_tokens"],
+                return_tensors="pt",
+            )
         with torch.no_grad():
             out[row["example_id"]] = [s[0].numpy() for s in adapter.streams(dict(enc))]
     return out
 
 
-@pytest.mark.parametrize("family,dataset", [("gpt2", "pairs"), ("bert", "pairs"),
-                                            ("gptr2", "corpus")])
-def test_stored_stream_equals_the_model_at_every_token(model_dirs, dataset_files, tmp_path,
-                                                       family, dataset):
+@pytest.mark.parametrize(
+    "family,dataset", [("gpt2", "pairs"), ("bert", "pairs"), ("gptr2", "corpus")]
+)
+def test_stored_stream_equals_the_model_at_every_token(
+    model_dirs, dataset_files, tmp_path, family, dataset
+):
     group = run(model_dirs[family], dataset_files[dataset], tmp_path / "s.zarr", dtype="float32")
     adapter, _ = load_adapter(model_dirs[family])
     frame, kind, _ = store.read(dataset_files[dataset])
@@ -77,8 +98,13 @@ def test_layout_attributes_and_codecs(model_dirs, dataset_files, tmp_path):
     group = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "s.zarr")
     attrs = dict(group.attrs)
     assert [r["name"] for r in attrs["readouts"]] == ["embeddings", "block.0", "block.1"]
-    assert attrs["readouts"][1] == {"index": 1, "stage": 0, "block": 1, "name": "block.0",
-                                    "width": 32}
+    assert attrs["readouts"][1] == {
+        "index": 1,
+        "stage": 0,
+        "block": 1,
+        "name": "block.0",
+        "width": 32,
+    }
     assert attrs["pooling"] == "none" and attrs["dtype"] == "float16"
     assert attrs["examples"] == 24 and attrs["example_range"] == [0, 24]
     assert attrs["digests"]["dataset"] == extraction.sha256_file(dataset_files["pairs"])
@@ -90,30 +116,48 @@ def test_layout_attributes_and_codecs(model_dirs, dataset_files, tmp_path):
         assert array.shape == (rows, 32) and array.dtype == np.float16
         assert array.chunks == (16, 32) and array.shards == (64, 32)
         assert isinstance(array.metadata.codecs[0], ShardingCodec)
-    assert group["example_id"].shape == group["position"].shape == group["is_padding"].shape == (rows,)
+    assert (
+        group["example_id"].shape == group["position"].shape == group["is_padding"].shape == (rows,)
+    )
 
 
 def test_shards_split_the_rows_without_overlap(model_dirs, dataset_files, tmp_path):
     ids = []
     for shard in range(3):
-        group = run(model_dirs["roberta"], dataset_files["pairs"], tmp_path / f"{shard}.zarr",
-                    shard=shard, shards=3)
+        group = run(
+            model_dirs["roberta"],
+            dataset_files["pairs"],
+            tmp_path / f"{shard}.zarr",
+            shard=shard,
+            shards=3,
+        )
         ids.append(np.unique(group["example_id"][:]))
         assert group.attrs["shard"] == shard and group.attrs["shards"] == 3
     assert np.concatenate(ids).tolist() == list(range(24))
 
 
 def test_max_length_padding_and_token_cap(model_dirs, dataset_files, tmp_path):
-    group = run(model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "s.zarr",
-                padding="max_length", max_tokens=20)
+    group = run(
+        model_dirs["gpt2"],
+        dataset_files["corpus"],
+        tmp_path / "s.zarr",
+        padding="max_length",
+        max_tokens=20,
+    )
     assert group.attrs["rows"] == 12 * 20
     assert np.bincount(group["example_id"][:]).tolist() == [20] * 12
 
 
 def test_row_subsample_is_seeded_and_shared_by_all_layers(model_dirs, dataset_files, tmp_path):
     a = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "a.zarr", rows_per_example=3)
-    b = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "b.zarr", rows_per_example=3,
-            batch_size=7, padding="max_length")  # another batching: the same positions
+    b = run(
+        model_dirs["gpt2"],
+        dataset_files["pairs"],
+        tmp_path / "b.zarr",
+        rows_per_example=3,
+        batch_size=7,
+        padding="max_length",
+    )  # another batching: the same positions
     full = run(model_dirs["gpt2"], dataset_files["pairs"], tmp_path / "full.zarr")
     assert a.attrs["rows"] == 24 * 3
     assert not a["is_padding"][:].any()  # drawn from the real tokens only
@@ -126,12 +170,18 @@ def test_row_subsample_is_seeded_and_shared_by_all_layers(model_dirs, dataset_fi
 
 
 def test_images_one_pooled_row_per_image(model_dirs, dataset_files, tmp_path):
-    group = run(model_dirs["resnet"], dataset_files["shapes"], tmp_path / "s.zarr",
-                dtype="float32", batch_size=6)
+    group = run(
+        model_dirs["resnet"],
+        dataset_files["shapes"],
+        tmp_path / "s.zarr",
+        dtype="float32",
+        batch_size=6,
+    )
     adapter, _ = load_adapter(model_dirs["resnet"])
     frame, _, _ = store.read(dataset_files["shapes"])
-    pixels = torch.stack([preprocess_image(store.decode_image(d, ""), adapter.preprocess)
-                          for d in frame["image"]])
+    pixels = torch.stack(
+        [preprocess_image(store.decode_image(d, ""), adapter.preprocess) for d in frame["image"]]
+    )
     assert pixels.shape == (20, 3, 32, 32) and -1 <= pixels.min() < pixels.max() <= 1
     with torch.no_grad():
         streams = adapter.streams({"pixel_values": pixels})
@@ -147,8 +197,9 @@ def test_float16_rounding_is_the_only_difference(model_dirs, dataset_files, tmp_
     half = run(model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "h.zarr")
     full = run(model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "f.zarr", dtype="float32")
     for k in range(3):
-        np.testing.assert_array_equal(half[f"layer-{k}"][:],
-                                      full[f"layer-{k}"][:].astype(np.float16))
+        np.testing.assert_array_equal(
+            half[f"layer-{k}"][:], full[f"layer-{k}"][:].astype(np.float16)
+        )
 
 
 def test_model_directory_without_weights(model_dirs, dataset_files, tmp_path):
@@ -180,8 +231,9 @@ def test_image_that_does_not_decode(model_dirs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.parquet"]
 
 
-def test_failure_midway_leaves_nothing_and_keeps_an_older_shard(model_dirs, dataset_files,
-                                                                tmp_path, monkeypatch):
+def test_failure_midway_leaves_nothing_and_keeps_an_older_shard(
+    model_dirs, dataset_files, tmp_path, monkeypatch
+):
     out = tmp_path / "s.zarr"
     before = run(model_dirs["gpt2"], dataset_files["pairs"], out)["layer-1"][:]
     calls = []
@@ -208,10 +260,26 @@ def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
     options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "workflow_scripts.extract", "--model", str(model_dirs["gpt2"]),
-         "--data", str(data), "--shard", "0", "--shards", "1", "--options",
-         __import__("json").dumps(options), "--out", str(out)],
-        env=env, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "workflow_scripts.extract",
+            "--model",
+            str(model_dirs["gpt2"]),
+            "--data",
+            str(data),
+            "--shard",
+            "0",
+            "--shards",
+            "1",
+            "--options",
+            __import__("json").dumps(options),
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     temporary = []
     while time.monotonic() < deadline and not temporary:  # wait until chunks are being written
@@ -229,5 +297,12 @@ def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
 
 def test_read_out_count_must_match_the_config(model_dirs, dataset_files, tmp_path):
     with pytest.raises(ValueError, match="has 3 read-out points, but its config entry says 13"):
-        extraction.extract(model_dirs["gpt2"], dataset_files["pairs"], 0, 1, tmp_path / "s.zarr",
-                           OPTIONS, readouts=13)
+        extraction.extract(
+            model_dirs["gpt2"],
+            dataset_files["pairs"],
+            0,
+            1,
+            tmp_path / "s.zarr",
+            OPTIONS,
+            readouts=13,
+        )

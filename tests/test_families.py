@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from support import REPO, snakemake
+
 from workflow_scripts import families
 from workflow_scripts.activations import open_shard
 from workflow_scripts.batches import preprocess_image
@@ -127,7 +127,7 @@ def adapter(model, tokenizer, family, final_readout):
     return ToyAdapter(model)
 '''
 
-TOY_ENTRY = '''
+TOY_ENTRY = """
 
 register(
     Family(
@@ -144,7 +144,7 @@ register(
         embedding_readout=False,
     )
 )
-'''
+"""
 
 TOY_CONFIG = {
     "models": {
@@ -234,7 +234,9 @@ def test_a_new_family_is_one_module_and_one_entry(tmp_path):
     assert (workdir / "results/figures/ablation-toys.png").exists()
 
     # the stored stream is the toy model's own, computed here from its module
-    spec = importlib.util.spec_from_file_location("toy_mlp", checkout / "workflow_scripts/models/toy_mlp.py")
+    spec = importlib.util.spec_from_file_location(
+        "toy_mlp", checkout / "workflow_scripts/models/toy_mlp.py"
+    )
     toy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toy)
     model, _ = toy.load(workdir / "results/models/toy-init", "toy")
@@ -243,8 +245,8 @@ def test_a_new_family_is_one_module_and_one_entry(tmp_path):
                           for b in frame["image"]])  # fmt: skip
     with torch.no_grad():
         expected = toy.ToyAdapter(model).streams({"pixel_values": pixels})
-    stored = [np.concatenate([open_shard(workdir / f"results/activations/toy-init/shapes/shard-{s}.zarr")[f"layer-{k}"][:]
-                              for s in (0, 1)]) for k in range(3)]  # fmt: skip
+    shards = [open_shard(workdir / f"results/activations/toy-init/shapes/shard-{s}.zarr")
+              for s in (0, 1)]  # fmt: skip
     for k in range(3):
-        np.testing.assert_allclose(stored[k], expected[k].numpy(), rtol=1e-6, atol=1e-6)
-
+        stored = np.concatenate([shard[f"layer-{k}"][:] for shard in shards])
+        np.testing.assert_allclose(stored, expected[k].numpy(), rtol=1e-6, atol=1e-6)

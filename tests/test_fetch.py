@@ -1,4 +1,5 @@
 """fetch_model: the stored layout, its manifest, local copies and their checks, hub pinning."""
+
 from __future__ import annotations
 
 import copy
@@ -7,11 +8,17 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-
 from support import TINY_SPECS
+
 from workflow_scripts.fetch_model import count_parameters, fetch, resolve_revision
 from workflow_scripts.models import load_adapter
-from workflow_scripts.models.store import MANIFEST, WEIGHTS, ModelDirError, read_manifest, sha256_file
+from workflow_scripts.models.store import (
+    MANIFEST,
+    WEIGHTS,
+    ModelDirError,
+    read_manifest,
+    sha256_file,
+)
 
 
 @pytest.mark.parametrize("family", sorted(TINY_SPECS))
@@ -32,11 +39,15 @@ def test_manifest_lists_every_file_with_its_digest(model_dirs, family):
 
 def test_init_is_deterministic(model_dirs, tmp_path):
     fetch(copy.deepcopy(TINY_SPECS["roberta"]), tmp_path / "again")
-    assert read_manifest(tmp_path / "again")["files"] == read_manifest(model_dirs["roberta"])["files"]
+    assert (
+        read_manifest(tmp_path / "again")["files"] == read_manifest(model_dirs["roberta"])["files"]
+    )
     other = {**copy.deepcopy(TINY_SPECS["roberta"]), "seed": 1}
     fetch(other, tmp_path / "seed1")
-    assert (read_manifest(tmp_path / "seed1")["files"][WEIGHTS]
-            != read_manifest(model_dirs["roberta"])["files"][WEIGHTS])
+    assert (
+        read_manifest(tmp_path / "seed1")["files"][WEIGHTS]
+        != read_manifest(model_dirs["roberta"])["files"][WEIGHTS]
+    )
 
 
 def test_local_copy_keeps_files_and_origin(model_dirs, tmp_path):

@@ -1,4 +1,5 @@
 """Figures render from small Parquet fixtures; bad groups fail with a clear message."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,21 +14,50 @@ from workflow_scripts.figures import FigureError, blocks_applied, main
 def stats_fixture(model: str, stages: list[int]) -> pd.DataFrame:
     rows = []
     for layer, stage in enumerate(stages):
-        for metric, setting, value in (("kurtosis", "standard basis", 3 + layer),
-                                       ("rotated_kurtosis", "mean of 1 rotation(s)", 3.0),
-                                       ("outlier_fraction", "signed x > 6", 0.01 * layer),
-                                       ("outlier_fraction", "magnitude |x| > 6", 0.02 * layer)):
-            rows.append({"model": model, "dataset": "shapes", "layer": layer, "stage": stage,
-                         "block": 0, "name": f"l{layer}", "metric": metric, "setting": setting,
-                         "value": value, "spread": 0.1, "rows": 100, "feature": None})
+        for metric, setting, value in (
+            ("kurtosis", "standard basis", 3 + layer),
+            ("rotated_kurtosis", "mean of 1 rotation(s)", 3.0),
+            ("outlier_fraction", "signed x > 6", 0.01 * layer),
+            ("outlier_fraction", "magnitude |x| > 6", 0.02 * layer),
+        ):
+            rows.append(
+                {
+                    "model": model,
+                    "dataset": "shapes",
+                    "layer": layer,
+                    "stage": stage,
+                    "block": 0,
+                    "name": f"l{layer}",
+                    "metric": metric,
+                    "setting": setting,
+                    "value": value,
+                    "spread": 0.1,
+                    "rows": 100,
+                    "feature": None,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def ablation_fixture(model: str, layers: int) -> pd.DataFrame:
-    rows = [{"model": model, "dataset": "pairs", "layer": k, "stage": 0, "block": k,
-             "name": f"l{k}", "direction": d, "blocks_ablated": 0, "metric": "top1",
-             "value": 0.3 + 0.1 * k, "examples": 10, "predictions": 10}
-            for k in range(layers) for d in ("tail", "head")]
+    rows = [
+        {
+            "model": model,
+            "dataset": "pairs",
+            "layer": k,
+            "stage": 0,
+            "block": k,
+            "name": f"l{k}",
+            "direction": d,
+            "blocks_ablated": 0,
+            "metric": "top1",
+            "value": 0.3 + 0.1 * k,
+            "examples": 10,
+            "predictions": 10,
+        }
+        for k in range(layers)
+        for d in ("tail", "head")
+    ]
     return pd.DataFrame(rows)
 
 
@@ -47,15 +77,39 @@ def test_statistics_figures_render(tmp_path, figure):
 
 def test_ablation_and_training_figures_render(tmp_path):
     ablation_fixture("roberta", 4).to_parquet(tmp_path / "a.parquet")
-    main(["ablation", "--group", "g", "--inputs", str(tmp_path / "a.parquet"),
-          "--out", str(tmp_path / "ablation.png")])
+    main(
+        [
+            "ablation",
+            "--group",
+            "g",
+            "--inputs",
+            str(tmp_path / "a.parquet"),
+            "--out",
+            str(tmp_path / "ablation.png"),
+        ]
+    )
     assert Image.open(tmp_path / "ablation.png").size[0] > 400
     (tmp_path / "run").mkdir()
-    pd.DataFrame({"step": range(30), "loss": np.linspace(3, 1, 30), "learning_rate": 0.1,
-                  "grad_norm": 1.0, "eval_accuracy": [np.nan] * 29 + [0.8]}).to_parquet(
-        tmp_path / "run" / "metrics.parquet")
-    main(["training", "--group", "runs", "--inputs", str(tmp_path / "run" / "metrics.parquet"),
-          "--out", str(tmp_path / "training.png")])
+    pd.DataFrame(
+        {
+            "step": range(30),
+            "loss": np.linspace(3, 1, 30),
+            "learning_rate": 0.1,
+            "grad_norm": 1.0,
+            "eval_accuracy": [np.nan] * 29 + [0.8],
+        }
+    ).to_parquet(tmp_path / "run" / "metrics.parquet")
+    main(
+        [
+            "training",
+            "--group",
+            "runs",
+            "--inputs",
+            str(tmp_path / "run" / "metrics.parquet"),
+            "--out",
+            str(tmp_path / "training.png"),
+        ]
+    )
     assert Image.open(tmp_path / "training.png").size[0] > 400
 
 
@@ -68,14 +122,25 @@ def test_resnet_x_axis_counts_blocks():
 
 def test_missing_statistics_are_named(tmp_path):
     with pytest.raises(FigureError, match="group 'g': no statistics at .*nothing.parquet"):
-        main(["kurtosis", "--group", "g", "--inputs", str(tmp_path / "nothing.parquet"),
-              "--out", str(tmp_path / "k.png")])
+        main(
+            [
+                "kurtosis",
+                "--group",
+                "g",
+                "--inputs",
+                str(tmp_path / "nothing.parquet"),
+                "--out",
+                str(tmp_path / "k.png"),
+            ]
+        )
 
 
 def test_group_naming_a_model_without_statistics(default_config):
     default_config["figures"]["groups"]["resnets"]["models"].append("gpt2-init")
-    with pytest.raises(ConfigError, match="figures.groups.resnets: model 'gpt2-init' has no "
-                                          "statistics on dataset 'shapes'"):
+    with pytest.raises(
+        ConfigError,
+        match="figures.groups.resnets: model 'gpt2-init' has no statistics on dataset 'shapes'",
+    ):
         validate(default_config)
 
 
@@ -89,18 +154,30 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
     from workflow_scripts import extract as extraction
     from workflow_scripts.activations import open_shard
     from workflow_scripts.data import store
+    from workflow_scripts.figures import save
     from workflow_scripts.models import load_adapter
     from workflow_scripts.top_examples import draw, top_rows
-    from workflow_scripts.figures import save
-    options = {"dtype": "float32", "batch_size": 4, "max_tokens": 40, "padding": "longest",
-               "rows_per_example": None, "device": "cpu", "autocast": None, "chunk_rows": 8,
-               "chunks_per_shard": 2, "gpt2_final_readout": "raw", "seed": 0}
+
+    options = {
+        "dtype": "float32",
+        "batch_size": 4,
+        "max_tokens": 40,
+        "padding": "longest",
+        "rows_per_example": None,
+        "device": "cpu",
+        "autocast": None,
+        "chunk_rows": 8,
+        "chunks_per_shard": 2,
+        "gpt2_final_readout": "raw",
+        "seed": 0,
+    }
     for family, dataset in (("resnet", "shapes"), ("gpt2", "corpus")):
         shards = []
         for shard in range(2):
             shards.append(tmp_path / f"{family}-{shard}.zarr")
-            extraction.extract(model_dirs[family], dataset_files[dataset], shard, 2, shards[-1],
-                               options)
+            extraction.extract(
+                model_dirs[family], dataset_files[dataset], shard, 2, shards[-1], options
+            )
         layer = 2
         chosen = top_rows([str(s) for s in shards], layer, [0, 3], 3, include_padding=False)
         x = np.concatenate([open_shard(s)[f"layer-{layer}"][:] for s in shards])
@@ -122,11 +199,13 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
 
 
 def test_top_examples_need_activations(default_config):
-    default_config["figures"]["top_examples"] = [{"model": "resnet-init", "dataset": "pairs",
-                                                  "layer": 1}]
+    default_config["figures"]["top_examples"] = [
+        {"model": "resnet-init", "dataset": "pairs", "layer": 1}
+    ]
     with pytest.raises(ConfigError, match="no activations of dataset 'pairs'"):
         validate(default_config)
-    default_config["figures"]["top_examples"] = [{"model": "resnet-init", "dataset": "shapes",
-                                                  "layer": 9}]
+    default_config["figures"]["top_examples"] = [
+        {"model": "resnet-init", "dataset": "shapes", "layer": 9}
+    ]
     with pytest.raises(ConfigError, match="read-out points 0..3"):
         validate(default_config)

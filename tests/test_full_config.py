@@ -1,4 +1,6 @@
-"""configs/full.yaml: the whole study's DAG builds offline, in seconds, with the jobs it should have."""
+"""configs/full.yaml: the whole study's DAG builds offline, in seconds, with the jobs it should
+have; its cost estimate follows the formulas."""
+
 from __future__ import annotations
 
 import re
@@ -8,8 +10,8 @@ import time
 
 import pytest
 import yaml
-
 from support import REPO, environment
+
 from workflow_scripts.estimate import table
 from workflow_scripts.plan import resolve
 
@@ -23,16 +25,39 @@ def pairs(analyses):
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full")
-    offline = environment(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                          https_proxy="http://0.0.0.0:9", http_proxy="http://0.0.0.0:9")
+    offline = environment(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        https_proxy="http://0.0.0.0:9",
+        http_proxy="http://0.0.0.0:9",
+    )
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-         "--directory", str(workdir), "--configfile", str(FULL), "-n", "--quiet", "rules"],
-        capture_output=True, text=True, timeout=300, env=offline)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(FULL),
+            "-n",
+            "--quiet",
+            "rules",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=offline,
+    )
     seconds = time.monotonic() - start
     assert result.returncode == 0, result.stderr[-4000:]
-    counts = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M)}
+    counts = {
+        rule: int(n)
+        for rule, n in re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M)
+    }
     return counts, seconds
 
 
@@ -60,8 +85,14 @@ def test_the_whole_study_builds_offline_with_the_expected_jobs(dry_run):
         "table_ablation": 1,
     }
     assert {rule: counts.get(rule) for rule in expected} == expected
-    assert sum(n for rule, n in counts.items() if rule.startswith("figure_")
-               and rule not in ("figure_top_examples", "figure_training")) == figures
+    assert (
+        sum(
+            n
+            for rule, n in counts.items()
+            if rule.startswith("figure_") and rule not in ("figure_top_examples", "figure_training")
+        )
+        == figures
+    )
     assert counts["total"] == sum(n for rule, n in counts.items() if rule != "total")
     assert seconds < 60
 
@@ -70,8 +101,15 @@ def test_the_full_study_estimate_is_computed_from_the_config():
     rows = {row["stage"]: row for row in table(resolve(yaml.safe_load(FULL.read_text())))}
     # the activations of the text models on MNLI: rows x tokens x read-outs x width x 2 bytes
     mnli = 9815 + 9832
-    text = sum((blocks + 1) * width for blocks, width in
-               ((12, 768), (24, 1024), (12, 768), (24, 1024)) * 2) * mnli * 40 * 2
+    text = (
+        sum(
+            (blocks + 1) * width
+            for blocks, width in ((12, 768), (24, 1024), (12, 768), (24, 1024)) * 2
+        )
+        * mnli
+        * 40
+        * 2
+    )
     assert rows["extract"]["stored_gb"] * 1e9 > text
     assert rows["train"]["gpu_hours"] > rows["ablate"]["gpu_hours"] > 0
 
@@ -83,12 +121,14 @@ def test_the_estimate_of_one_extraction_and_one_training_run():
     # GPT-2 medium on MNLI matched: 9815 pairs x 40 tokens x 25 read-outs x 1024 x 2 bytes
     one = extraction(config, "gpt2-medium", "mnli-matched")
     assert one["bytes"] == 9815 * 40 * 25 * 1024 * 2
-    parameters = 12 * 24 * 1024 ** 2 + 50_257 * 1024
+    parameters = 12 * 24 * 1024**2 + 50_257 * 1024
     assert one["flops"] == 9815 * 40 * 2 * parameters
     # one epoch of Wikipedia for a 6 x 384 gptr2 with GPT-2's vocabulary: 3 x forward FLOPs
     run = training(config, "gptr2-nano-momentum-decay")
     seen = 6_407_814 * (1 - 0.001) * 700
-    assert run["flops"] == pytest.approx(3 * seen * 2 * (12 * 6 * 384 ** 2 + 50_257 * 384))
-    small, large = (job_resources(config, "extract", m, "mnli-matched")["mem_mb"]
-                    for m in ("gpt2", "gpt2-medium"))
+    assert run["flops"] == pytest.approx(3 * seen * 2 * (12 * 6 * 384**2 + 50_257 * 384))
+    small, large = (
+        job_resources(config, "extract", m, "mnli-matched")["mem_mb"]
+        for m in ("gpt2", "gpt2-medium")
+    )
     assert large > small

@@ -1,4 +1,5 @@
 """Adapters: the stream at every read-out point equals what the model itself computes."""
+
 from __future__ import annotations
 
 import copy
@@ -78,8 +79,9 @@ def test_skipped_block_returns_what_the_block_returns(model_dirs, family):
     container, index = adapter.block_slots[0]
     block = container[index]
     calls = []
-    handle = block.register_forward_pre_hook(lambda m, a, kw: calls.append((a, kw)),
-                                             with_kwargs=True)
+    handle = block.register_forward_pre_hook(
+        lambda m, a, kw: calls.append((a, kw)), with_kwargs=True
+    )
     with torch.no_grad():
         adapter.logits(inputs)
         handle.remove()
@@ -120,8 +122,11 @@ def test_padding_does_not_change_the_stream_of_real_tokens(model_dirs):
 def hooked_block_outputs(model, stages, x):
     """Block outputs through forward hooks on the model's own forward, mean-pooled."""
     outputs = []
-    hooks = [block.register_forward_hook(lambda m, a, out: outputs.append(out.mean((2, 3))))
-             for stage in stages for block in stage]
+    hooks = [
+        block.register_forward_hook(lambda m, a, out: outputs.append(out.mean((2, 3))))
+        for stage in stages
+        for block in stage
+    ]
     with torch.no_grad():
         logits = model(x)
     for hook in hooks:
@@ -137,9 +142,18 @@ def test_resnet_streams_equal_forward_hooks_on_torchvision_blocks():
     with torch.no_grad():
         streams = adapter.streams({"pixel_values": x})
     reference, _ = hooked_block_outputs(
-        model, [model.layer1, model.layer2, model.layer3, model.layer4], x)
+        model, [model.layer1, model.layer2, model.layer3, model.layer4], x
+    )
     assert [(r.stage, r.block) for r in adapter.readouts] == [
-        (1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
+        (1, 0),
+        (1, 1),
+        (2, 0),
+        (2, 1),
+        (3, 0),
+        (3, 1),
+        (4, 0),
+        (4, 1),
+    ]
     assert [r.width for r in adapter.readouts] == [64, 64, 128, 128, 256, 256, 512, 512]
     for stream, ref in zip(streams, reference, strict=True):
         torch.testing.assert_close(stream, ref, rtol=0, atol=0)
@@ -147,8 +161,14 @@ def test_resnet_streams_equal_forward_hooks_on_torchvision_blocks():
 
 def test_bottleneck_resnet_with_other_norm_and_widths():
     torch.manual_seed(0)
-    model = ResNet("bottleneck", [1, 2, 1], [8, 16, 32], num_classes=5, stem="cifar",
-                   norm_layer=lambda c: nn.GroupNorm(2, c)).eval()
+    model = ResNet(
+        "bottleneck",
+        [1, 2, 1],
+        [8, 16, 32],
+        num_classes=5,
+        stem="cifar",
+        norm_layer=lambda c: nn.GroupNorm(2, c),
+    ).eval()
     adapter = ResNetAdapter(model, preprocess={})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -161,8 +181,10 @@ def test_bottleneck_resnet_with_other_norm_and_widths():
     assert logits.shape == (2, 5)
 
 
-@pytest.mark.parametrize("block,layers,name", [("basic", [2, 2, 2, 2], "resnet18"),
-                                               ("bottleneck", [3, 4, 6, 3], "resnet50")])
+@pytest.mark.parametrize(
+    "block,layers,name",
+    [("basic", [2, 2, 2, 2], "resnet18"), ("bottleneck", [3, 4, 6, 3], "resnet50")],
+)
 def test_resnet_of_torchvisions_widths_is_torchvisions_resnet(block, layers, name):
     """Built with the same seed, the same modules and weights as torchvision's own."""
     torch.manual_seed(0)
@@ -175,9 +197,18 @@ def test_resnet_of_torchvisions_widths_is_torchvisions_resnet(block, layers, nam
 
 
 def test_rms_norm_resnet_has_one_scalar_gain_per_norm():
-    spec = {"family": "resnet", "source": "init:", "num_labels": 10,
-            "arch": {"block": "basic", "layers": [1, 1], "widths": [8, 16], "stem": "cifar",
-                     "norm": "rms"}}
+    spec = {
+        "family": "resnet",
+        "source": "init:",
+        "num_labels": 10,
+        "arch": {
+            "block": "basic",
+            "layers": [1, 1],
+            "widths": [8, 16],
+            "stem": "cifar",
+            "norm": "rms",
+        },
+    }
     model, tokenizer = family_module("resnet").init(spec)
     assert tokenizer is None and model.config["norm"] == "rms"
     norms = [m for m in model.modules() if isinstance(m, ScalarRMSNorm)]

@@ -1,4 +1,5 @@
 """prepare_data: every source into the stored Parquet layout, and bad input refused."""
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,13 @@ def test_parquet_source_with_column_mapping_and_row_cap(tmp_path):
     source = tmp_path / "source.parquet"
     texts = [f"the dog runs {i} ." for i in range(50)]
     pd.DataFrame({"sentence": texts, "other": range(50)}).to_parquet(source)
-    spec = {"source": f"parquet:{source}", "kind": "text", "columns": {"text": "sentence"},
-            "rows": 10, "seed": 3}
+    spec = {
+        "source": f"parquet:{source}",
+        "kind": "text",
+        "columns": {"text": "sentence"},
+        "rows": 10,
+        "seed": 3,
+    }
     frame = prepare(spec, tmp_path / "a.parquet")
     again = prepare(spec, tmp_path / "b.parquet")
     assert list(frame.columns) == ["example_id", "text"] and len(frame) == 10
@@ -53,16 +59,20 @@ def test_column_mapping_to_a_column_that_does_not_exist(tmp_path):
     source = tmp_path / "source.parquet"
     pd.DataFrame({"text": ["a"]}).to_parquet(source)
     with pytest.raises(DatasetError, match=r"\['sentence'\] named in 'columns'"):
-        prepare({"source": f"parquet:{source}", "kind": "text",
-                 "columns": {"text": "sentence"}}, tmp_path / "out.parquet")
+        prepare(
+            {"source": f"parquet:{source}", "kind": "text", "columns": {"text": "sentence"}},
+            tmp_path / "out.parquet",
+        )
 
 
 def test_labels_outside_the_label_names(tmp_path):
     source = tmp_path / "source.parquet"
     frame = pd.DataFrame({"premise": ["a", "b"], "hypothesis": ["c", "d"], "label": [0, 5]})
     import pyarrow as pa
+
     parquet = pa.Table.from_pandas(frame).replace_schema_metadata(
-        {b"label_names": json.dumps(["yes", "no"]).encode()})
+        {b"label_names": json.dumps(["yes", "no"]).encode()}
+    )
     pq.write_table(parquet, source)
     with pytest.raises(DatasetError, match=r"outside 0..1 .*example\(s\) \[1\]"):
         prepare({"source": f"parquet:{source}", "kind": "pairs"}, tmp_path / "out.parquet")
@@ -79,8 +89,10 @@ def test_imagefolder(tmp_path):
         (tmp_path / "images" / cls).mkdir(parents=True)
         for i in range(3):
             (tmp_path / "images" / cls / f"{i}.png").write_bytes(_png(colour, (40, 20)))
-    frame = prepare({"source": f"imagefolder:{tmp_path / 'images'}", "image_resize": 10},
-                    tmp_path / "out.parquet")
+    frame = prepare(
+        {"source": f"imagefolder:{tmp_path / 'images'}", "image_resize": 10},
+        tmp_path / "out.parquet",
+    )
     _, kind, names = store.read(tmp_path / "out.parquet")
     assert kind == "image" and names == ["cat", "dog"]
     assert frame["label"].tolist() == [0, 0, 0, 1, 1, 1]

@@ -1,5 +1,6 @@
 """Per-layer statistics against independent references (scipy, numpy in float64), their
 invariances, and bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,14 +13,19 @@ from workflow_scripts.atomic import write_parquet
 from workflow_scripts.layer_stats import compute
 from workflow_scripts.merge_stats import merge
 from workflow_scripts.models.adapter import Readout
-from workflow_scripts.streaming_stats import (ClusterMeans, LayerStatistics, StatisticsError,
-                                         random_rotation)
+from workflow_scripts.streaming_stats import (
+    ClusterMeans,
+    LayerStatistics,
+    StatisticsError,
+    random_rotation,
+)
 
 OPTIONS = {"include_padding": False, "rotations": 1, "seed": 0, "top_features": 3}
 
 
-def write_shard(path, layers, example_id, is_padding=None, dtype="float16", chunk_rows=64,
-                chunks_per_shard=2):
+def write_shard(
+    path, layers, example_id, is_padding=None, dtype="float16", chunk_rows=64, chunks_per_shard=2
+):
     rows = len(example_id)
     readouts = [Readout(k, 0, k, f"block.{k}", x.shape[1]) for k, x in enumerate(layers)]
     writer = ShardWriter(path, readouts, rows, dtype, chunk_rows, chunks_per_shard)
@@ -50,11 +56,15 @@ def test_kurtosis_rms_and_ratio_against_scipy_and_numpy_float64(tmp_path):
     x64 = x.astype(np.float64)
     reference = scipy.stats.kurtosis(x64, axis=1, fisher=False).mean()
     np.testing.assert_allclose(value(frame, "kurtosis")["value"], reference, rtol=1e-4)
-    rms = np.sqrt((x64 ** 2).mean(axis=1)).mean()
+    rms = np.sqrt((x64**2).mean(axis=1)).mean()
     np.testing.assert_allclose(value(frame, "rms")["value"], rms, rtol=1e-4)
     ratio = np.abs(x64).max(axis=1) / np.median(np.abs(x64), axis=1)
-    np.testing.assert_allclose(value(frame, "max_over_median", "row mean")["value"], ratio.mean(), rtol=1e-4)
-    np.testing.assert_allclose(value(frame, "max_over_median", "row max")["value"], ratio.max(), rtol=1e-4)
+    np.testing.assert_allclose(
+        value(frame, "max_over_median", "row mean")["value"], ratio.mean(), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        value(frame, "max_over_median", "row max")["value"], ratio.max(), rtol=1e-4
+    )
     q = random_rotation(48, 0, 0, 0).astype(np.float64)
     rotated = scipy.stats.kurtosis(x64 @ q, axis=1, fisher=False).mean()
     np.testing.assert_allclose(value(frame, "rotated_kurtosis")["value"], rotated, rtol=1e-4)
@@ -65,13 +75,21 @@ def test_outliers_signed_and_by_magnitude_against_numpy(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((200, 40))
     x[3, 0], x[9, 1], x[11, 2], x[12, 2] = 12.0, -15.0, 5.0, -11.0
-    frame = compute([write_shard(tmp_path / "s.zarr", [x], np.arange(200), dtype="float32")],
-                    0, [4.5, 10.0], OPTIONS)
+    frame = compute(
+        [write_shard(tmp_path / "s.zarr", [x], np.arange(200), dtype="float32")],
+        0,
+        [4.5, 10.0],
+        OPTIONS,
+    )
     for t in (4.5, 10.0):
         signed = (x > t).any(axis=0).mean()
         magnitude = (np.abs(x) > t).any(axis=0).mean()
-        assert value(frame, "outlier_fraction", f"signed x > {t:g}")["value"] == pytest.approx(signed)
-        assert value(frame, "outlier_fraction", f"magnitude |x| > {t:g}")["value"] == pytest.approx(magnitude)
+        assert value(frame, "outlier_fraction", f"signed x > {t:g}")["value"] == pytest.approx(
+            signed
+        )
+        assert value(frame, "outlier_fraction", f"magnitude |x| > {t:g}")["value"] == pytest.approx(
+            magnitude
+        )
     assert value(frame, "outlier_fraction", "signed x > 10")["value"] == 1 / 40
     assert value(frame, "outlier_fraction", "magnitude |x| > 10")["value"] == 3 / 40
     top = frame[frame["metric"] == "top_feature_max_abs"]
@@ -82,8 +100,12 @@ def test_outliers_signed_and_by_magnitude_against_numpy(tmp_path):
 def test_gaussian_rows_have_kurtosis_3_in_both_bases(tmp_path):
     # the sample kurtosis of n Gaussian values is 3 (n - 1) / (n + 1) on average: 2.988 at 512
     x = np.random.default_rng(2).standard_normal((2000, 512))
-    frame = compute([write_shard(tmp_path / "s.zarr", [x], np.arange(2000), dtype="float32")],
-                    0, [10.0], {**OPTIONS, "rotations": 3})
+    frame = compute(
+        [write_shard(tmp_path / "s.zarr", [x], np.arange(2000), dtype="float32")],
+        0,
+        [10.0],
+        {**OPTIONS, "rotations": 3},
+    )
     assert abs(value(frame, "kurtosis")["value"] - 3) < 0.05
     assert abs(value(frame, "rotated_kurtosis")["value"] - 3) < 0.05
     assert 0 < value(frame, "rotated_kurtosis_sd")["value"] < 0.05
@@ -93,8 +115,12 @@ def test_a_huge_coordinate_is_heavy_tailed_only_in_the_standard_basis(tmp_path):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((1000, 64))
     x[:, 5] = 50.0 + rng.standard_normal(1000)
-    frame = compute([write_shard(tmp_path / "s.zarr", [x], np.arange(1000), dtype="float32")],
-                    0, [10.0], OPTIONS)
+    frame = compute(
+        [write_shard(tmp_path / "s.zarr", [x], np.arange(1000), dtype="float32")],
+        0,
+        [10.0],
+        OPTIONS,
+    )
     assert value(frame, "kurtosis")["value"] > 40
     assert abs(value(frame, "rotated_kurtosis")["value"] - 3) < 0.4
     assert value(frame, "top_feature_max_abs", "rank 1")["feature"] == 5
@@ -109,9 +135,18 @@ def test_any_split_into_shards_and_chunks_equals_one_pass_in_memory(tmp_path):
     in_memory.update(x[~padding].astype(np.float32), ids[~padding])
     expected = pd.DataFrame(in_memory.results([4.0], 3))
     for bounds, chunk_rows in (([0, 600], 600), ([0, 137, 301, 600], 16), ([0, 3, 598, 600], 7)):
-        shards = [write_shard(tmp_path / f"{chunk_rows}-{i}.zarr", [x[a:b]], ids[a:b], padding[a:b],
-                              dtype="float32", chunk_rows=chunk_rows, chunks_per_shard=3)
-                  for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        shards = [
+            write_shard(
+                tmp_path / f"{chunk_rows}-{i}.zarr",
+                [x[a:b]],
+                ids[a:b],
+                padding[a:b],
+                dtype="float32",
+                chunk_rows=chunk_rows,
+                chunks_per_shard=3,
+            )
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+        ]
         frame = compute(shards, 0, [4.0], OPTIONS)
         assert frame["rows"].iloc[0] == (~padding).sum()
         # equal up to float32 rounding of the rotation's matrix product, which depends on blocking
@@ -162,8 +197,9 @@ def test_same_inputs_and_seed_give_identical_parquet(tmp_path):
     x = heavy_tailed(np.random.default_rng(7), 300, 32)
     shard = write_shard(tmp_path / "s.zarr", [x], np.repeat(np.arange(60), 5))
     for name in ("a", "b"):
-        write_parquet(compute([shard], 0, [10.0], {**OPTIONS, "rotations": 2}),
-                      tmp_path / f"{name}.parquet")
+        write_parquet(
+            compute([shard], 0, [10.0], {**OPTIONS, "rotations": 2}), tmp_path / f"{name}.parquet"
+        )
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
 
 
@@ -186,7 +222,9 @@ def test_shards_that_disagree_in_width_or_dtype(tmp_path):
     ids = np.arange(20)
     a = write_shard(tmp_path / "a.zarr", [np.ones((20, 8)) + np.eye(20, 8)], ids)
     b = write_shard(tmp_path / "b.zarr", [np.ones((20, 9)) + np.eye(20, 9)], ids + 20)
-    c = write_shard(tmp_path / "c.zarr", [np.ones((20, 8)) + np.eye(20, 8)], ids + 20, dtype="float32")
+    c = write_shard(
+        tmp_path / "c.zarr", [np.ones((20, 8)) + np.eye(20, 8)], ids + 20, dtype="float32"
+    )
     with pytest.raises(StatisticsError, match="shards disagree on layer 0"):
         compute([a, b], 0, [1.0], OPTIONS)
     with pytest.raises(StatisticsError, match="float16.*float32"):
@@ -198,7 +236,9 @@ def test_nan_or_inf_is_refused(tmp_path, bad):
     x = np.random.default_rng(9).standard_normal((30, 8))
     x[21, 3] = bad
     shard = write_shard(tmp_path / "s.zarr", [x], np.arange(30), dtype="float32")
-    with pytest.raises(StatisticsError, match="1 row\\(s\\) hold NaN or inf \\(first of example 21\\)"):
+    with pytest.raises(
+        StatisticsError, match="1 row\\(s\\) hold NaN or inf \\(first of example 21\\)"
+    ):
         compute([shard], 0, [1.0], OPTIONS)
 
 

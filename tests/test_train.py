@@ -1,8 +1,8 @@
 """Training runs: learning, determinism, resuming after a real kill, divergence, the stored
 layout, and the grid."""
+
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -10,36 +10,66 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
+from support import REPO
 
-from support import REPO, TINY_SPECS
 from workflow_scripts.config import ConfigError, validate
-from workflow_scripts.plan import resolve
 from workflow_scripts.data import builtin, store
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import read_manifest
+from workflow_scripts.plan import resolve
 from workflow_scripts.train import TrainingError, train
 
-COMMON = {"seed": 0, "eval_fraction": 0.1, "eval_every": 20, "checkpoint_every": 10,
-          "device": "cpu", "warmup_steps": 5, "schedule": "cosine", "clip_grad_norm": 1.0,
-          "batch_size": 16, "max_tokens": 64, "context": 32, "mixed_precision": None}
-LM = {**COMMON, "kind": "causal_lm", "family": "gptr2",
-      "arch": {"layers": 2, "width": 32, "heads": 2, "context": 64},
-      "optimizer": {"name": "adam", "lr": 0.003}, "steps": 60}
-RESNET = {**COMMON, "kind": "image_classification", "num_labels": 10,
-          "arch": {"block": "basic", "layers": [1, 1], "widths": [16, 32], "stem": "cifar",
-                   "norm": "rms"},
-          "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "steps": 150, "eval_every": 50}
+COMMON = {
+    "seed": 0,
+    "eval_fraction": 0.1,
+    "eval_every": 20,
+    "checkpoint_every": 10,
+    "device": "cpu",
+    "warmup_steps": 5,
+    "schedule": "cosine",
+    "clip_grad_norm": 1.0,
+    "batch_size": 16,
+    "max_tokens": 64,
+    "context": 32,
+    "mixed_precision": None,
+}
+LM = {
+    **COMMON,
+    "kind": "causal_lm",
+    "family": "gptr2",
+    "arch": {"layers": 2, "width": 32, "heads": 2, "context": 64},
+    "optimizer": {"name": "adam", "lr": 0.003},
+    "steps": 60,
+}
+RESNET = {
+    **COMMON,
+    "kind": "image_classification",
+    "num_labels": 10,
+    "arch": {
+        "block": "basic",
+        "layers": [1, 1],
+        "widths": [16, 32],
+        "stem": "cifar",
+        "norm": "rms",
+    },
+    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+    "steps": 150,
+    "eval_every": 50,
+}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-data")
     paths = {}
-    for name, kind, rows in (("corpus", "text", 300), ("shapes", "image", 400), ("pairs", "pairs", 400)):
+    for name, kind, rows in (
+        ("corpus", "text", 300),
+        ("shapes", "image", 400),
+        ("pairs", "pairs", 400),
+    ):
         paths[name] = root / f"{name}.parquet"
         store.write(builtin.generate(name, rows, 1), paths[name], kind, builtin.label_names(name))
     return paths
@@ -47,8 +77,16 @@ def data(tmp_path_factory):
 
 def run(tmp_path, name, spec, data_path, base=None):
     out = tmp_path / name
-    metrics = train(name, spec, data_path, out / "model", out / "metrics.parquet",
-                    out / "loss.png", out / "checkpoint.pt", base)
+    metrics = train(
+        name,
+        spec,
+        data_path,
+        out / "model",
+        out / "metrics.parquet",
+        out / "loss.png",
+        out / "checkpoint.pt",
+        base,
+    )
     return out, metrics
 
 
@@ -75,8 +113,14 @@ def test_resnet_with_rms_norm_learns(tmp_path, data):
 
 
 def test_fine_tune_keeps_the_base_and_learns_the_pairs(tmp_path, data, model_dirs):
-    spec = {**COMMON, "kind": "sequence_classification", "num_labels": 3, "steps": 100,
-            "eval_every": 50, "optimizer": {"name": "adamw", "lr": 0.002}}
+    spec = {
+        **COMMON,
+        "kind": "sequence_classification",
+        "num_labels": 3,
+        "steps": 100,
+        "eval_every": 50,
+        "optimizer": {"name": "adamw", "lr": 0.002},
+    }
     out, metrics = run(tmp_path, "ft", spec, data["pairs"], model_dirs["roberta"])
     assert metrics["eval_accuracy"].dropna().iloc[-1] > 0.6  # chance 1/3
     adapter, _ = load_adapter(out / "model")
@@ -92,8 +136,12 @@ def test_same_config_gives_identical_weights(tmp_path, data):
 
 
 def test_diverging_run_stops_naming_the_step(tmp_path, data):
-    spec = {**RESNET, "optimizer": {"name": "sgd", "lr": 1e38, "momentum": 0.9},
-            "clip_grad_norm": None, "warmup_steps": 0}
+    spec = {
+        **RESNET,
+        "optimizer": {"name": "sgd", "lr": 1e38, "momentum": 0.9},
+        "clip_grad_norm": None,
+        "warmup_steps": 0,
+    }
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+"):
         run(tmp_path, "diverge", spec, data["shapes"])
     assert not (tmp_path / "diverge" / "model").exists()
@@ -102,10 +150,25 @@ def test_diverging_run_stops_naming_the_step(tmp_path, data):
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
     spec = {**LM, "steps": 80, "checkpoint_every": 10}
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "workflow_scripts.train", "--name", "lm", "--spec",
-               json.dumps(spec), "--data", str(data["corpus"]), "--checkpoint",
-               str(out / "checkpoint.pt"), "--metrics", str(out / "metrics.parquet"),
-               "--plot", str(out / "loss.png"), "--out", str(out / "model")]
+    command = [
+        sys.executable,
+        "-m",
+        "workflow_scripts.train",
+        "--name",
+        "lm",
+        "--spec",
+        json.dumps(spec),
+        "--data",
+        str(data["corpus"]),
+        "--checkpoint",
+        str(out / "checkpoint.pt"),
+        "--metrics",
+        str(out / "metrics.parquet"),
+        "--plot",
+        str(out / "loss.png"),
+        "--out",
+        str(out / "model"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -117,8 +180,15 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
     assert not (out / "model").exists()
     saved = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
     assert 0 < saved < 80
-    resumed = train("lm", spec, data["corpus"], out / "model", out / "metrics.parquet",
-                    out / "loss.png", out / "checkpoint.pt")
+    resumed = train(
+        "lm",
+        spec,
+        data["corpus"],
+        out / "model",
+        out / "metrics.parquet",
+        out / "loss.png",
+        out / "checkpoint.pt",
+    )
     assert resumed["step"].tolist() == list(range(80))
     straight, _ = run(tmp_path / "straight", "lm", spec, data["corpus"])
     # resuming changes nothing: the same weights and the same losses as an unbroken run
@@ -129,14 +199,36 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
 def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, data):
     spec = {**LM, "steps": 30, "checkpoint_every": 10}
     out = tmp_path / "other"
-    train("lm", spec, data["corpus"], out / "m1", out / "metrics.parquet", out / "loss.png",
-          out / "keep.pt")
-    torch.save({"fingerprint": "another", "step": 25, "model": {}, "optimizer": {},
-                "schedule": {}, "records": []}, out / "checkpoint.pt")
-    metrics = train("lm", spec, data["corpus"], out / "m2", out / "metrics.parquet",
-                    out / "loss.png", out / "checkpoint.pt")
+    train(
+        "lm",
+        spec,
+        data["corpus"],
+        out / "m1",
+        out / "metrics.parquet",
+        out / "loss.png",
+        out / "keep.pt",
+    )
+    torch.save(
+        {
+            "fingerprint": "another",
+            "step": 25,
+            "model": {},
+            "optimizer": {},
+            "schedule": {},
+            "records": [],
+        },
+        out / "checkpoint.pt",
+    )
+    metrics = train(
+        "lm",
+        spec,
+        data["corpus"],
+        out / "m2",
+        out / "metrics.parquet",
+        out / "loss.png",
+        out / "checkpoint.pt",
+    )
     assert metrics["step"].tolist() == list(range(30))
-
 
 
 def test_grid_expands_into_runs_and_models(default_config):
@@ -144,7 +236,11 @@ def test_grid_expands_into_runs_and_models(default_config):
     runs = study.runs
     assert {"gptr2-nano-sgd", "gptr2-nano-adam", "resnet-rms-sgd", "roberta-pairs"} <= set(runs)
     assert "gptr2-nano" not in runs
-    assert runs["gptr2-nano-sgd"].settings["optimizer"] == {"name": "sgd", "lr": 0.3, "momentum": 0.9}
+    assert runs["gptr2-nano-sgd"].settings["optimizer"] == {
+        "name": "sgd",
+        "lr": 0.3,
+        "momentum": 0.9,
+    }
     assert runs["gptr2-nano-adam"].settings["optimizer"]["name"] == "adam"
     model = study.models["gptr2-nano-sgd"]
     assert model.source == "train:gptr2-nano-sgd" and model.family.name == "gptr2"
@@ -155,20 +251,38 @@ def test_grid_expands_into_runs_and_models(default_config):
 
 def test_two_axis_grid_and_bad_settings_after_the_grid(default_config):
     run = default_config["training"]["runs"]["gptr2-nano"]
-    run["grid"]["decay"] = {"wd0": {"optimizer": {"weight_decay": 0}},
-                            "wd1": {"optimizer": {"weight_decay": 0.1}}}
-    for analysis in default_config["analyses"] + default_config["ablation"]["analyses"] + list(
-            default_config["figures"]["groups"].values()):
+    run["grid"]["decay"] = {
+        "wd0": {"optimizer": {"weight_decay": 0}},
+        "wd1": {"optimizer": {"weight_decay": 0.1}},
+    }
+    for analysis in (
+        default_config["analyses"]
+        + default_config["ablation"]["analyses"]
+        + list(default_config["figures"]["groups"].values())
+    ):
         analysis["models"] = [m for m in analysis["models"] if not m.startswith("gptr2-nano")]
     default_config["figures"]["top_examples"] = [
-        t for t in default_config["figures"]["top_examples"] if not t["model"].startswith("gptr2-nano")]
+        t
+        for t in default_config["figures"]["top_examples"]
+        if not t["model"].startswith("gptr2-nano")
+    ]
     runs = resolve(default_config).runs
-    assert {"gptr2-nano-sgd-wd0", "gptr2-nano-sgd-wd1", "gptr2-nano-adam-wd0",
-            "gptr2-nano-adam-wd1"} <= set(runs)
-    assert runs["gptr2-nano-sgd-wd1"].settings["optimizer"] == {"name": "sgd", "lr": 0.3, "momentum": 0.9,
-                                                       "weight_decay": 0.1}
+    assert {
+        "gptr2-nano-sgd-wd0",
+        "gptr2-nano-sgd-wd1",
+        "gptr2-nano-adam-wd0",
+        "gptr2-nano-adam-wd1",
+    } <= set(runs)
+    assert runs["gptr2-nano-sgd-wd1"].settings["optimizer"] == {
+        "name": "sgd",
+        "lr": 0.3,
+        "momentum": 0.9,
+        "weight_decay": 0.1,
+    }
     run["grid"]["decay"]["wd1"] = {"optimizer": {"weight_decay": "lots"}}
-    with pytest.raises(ConfigError, match="training.runs.gptr2-nano-sgd-wd1.optimizer.weight_decay"):
+    with pytest.raises(
+        ConfigError, match="training.runs.gptr2-nano-sgd-wd1.optimizer.weight_decay"
+    ):
         validate(default_config)
 
 
@@ -188,6 +302,7 @@ def test_epochs_set_the_number_of_steps(tmp_path, data):
     spec = {k: v for k, v in LM.items() if k != "steps"} | {"epochs": 0.5, "batch_size": 8}
     _, metrics = run(tmp_path, "epochs", spec, data["corpus"])
     from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
+
     texts = store.read(data["corpus"])[0]["text"]
     tokens = sum(len(ids) + 1 for ids in builtin_tokenizer("gpt2")(list(texts))["input_ids"])
     blocks = tokens // 32
@@ -203,9 +318,14 @@ def test_steps_or_epochs(default_config):
 
 def test_a_fine_tune_of_another_run(default_config):
     runs = default_config["training"]["runs"]
-    runs["lm-pairs"] = {"kind": "sequence_classification", "base": "gptr2-nano-adam",
-                        "num_labels": 3, "dataset": "pairs-train", "steps": 10,
-                        "optimizer": {"name": "adamw", "lr": 0.001}}
+    runs["lm-pairs"] = {
+        "kind": "sequence_classification",
+        "base": "gptr2-nano-adam",
+        "num_labels": 3,
+        "dataset": "pairs-train",
+        "steps": 10,
+        "optimizer": {"name": "adamw", "lr": 0.001},
+    }
     model = resolve(default_config).models["lm-pairs"]
     assert model.family.name == "gptr2" and model.blocks == 4
     assert model.head == "sequence_classification"
@@ -220,7 +340,7 @@ def test_token_blocks_are_the_same_in_chunks_as_in_one_pass(data):
     stream = []
     for text in texts:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    expected = torch.tensor(stream[:len(stream) // 16 * 16]).view(-1, 16)
+    expected = torch.tensor(stream[: len(stream) // 16 * 16]).view(-1, 16)
     for chunk in (7, 10_000):
         blocks = _token_blocks(tokenizer, texts, 16, chunk=chunk)
         assert blocks.dtype == torch.int32
@@ -229,12 +349,22 @@ def test_token_blocks_are_the_same_in_chunks_as_in_one_pass(data):
 
 def test_language_model_with_another_models_tokenizer(tmp_path, data, model_dirs):
     out = tmp_path / "lm"
-    train("lm", {**LM, "steps": 5}, data["corpus"], out / "model", out / "metrics.parquet",
-          out / "loss.png", out / "checkpoint.pt", tokenizer_dir=model_dirs["roberta"])
+    train(
+        "lm",
+        {**LM, "steps": 5},
+        data["corpus"],
+        out / "model",
+        out / "metrics.parquet",
+        out / "loss.png",
+        out / "checkpoint.pt",
+        tokenizer_dir=model_dirs["roberta"],
+    )
     adapter, _ = load_adapter(out / "model")
     lender, _ = load_adapter(model_dirs["roberta"])
     assert adapter.tokenizer.get_vocab() == lender.tokenizer.get_vocab()
-    assert adapter.tokenizer.get_vocab() != load_adapter(model_dirs["gpt2"])[0].tokenizer.get_vocab()
+    assert (
+        adapter.tokenizer.get_vocab() != load_adapter(model_dirs["gpt2"])[0].tokenizer.get_vocab()
+    )
 
 
 def test_a_tokenizer_must_come_from_a_text_model(default_config):
@@ -247,8 +377,11 @@ def test_a_tokenizer_must_come_from_a_text_model(default_config):
 
 
 def test_a_decoder_cannot_be_fine_tuned_for_pairs(default_config):
-    default_config["models"]["llama-init"] = {"family": "decoder", "source": "init:",
-                                              "arch": {"layers": 2, "width": 32, "heads": 2}}
+    default_config["models"]["llama-init"] = {
+        "family": "decoder",
+        "source": "init:",
+        "arch": {"layers": 2, "width": 32, "heads": 2},
+    }
     default_config["training"]["runs"]["roberta-pairs"]["base"] = "llama-init"
     with pytest.raises(ConfigError, match="is a decoder, which has a causal_lm head only"):
         validate(default_config)

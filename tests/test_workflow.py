@@ -1,4 +1,5 @@
 """The workflow end to end: a real Snakemake run of a tiny config in a temporary folder."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import yaml
-
 from support import REPO, environment, job_counts, load_config, snakemake
+
 from workflow_scripts.activations import open_shard
 
 TINY_CONFIG = load_config("tiny")
@@ -25,23 +26,35 @@ def finished_run(tmp_path_factory):
 
 
 def test_every_model_and_dataset_is_extracted(finished_run):
-    expected = {("gpt2-tiny", "pairs", 2), ("roberta-tiny", "pairs", 2),
-                ("resnet-tiny", "shapes", 1)}
+    expected = {
+        ("gpt2-tiny", "pairs", 2),
+        ("roberta-tiny", "pairs", 2),
+        ("resnet-tiny", "shapes", 1),
+    }
     for model, dataset, shards in expected:
         ids = []
         for shard in range(shards):
-            group = open_shard(finished_run / f"results/activations/{model}/{dataset}/shard-{shard}.zarr")
+            group = open_shard(
+                finished_run / f"results/activations/{model}/{dataset}/shard-{shard}.zarr"
+            )
             ids.append(np.unique(group["example_id"][:]))
         rows = TINY_CONFIG["datasets"][dataset]["rows"]
         assert np.concatenate(ids).tolist() == list(range(rows))
     assert sorted(p.name for p in (finished_run / "results/models").iterdir()) == [
-        "gpt2-tiny", "resnet-tiny", "roberta-tiny"]
+        "gpt2-tiny",
+        "resnet-tiny",
+        "roberta-tiny",
+    ]
 
 
 def test_statistics_for_every_model_and_dataset(finished_run):
     import pandas as pd
-    for model, dataset, layers in (("gpt2-tiny", "pairs", 3), ("roberta-tiny", "pairs", 3),
-                                   ("resnet-tiny", "shapes", 3)):
+
+    for model, dataset, layers in (
+        ("gpt2-tiny", "pairs", 3),
+        ("roberta-tiny", "pairs", 3),
+        ("resnet-tiny", "shapes", 3),
+    ):
         frame = pd.read_parquet(finished_run / f"results/stats/{model}/{dataset}.parquet")
         assert sorted(frame["layer"].unique()) == list(range(layers))
         assert (frame["model"] == model).all() and (frame["dataset"] == dataset).all()
@@ -53,6 +66,7 @@ def test_statistics_for_every_model_and_dataset(finished_run):
 
 def test_ablation_for_every_ablation_pair(finished_run):
     import pandas as pd
+
     frame = pd.read_parquet(finished_run / "results/ablation/resnet-tiny/shapes.parquet")
     assert set(frame["direction"]) == {"head", "tail"} and set(frame["metric"]) == {"top1", "top5"}
     assert (frame["examples"] == 12).all()
@@ -81,12 +95,23 @@ def test_a_single_target_builds_only_what_it_needs(finished_run, tmp_path):
     assert result.returncode == 0, result.stderr
     jobs = result.stdout + result.stderr
     assert "fetch_model" in jobs and "extract" in jobs
-    assert job_counts(result.stdout + result.stderr) == {"fetch_model": 1, "prepare_data": 1, "extract": 1, "total": 3}
+    assert job_counts(result.stdout + result.stderr) == {
+        "fetch_model": 1,
+        "prepare_data": 1,
+        "extract": 1,
+        "total": 3,
+    }
 
 
 def test_lint_is_clean():
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, env=environment(),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Lints for" not in result.stdout + result.stderr, result.stdout
 
@@ -96,12 +121,28 @@ def test_an_extraction_option_of_one_model_reruns_only_that_model_from_extractio
     changed["models"]["gpt2-tiny"]["extract"] = {"dtype": "float32"}
     config = finished_run / "changed.yaml"
     config.write_text(yaml.safe_dump(changed))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
-               "--directory", str(finished_run), "--configfile", str(config), "-n"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(finished_run),
+        "--configfile",
+        str(config),
+        "-n",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment())
     assert result.returncode == 0, result.stderr
-    assert job_counts(result.stdout + result.stderr) == {"extract": 2, "layer_stats": 3, "merge_stats": 1,
-                                  "table_statistics": 1, "all": 1, "total": 8}
+    assert job_counts(result.stdout + result.stderr) == {
+        "extract": 2,
+        "layer_stats": 3,
+        "merge_stats": 1,
+        "table_statistics": 1,
+        "all": 1,
+        "total": 8,
+    }
     assert "gpt2-tiny/pairs/shard-0.zarr" in result.stdout + result.stderr
 
 
@@ -117,5 +158,6 @@ def test_figures_and_the_report(finished_run):
     assert "Ablating a block removes its residual branch" in html  # a caption
     assert "statistics.csv" in html and "ablation.csv" in html  # the tables
     import pandas as pd
+
     table = pd.read_csv(finished_run / "results/tables/statistics.csv")
     assert set(table["model"]) == {"gpt2-tiny", "roberta-tiny", "resnet-tiny"}

@@ -10,6 +10,7 @@ Accuracy is top-1 and, with more than five classes, top-5: of the label for clas
 next token for causal language models. One forward pass over the dataset per distinct set of
 ablated blocks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,14 @@ def check_compatible(adapter, kind: str, frame: pd.DataFrame, label_names, where
     (an MNLI checkpoint may order entailment/neutral/contradiction otherwise), else None."""
     needed = ABLATION_HEADS[kind]
     if adapter.head != needed:
-        what = "a classification head for a labelled dataset" if kind != "text" else \
-            "a causal language-model head for a text dataset (next-token accuracy)"
-        raise DatasetError(f"{where}: the model has head {adapter.head!r}, but ablation needs "
-                           f"{what} ({needed})")
+        what = (
+            "a classification head for a labelled dataset"
+            if kind != "text"
+            else "a causal language-model head for a text dataset (next-token accuracy)"
+        )
+        raise DatasetError(
+            f"{where}: the model has head {adapter.head!r}, but ablation needs {what} ({needed})"
+        )
     if "label" in frame:
         labels = frame["label"].to_numpy()
         outside = (labels < 0) | (labels >= adapter.num_labels)
@@ -50,21 +55,30 @@ def check_compatible(adapter, kind: str, frame: pd.DataFrame, label_names, where
             raise DatasetError(
                 f"{where}: label(s) {sorted(set(labels[outside].tolist()))[:5]} outside the "
                 f"head's {adapter.num_labels} classes (examples "
-                f"{frame['example_id'][outside].head(5).tolist()}); dataset labels: {label_names}")
+                f"{frame['example_id'][outside].head(5).tolist()}); dataset labels: {label_names}"
+            )
     model_names = adapter.label_names
     if kind == "text" or model_names is None or label_names is None:
         return None
     ours, theirs = [n.lower() for n in label_names], [n.lower() for n in model_names]
-    if ours == theirs[:len(ours)]:
+    if ours == theirs[: len(ours)]:
         return None
     if not set(ours) <= set(theirs):
-        raise DatasetError(f"{where}: the model's classes {model_names} do not name the "
-                           f"dataset's labels {label_names}")
+        raise DatasetError(
+            f"{where}: the model's classes {model_names} do not name the "
+            f"dataset's labels {label_names}"
+        )
     return np.array([theirs.index(n) for n in ours])
 
 
-def score(adapter, batches, device, autocast_dtype: str | None, top5: bool,
-          label_order: np.ndarray | None = None) -> tuple[int, int, int]:
+def score(
+    adapter,
+    batches,
+    device,
+    autocast_dtype: str | None,
+    top5: bool,
+    label_order: np.ndarray | None = None,
+) -> tuple[int, int, int]:
     """(top-1 correct, top-5 correct, predictions) of the model as it stands; ``label_order``
     maps dataset labels to the model's classes."""
     correct1 = correct5 = count = 0
@@ -93,36 +107,56 @@ def ablate(model_dir: str | Path, data_path: str | Path, options: dict) -> pd.Da
     device = pick_device(options["device"])
     adapter.to(device)
     if kind == "image":
+
         def batches():
             return image_batches(adapter.preprocess, frame, options["batch_size"])
     else:
-        text = text_batches(adapter.tokenizer, frame, kind, options["batch_size"],
-                            options["max_tokens"], options["padding"])
+        text = text_batches(
+            adapter.tokenizer,
+            frame,
+            kind,
+            options["batch_size"],
+            options["max_tokens"],
+            options["padding"],
+        )
 
         def batches():
             return text
+
     classes = adapter.num_labels if adapter.head != "causal_lm" else len(adapter.tokenizer)
     top5 = classes > 5
     n_blocks = len(adapter.block_slots)
     plans = []
     for readout in adapter.readouts:
         b = adapter.blocks_applied(readout.index)
-        plans += [(readout, "tail", frozenset(range(b, n_blocks))),
-                  (readout, "head", frozenset(range(b)))]
+        plans += [
+            (readout, "tail", frozenset(range(b, n_blocks))),
+            (readout, "head", frozenset(range(b))),
+        ]
     results = {}  # one pass per distinct set of ablated blocks
     for ablated in tqdm(dict.fromkeys(p[2] for p in plans), desc="ablations", file=sys.stderr):
         with adapter.ablated(set(ablated)):
-            results[ablated] = score(adapter, batches(), device, options["autocast"], top5,
-                                     label_order)
+            results[ablated] = score(
+                adapter, batches(), device, options["autocast"], top5, label_order
+            )
     records = []
     for readout, direction, ablated in plans:
         correct1, correct5, count = results[ablated]
-        for metric, correct in (("top1", correct1), ("top5", correct5))[:1 + top5]:
-            records.append({"layer": readout.index, "stage": readout.stage,
-                            "block": readout.block, "name": readout.name,
-                            "direction": direction, "blocks_ablated": len(ablated),
-                            "metric": metric, "value": correct / count, "examples": len(frame),
-                            "predictions": count})
+        for metric, correct in (("top1", correct1), ("top5", correct5))[: 1 + top5]:
+            records.append(
+                {
+                    "layer": readout.index,
+                    "stage": readout.stage,
+                    "block": readout.block,
+                    "name": readout.name,
+                    "direction": direction,
+                    "blocks_ablated": len(ablated),
+                    "metric": metric,
+                    "value": correct / count,
+                    "examples": len(frame),
+                    "predictions": count,
+                }
+            )
     return pd.DataFrame(records)
 
 
@@ -136,8 +170,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     torch.set_num_threads(args.threads)
     frame = ablate(args.model, args.data, json.loads(args.options))
     frame.insert(0, "dataset", args.dataset_name)

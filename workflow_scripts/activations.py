@@ -17,6 +17,7 @@ read-out points of a shard are written in parallel threads; on a GPU the writer,
 sets the pace, and threads lift it only by a fifth (Zarr's write path itself is the limit, not
 zstd: see the README's GPU measurements).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,15 @@ class ShardWriter:
     """Writes the rows of one extraction shard in order; call :meth:`append` per batch and
     :meth:`close` at the end. Rows go to ``path`` exactly as given (no reordering)."""
 
-    def __init__(self, path: str | Path, readouts: list[Readout], rows: int, dtype: str,
-                 chunk_rows: int, chunks_per_shard: int):
+    def __init__(
+        self,
+        path: str | Path,
+        readouts: list[Readout],
+        rows: int,
+        dtype: str,
+        chunk_rows: int,
+        chunks_per_shard: int,
+    ):
         if rows <= 0:
             raise ValueError(f"{path}: nothing to write (0 rows)")
         self.path, self.rows, self.dtype = Path(path), rows, np.dtype(dtype)
@@ -53,21 +61,40 @@ class ShardWriter:
         codecs = dict(compressors=[ZstdCodec(level=1), Crc32cCodec()])
         self.arrays, self.buffers = [], []
         for readout in readouts:
-            self.arrays.append(self.group.create_array(
-                layer_name(readout.index), shape=(rows, readout.width), dtype=self.dtype,
-                chunks=(chunk, readout.width), shards=(self.block, readout.width), **codecs))
+            self.arrays.append(
+                self.group.create_array(
+                    layer_name(readout.index),
+                    shape=(rows, readout.width),
+                    dtype=self.dtype,
+                    chunks=(chunk, readout.width),
+                    shards=(self.block, readout.width),
+                    **codecs,
+                )
+            )
             self.buffers.append(np.empty((self.block, readout.width), self.dtype))
         for name, index_dtype in INDEX_ARRAYS.items():
-            self.arrays.append(self.group.create_array(
-                name, shape=(rows,), dtype=index_dtype, chunks=(chunk,), shards=(self.block,),
-                **codecs))
+            self.arrays.append(
+                self.group.create_array(
+                    name,
+                    shape=(rows,),
+                    dtype=index_dtype,
+                    chunks=(chunk,),
+                    shards=(self.block,),
+                    **codecs,
+                )
+            )
             self.buffers.append(np.empty((self.block,), index_dtype))
         self.written = 0  # rows already in the store
         self.filled = 0  # rows waiting in the buffers
         self.pool = ThreadPoolExecutor(max(1, min(len(self.arrays), os.cpu_count() or 1)))
 
-    def append(self, streams: list[np.ndarray], example_id: np.ndarray, position: np.ndarray,
-               is_padding: np.ndarray) -> None:
+    def append(
+        self,
+        streams: list[np.ndarray],
+        example_id: np.ndarray,
+        position: np.ndarray,
+        is_padding: np.ndarray,
+    ) -> None:
         columns = [*streams, example_id, position, is_padding]
         n = len(example_id)
         if any(len(c) != n for c in columns):
@@ -78,7 +105,7 @@ class ShardWriter:
         while offset < n:
             take = min(n - offset, self.block - self.filled)
             for buffer, column in zip(self.buffers, columns):
-                buffer[self.filled:self.filled + take] = column[offset:offset + take]
+                buffer[self.filled : self.filled + take] = column[offset : offset + take]
             self.filled += take
             offset += take
             if self.filled == self.block:
@@ -90,7 +117,7 @@ class ShardWriter:
         start, end = self.written, self.written + self.filled
 
         def write(array, buffer):
-            array[start:end] = buffer[:end - start]
+            array[start:end] = buffer[: end - start]
 
         for done in [self.pool.submit(write, a, b) for a, b in zip(self.arrays, self.buffers)]:
             done.result()
@@ -114,7 +141,9 @@ def open_shard(path: str | Path) -> zarr.Group:
         group = zarr.open_group(Path(path), mode="r", zarr_format=3)
         finished = "readouts" in group.attrs
     except (OSError, ValueError) as error:  # no group there, or its metadata does not parse
-        raise ShardError(f"{path}: not a readable activation shard ({error}){provenance(path)}") from None
+        raise ShardError(
+            f"{path}: not a readable activation shard ({error}){provenance(path)}"
+        ) from None
     if not finished:
         raise ShardError(f"{path}: not a finished activation shard (no read-out attributes)")
     return group
@@ -127,5 +156,7 @@ def read_rows(group: zarr.Group, name: str, start: int, stop: int, shard: str | 
     try:
         return group[name][start:stop]
     except (ValueError, RuntimeError, OSError) as error:
-        raise ShardError(f"{shard}: {name} rows {start}:{stop} are corrupted on disk ({error})"
-                         f"{provenance(Path(shard, name))}") from None
+        raise ShardError(
+            f"{shard}: {name} rows {start}:{stop} are corrupted on disk ({error})"
+            f"{provenance(Path(shard, name))}"
+        ) from None

@@ -1,5 +1,6 @@
 """Outputs appear complete or not at all: each is written under a hidden temporary name next to
 its final path and renamed into place when finished."""
+
 from __future__ import annotations
 
 import contextlib

@@ -193,8 +193,7 @@ def _check_model(where: str, spec: dict) -> None:
     if scheme == "torchvision" and rest not in family.architectures:
         fail(
             f"{where}.source",
-            f"{rest!r} is not a known torchvision ResNet; known: "
-            f"{', '.join(family.architectures)}",
+            f"{rest!r} is not a known torchvision ResNet; known: {', '.join(family.architectures)}",
         )
     if scheme in ("hf", "local") and "blocks" not in spec:
         fail(
@@ -205,8 +204,7 @@ def _check_model(where: str, spec: dict) -> None:
     if scheme == "local" and not os.path.isdir(rest):
         fail(
             f"{where}.source",
-            f"local path {rest!r} is not a directory (paths are relative to the working "
-            "directory)",
+            f"local path {rest!r} is not a directory (paths are relative to the working directory)",
         )
     if scheme == "init":
         check_arch(where, family, spec.get("arch"))
@@ -371,7 +369,10 @@ def analysis_pairs(analyses: list[dict]) -> list[tuple[str, str]]:
 
 
 def _check_analyses(config: dict) -> None:
-    sections = [("analyses", config["analyses"]), ("ablation.analyses", config["ablation"]["analyses"])]
+    sections = [
+        ("analyses", config["analyses"]),
+        ("ablation.analyses", config["ablation"]["analyses"]),
+    ]
     for section, analyses in sections:
         for i, analysis in enumerate(analyses):
             where = f"{section}.{i}"
@@ -387,7 +388,10 @@ def _check_analyses(config: dict) -> None:
                 modality = families.get(config["models"][model]["family"]).modality
                 kind = dataset_kind(config["datasets"][dataset])
                 if (modality == "image") != (kind == "image"):
-                    fail(where, f"model {model!r} reads {modality} but dataset {dataset!r} holds {kind}")
+                    fail(
+                        where,
+                        f"model {model!r} reads {modality} but dataset {dataset!r} holds {kind}",
+                    )
                 head, needed = model_head(config["models"][model]), ABLATION_HEADS[kind]
                 if section == "ablation.analyses" and head != needed:
                     fail(

@@ -17,6 +17,7 @@ named architectures, ``blocks`` and ``width`` for hf: and local: ones), a datase
 
 Run ``python -m workflow_scripts.estimate configs/full.yaml`` for the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,11 @@ def tokens_per_row(entry, max_tokens: int) -> int:
 
 def extraction(study: Study, model: str, dataset: str) -> dict:
     """Rows, stored bytes, FLOPs and GPU seconds of extracting one (model, dataset)."""
-    options, size, image = study.models[model].extract, study.models[model].size, _image(study, model)
+    options, size, image = (
+        study.models[model].extract,
+        study.models[model].size,
+        _image(study, model),
+    )
     data = study.datasets[dataset]
     tokens = 1 if image else tokens_per_row(data.entry, options["max_tokens"])
     per_example = options.get("rows_per_example") or tokens

@@ -5,6 +5,7 @@ number of rows is known), then run in batches; every token position becomes a ro
 included and flagged. Images give one row per image: the block output mean-pooled over space.
 The group is written under a temporary name and renamed when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,16 +21,24 @@ from tqdm import tqdm
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.atomic import written
 from workflow_scripts.batches import Batch, autocast, image_batches, pick_device, text_batches
-from workflow_scripts.stage_code import code_digest
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import MANIFEST, sha256_file
+from workflow_scripts.stage_code import code_digest
 
 log = logging.getLogger("extract")
 # the options that change what is stored, recorded in the shard's attributes
-CONTENT_OPTIONS = ("dtype", "max_tokens", "padding", "rows_per_example", "gpt2_final_readout",
-                   "seed", "batch_size", "autocast")
+CONTENT_OPTIONS = (
+    "dtype",
+    "max_tokens",
+    "padding",
+    "rows_per_example",
+    "gpt2_final_readout",
+    "seed",
+    "batch_size",
+    "autocast",
+)
 
 
 def shard_bounds(rows: int, shards: int, shard: int) -> tuple[int, int]:
@@ -55,46 +64,85 @@ def _kept_positions(padding: np.ndarray, example_id: int, options: dict) -> np.n
     return np.sort(rng.choice(real, size=keep, replace=False))
 
 
-def extract(model_dir: str | Path, data_path: str | Path, shard: int, shards: int,
-            out: str | Path, options: dict, code_files: list[str] = (),
-            readouts: int | None = None) -> None:
+def extract(
+    model_dir: str | Path,
+    data_path: str | Path,
+    shard: int,
+    shards: int,
+    out: str | Path,
+    options: dict,
+    code_files: list[str] = (),
+    readouts: int | None = None,
+) -> None:
     """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``.
     ``readouts``: the number of read-out points the config promises (checked)."""
     adapter, manifest = load_adapter(model_dir, options["gpt2_final_readout"])
     if readouts is not None and readouts != len(adapter.readouts):
-        raise ValueError(f"model {model_dir} has {len(adapter.readouts)} read-out points, but "
-                         f"its config entry says {readouts} (check 'blocks' in the config)")
+        raise ValueError(
+            f"model {model_dir} has {len(adapter.readouts)} read-out points, but "
+            f"its config entry says {readouts} (check 'blocks' in the config)"
+        )
     frame, kind, _ = store.read(data_path)
     if (adapter.modality == "image") != (kind == "image"):
-        raise DatasetError(f"model {model_dir} reads {adapter.modality}, but {data_path} holds "
-                           f"{kind}")
+        raise DatasetError(
+            f"model {model_dir} reads {adapter.modality}, but {data_path} holds {kind}"
+        )
     start, stop = shard_bounds(len(frame), shards, shard)
     part = frame.iloc[start:stop].reset_index(drop=True)
     device = pick_device(options["device"])
     adapter.to(device)
     if adapter.modality == "text":
-        batches = text_batches(adapter.tokenizer, part, kind, options["batch_size"],
-                               options["max_tokens"], options["padding"])
-        rows = sum(len(_kept_positions(p, e, options))
-                   for b in batches for p, e in zip(b.padding, b.example_id))
+        batches = text_batches(
+            adapter.tokenizer,
+            part,
+            kind,
+            options["batch_size"],
+            options["max_tokens"],
+            options["padding"],
+        )
+        rows = sum(
+            len(_kept_positions(p, e, options))
+            for b in batches
+            for p, e in zip(b.padding, b.example_id)
+        )
     else:
         batches, rows = image_batches(adapter.preprocess, part, options["batch_size"]), len(part)
     attributes = {
-        "readouts": [r.as_dict() for r in adapter.readouts], "pooling": adapter.pooling,
-        "dtype": options["dtype"], "modality": adapter.modality, "family": manifest["family"],
-        "rows": rows, "examples": len(part), "shard": shard, "shards": shards,
+        "readouts": [r.as_dict() for r in adapter.readouts],
+        "pooling": adapter.pooling,
+        "dtype": options["dtype"],
+        "modality": adapter.modality,
+        "family": manifest["family"],
+        "rows": rows,
+        "examples": len(part),
+        "shard": shard,
+        "shards": shards,
         "example_range": [start, stop],
         "options": {k: options.get(k) for k in CONTENT_OPTIONS},
-        "digests": {"model": sha256_file(Path(model_dir, MANIFEST)),
-                    "dataset": sha256_file(data_path),
-                    "code": code_digest(list(code_files))},
+        "digests": {
+            "model": sha256_file(Path(model_dir, MANIFEST)),
+            "dataset": sha256_file(data_path),
+            "code": code_digest(list(code_files)),
+        },
     }
     with written(out) as tmp:
-        writer = ShardWriter(tmp, adapter.readouts, rows, options["dtype"], options["chunk_rows"],
-                             options["chunks_per_shard"])
+        writer = ShardWriter(
+            tmp,
+            adapter.readouts,
+            rows,
+            options["dtype"],
+            options["chunk_rows"],
+            options["chunks_per_shard"],
+        )
         total = (len(part) + options["batch_size"] - 1) // options["batch_size"]
-        for batch in tqdm(batches, total=total, desc=f"extract shard {shard}", unit="batch",
-                          file=sys.stderr, mininterval=5):
+        for batch in tqdm(
+            batches,
+            total=total,
+            desc=f"extract shard {shard}",
+            unit="batch",
+            file=sys.stderr,
+            mininterval=5,
+        ):
             _write_batch(adapter, batch, writer, device, options)
         writer.close(attributes)
     log.info("wrote %s: %d rows x %d read-outs", out, rows, len(adapter.readouts))
@@ -114,10 +162,16 @@ def _write_batch(adapter, batch: Batch, writer: ShardWriter, device, options) ->
     keep = [_kept_positions(p, e, options) for p, e in zip(batch.padding, batch.example_id)]
     rows = np.concatenate([i * tokens + k for i, k in enumerate(keep)])
     flat_rows = torch.from_numpy(rows).to(device)
-    arrays = [s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype)
-              .cpu().numpy() for s in streams]
-    writer.append(arrays, np.repeat(batch.example_id, [len(k) for k in keep]),
-                  (rows % tokens).astype(np.int32), batch.padding.reshape(-1)[rows])
+    arrays = [
+        s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype).cpu().numpy()
+        for s in streams
+    ]
+    writer.append(
+        arrays,
+        np.repeat(batch.example_id, [len(k) for k in keep]),
+        (rows % tokens).astype(np.int32),
+        batch.padding.reshape(-1)[rows],
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,11 +186,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="the Zarr group to write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     torch.set_num_threads(args.threads)
-    extract(args.model, args.data, args.shard, args.shards, args.out, json.loads(args.options),
-            args.code, args.readouts)
+    extract(
+        args.model,
+        args.data,
+        args.shard,
+        args.shards,
+        args.out,
+        json.loads(args.options),
+        args.code,
+        args.readouts,
+    )
 
 
 if __name__ == "__main__":

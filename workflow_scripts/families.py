@@ -12,9 +12,9 @@ Imported at DAG-build time (by the Snakefile, through the config): no torch, no 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 VOCABULARY = 50_257  # embedding rows assumed for a transformer with a real (hub) vocabulary
 DEFAULT_WIDTH = {"text": 1024, "image": 2048}  # of a hub or local model that states none
@@ -64,7 +64,7 @@ class Family:
     arch_required: tuple[str, ...]
     arch_optional: tuple[str, ...]
     check_arch: Callable[[str, Mapping], str | None]
-    estimate: Callable[["Family", int, Mapping, int, bool], ModelSize]
+    estimate: Callable[[Family, int, Mapping, int, bool], ModelSize]
     model_types: tuple[str, ...] = ()
     tokenizer: str | None = None  # the built-in tokenizer's style: its special tokens and pairs
     trained_by: tuple[str, ...] = ()
@@ -215,7 +215,10 @@ register(
     Family(
         name="roberta",
         default_head=TEXT_CLASSIFIER,
-        heads={"masked_lm": "RobertaForMaskedLM", TEXT_CLASSIFIER: "RobertaForSequenceClassification"},
+        heads={
+            "masked_lm": "RobertaForMaskedLM",
+            TEXT_CLASSIFIER: "RobertaForSequenceClassification",
+        },
         threshold=4,
         model_types=("roberta",),
         tokenizer="roberta",

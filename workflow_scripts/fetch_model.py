@@ -6,6 +6,7 @@ Sources: ``init:`` (random initialisation from architecture settings and a seed)
 (ImageNet weights). The directory is assembled under a temporary name and moved into place only
 when complete.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import re
 import shutil
 import sys
 from pathlib import Path
-
 
 from workflow_scripts import families
 from workflow_scripts.atomic import written
@@ -37,13 +37,20 @@ def fetch(spec: dict, out: str | Path) -> dict:
     scheme, rest = source_scheme(spec["source"])
     fetchers = {"init": _init, "local": _local, "hf": _hub, "torchvision": _torchvision}
     if scheme not in fetchers:
-        raise ValueError(f"unknown model source scheme {scheme!r} in {spec['source']!r}; "
-                         f"allowed: {', '.join(s + ':' for s in fetchers)}")
+        raise ValueError(
+            f"unknown model source scheme {scheme!r} in {spec['source']!r}; "
+            f"allowed: {', '.join(s + ':' for s in fetchers)}"
+        )
     with written(out, directory=True) as tmp:
         fields = fetchers[scheme](spec, rest, tmp)
         verify_files(tmp, {})
-        manifest = write_manifest(tmp, source=spec["source"], family=spec["family"],
-                                  parameters=count_parameters(tmp, spec["family"]), **fields)
+        manifest = write_manifest(
+            tmp,
+            source=spec["source"],
+            family=spec["family"],
+            parameters=count_parameters(tmp, spec["family"]),
+            **fields,
+        )
     log.info("wrote %s: %s parameters from %s", out, manifest["parameters"], spec["source"])
     return manifest
 
@@ -70,8 +77,10 @@ def _local(spec: dict, path: str, tmp: Path) -> dict:
     if (source / MANIFEST).exists():
         manifest = read_manifest(source)
         if manifest["family"] != spec["family"]:
-            raise ModelDirError(f"local model {path!r} is family {manifest['family']!r}, "
-                                f"but the config says {spec['family']!r}")
+            raise ModelDirError(
+                f"local model {path!r} is family {manifest['family']!r}, "
+                f"but the config says {spec['family']!r}"
+            )
         fields = {"revision": manifest.get("revision"), "origin": manifest["source"]}
     else:
         verify_files(source, {})
@@ -88,8 +97,9 @@ def resolve_revision(repo: str, revision: str, api) -> str:
         return revision
     commit = api.model_info(repo, revision=revision).sha
     if not commit or not re.fullmatch(r"[0-9a-f]{40}", commit):
-        raise ValueError(f"hub repository {repo!r} at {revision!r} resolved to {commit!r}, "
-                         "not a commit")
+        raise ValueError(
+            f"hub repository {repo!r} at {revision!r} resolved to {commit!r}, not a commit"
+        )
     return commit
 
 
@@ -103,8 +113,10 @@ def _hub(spec: dict, repo_and_revision: str, tmp: Path) -> dict:
     config = transformers.AutoConfig.from_pretrained(repo, revision=commit)
     expected = families.get(spec["family"]).model_types
     if config.model_type not in expected:
-        raise ValueError(f"hf:{repo} is a {config.model_type!r} model, not family "
-                         f"{spec['family']!r} (model_type {' or '.join(map(repr, expected))})")
+        raise ValueError(
+            f"hf:{repo} is a {config.model_type!r} model, not family "
+            f"{spec['family']!r} (model_type {' or '.join(map(repr, expected))})"
+        )
     model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
     model = model_class.from_pretrained(repo, revision=commit)
     model.save_pretrained(tmp)
@@ -118,8 +130,10 @@ def _torchvision(spec: dict, arch: str, tmp: Path) -> dict:
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     model = torchvision.models.get_model(arch, weights=weights)
     if not hasattr(model, "layer1"):
-        raise ValueError(f"torchvision:{arch} is not a ResNet (no layer1); "
-                         "only ResNet-layout architectures are supported")
+        raise ValueError(
+            f"torchvision:{arch} is not a ResNet (no layer1); "
+            "only ResNet-layout architectures are supported"
+        )
     transform = weights.transforms()
     resnet = family_module(spec["family"])
     model.config = {
@@ -140,8 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True, help="the model's config entry, as JSON")
     parser.add_argument("--out", required=True, help="the model directory to write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     fetch(json.loads(args.spec), Path(args.out))
 
 

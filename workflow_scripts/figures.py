@@ -11,13 +11,13 @@ The x axis counts read-out points (blocks); ResNet panels mark stage boundaries 
 lines; error bars are the statistics' standard errors. Colours: the Okabe-Ito palette, safe for
 colour-blind readers.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from workflow_scripts.atomic import written
@@ -32,8 +32,10 @@ class FigureError(ValueError):
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -45,8 +47,16 @@ def read_frames(paths: list[str], what: str, group: str) -> pd.DataFrame:
 
 
 def _style(plt):
-    plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
-                         "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False})
+    plt.rcParams.update(
+        {
+            "font.size": 9,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "legend.frameon": False,
+        }
+    )
 
 
 def blocks_applied(frame: pd.DataFrame) -> pd.Series:
@@ -70,21 +80,39 @@ def _axes_style(axis, frame: pd.DataFrame, title: str, ylabel: str) -> None:
 
 
 def _panels(plt, count: int, width: float = 4.4, height: float = 4.0):
-    figure, axes = plt.subplots(1, count, figsize=(width * count, height), squeeze=False,
-                                layout="constrained")
+    figure, axes = plt.subplots(
+        1, count, figsize=(width * count, height), squeeze=False, layout="constrained"
+    )
     return figure, axes[0]
 
 
-def _series(axis, frame: pd.DataFrame, metric: str, setting: str | None, label: str, i: int,
-            linestyle="-", scale=1.0):
+def _series(
+    axis,
+    frame: pd.DataFrame,
+    metric: str,
+    setting: str | None,
+    label: str,
+    i: int,
+    linestyle="-",
+    scale=1.0,
+):
     rows = frame[frame["metric"] == metric]
     if setting is not None:
         rows = rows[rows["setting"] == setting]
     rows = rows.sort_values("layer")
     spread = rows["spread"].fillna(0) * scale if "spread" in rows else None
-    axis.errorbar(blocks_applied(rows), rows["value"] * scale, yerr=spread, label=label,
-                  color=PALETTE[i % len(PALETTE)], marker=MARKERS[i % len(MARKERS)],
-                  markersize=3.5, linewidth=1.3, linestyle=linestyle, capsize=2)
+    axis.errorbar(
+        blocks_applied(rows),
+        rows["value"] * scale,
+        yerr=spread,
+        label=label,
+        color=PALETTE[i % len(PALETTE)],
+        marker=MARKERS[i % len(MARKERS)],
+        markersize=3.5,
+        linewidth=1.3,
+        linestyle=linestyle,
+        capsize=2,
+    )
 
 
 def _per_dataset(frame: pd.DataFrame, title: str, draw_panel):
@@ -107,16 +135,21 @@ def kurtosis(stats: pd.DataFrame, title: str, rotated: bool = True):
             rows = part[part["model"] == model]
             _series(axis, rows, "kurtosis", None, model, i)
             if rotated:
-                _series(axis, rows, "rotated_kurtosis", None, f"{model}, rotated", i,
-                        linestyle="--")
+                _series(
+                    axis, rows, "rotated_kurtosis", None, f"{model}, rotated", i, linestyle="--"
+                )
         axis.axhline(3, color="0.3", linewidth=1, linestyle="-.", label="Gaussian (3)")
         if rotated:
             axis.set_yscale("log")
             plain = FuncFormatter(lambda value, _: f"{value:g}")
             axis.yaxis.set_major_formatter(plain)
             axis.yaxis.set_minor_formatter(plain)
-        _axes_style(axis, part, heading, "mean kurtosis (dashed: rotated)" if rotated
-                    else "mean kurtosis (standard basis)")
+        _axes_style(
+            axis,
+            part,
+            heading,
+            "mean kurtosis (dashed: rotated)" if rotated else "mean kurtosis (standard basis)",
+        )
 
     return _per_dataset(stats, title, panel)
 
@@ -130,8 +163,9 @@ def outliers(stats: pd.DataFrame, title: str):
     def panel(axis, part, heading):
         part = part[part["metric"] == "outlier_fraction"]
         signed = part[part["setting"].str.startswith("signed")]
-        for i, ((model, setting), rows) in enumerate(signed.groupby(["model", "setting"],
-                                                                     sort=False)):
+        for i, ((model, setting), rows) in enumerate(
+            signed.groupby(["model", "setting"], sort=False)
+        ):
             _series(axis, rows, "outlier_fraction", setting, f"{model} ({setting})", i, scale=100)
         _axes_style(axis, part, heading, "features with outliers (%)")
 
@@ -145,9 +179,15 @@ def ablation(results: pd.DataFrame, title: str):
             rows = part[part["model"] == model]
             for direction, style in (("tail", "-"), ("head", "--")):
                 line = rows[rows["direction"] == direction].sort_values("layer")
-                axis.plot(blocks_applied(line), 100 * line["value"], linestyle=style,
-                          marker=MARKERS[i % len(MARKERS)], markersize=3.5,
-                          color=PALETTE[i % len(PALETTE)], label=f"{model}, {direction}")
+                axis.plot(
+                    blocks_applied(line),
+                    100 * line["value"],
+                    linestyle=style,
+                    marker=MARKERS[i % len(MARKERS)],
+                    markersize=3.5,
+                    color=PALETTE[i % len(PALETTE)],
+                    label=f"{model}, {direction}",
+                )
         axis.set_ylim(0, 100)
         _axes_style(axis, part, f"{heading} (solid: tail, dashed: head)", "top-1 accuracy (%)")
 
@@ -163,12 +203,18 @@ def training(metrics: dict[str, pd.DataFrame], title: str):
         smooth = frame["loss"].rolling(10, min_periods=1).mean()
         loss_axis.plot(frame["step"], smooth, color=colour, label=run, linewidth=1.3)
         evaluated = frame.dropna(subset=["eval_accuracy"])
-        accuracy_axis.plot(evaluated["step"], 100 * evaluated["eval_accuracy"], color=colour,
-                           marker=MARKERS[i % len(MARKERS)], markersize=3.5, label=run)
-    loss_axis.set(title=f"{title}: training loss (mean of 10 steps)", xlabel="step",
-                  ylabel="loss")
-    accuracy_axis.set(title=f"{title}: held-out accuracy", xlabel="step", ylabel="accuracy (%)",
-                      ylim=(0, 100))
+        accuracy_axis.plot(
+            evaluated["step"],
+            100 * evaluated["eval_accuracy"],
+            color=colour,
+            marker=MARKERS[i % len(MARKERS)],
+            markersize=3.5,
+            label=run,
+        )
+    loss_axis.set(title=f"{title}: training loss (mean of 10 steps)", xlabel="step", ylabel="loss")
+    accuracy_axis.set(
+        title=f"{title}: held-out accuracy", xlabel="step", ylabel="accuracy (%)", ylim=(0, 100)
+    )
     loss_axis.legend(fontsize=7)
     return figure
 
@@ -186,19 +232,27 @@ def save(figure, outputs: list[str], dpi: int = 150) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("figure", choices=["kurtosis", "outliers", "regimes", "ablation", "training"])
+    parser.add_argument(
+        "figure", choices=["kurtosis", "outliers", "regimes", "ablation", "training"]
+    )
     parser.add_argument("--group", required=True, help="the group's name, for titles and messages")
     parser.add_argument("--inputs", nargs="+", required=True, help="Parquet files to draw from")
     parser.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
     parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG")
     args = parser.parse_args(argv)
     if args.figure == "training":
-        figure = training({Path(p).parent.name: pd.read_parquet(p) for p in args.inputs}, args.group)
+        figure = training(
+            {Path(p).parent.name: pd.read_parquet(p) for p in args.inputs}, args.group
+        )
     else:
         what = "ablation results" if args.figure == "ablation" else "statistics"
         frame = read_frames(args.inputs, what, args.group)
-        figure = {"kurtosis": kurtosis, "outliers": outliers, "regimes": regimes,
-                  "ablation": ablation}[args.figure](frame, args.group)
+        figure = {
+            "kurtosis": kurtosis,
+            "outliers": outliers,
+            "regimes": regimes,
+            "ablation": ablation,
+        }[args.figure](frame, args.group)
     save(figure, args.out, args.dpi)
     print(f"wrote {', '.join(args.out)}", file=sys.stderr)
 

@@ -3,16 +3,17 @@
 Reads ``layer-{k}`` of each shard in blocks of rows (one pass, memory bounded by the block),
 drops padding rows unless asked not to, and writes one Parquet file in long form.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -34,13 +35,27 @@ def _layer_arrays(shards: list[str | Path], layer: int):
         if layer >= len(readouts):
             raise StatisticsError(f"{path}: has {len(readouts)} read-out points, no layer {layer}")
         array = group[layer_name(layer)]
-        if readout is not None and (readouts[layer] != readout or array.dtype != arrays[0][0].dtype):
+        if readout is not None and (
+            readouts[layer] != readout or array.dtype != arrays[0][0].dtype
+        ):
             raise StatisticsError(
                 f"shards disagree on layer {layer}: {shards[0]} has {readout} as "
-                f"{arrays[0][0].dtype}, {path} has {readouts[layer]} as {array.dtype}")
+                f"{arrays[0][0].dtype}, {path} has {readouts[layer]} as {array.dtype}"
+            )
         readout = readouts[layer]
         arrays.append((array, group, path))
     return arrays, readout
+
+
+def _read_block(group, path, layer: int, start: int, stop: int, include_padding: bool):
+    """Rows ``start:stop`` of one shard: (activations, example ids), padding dropped unless
+    ``include_padding``."""
+    x = read_rows(group, layer_name(layer), start, stop, path)
+    ids = read_rows(group, "example_id", start, stop, path)
+    if include_padding:
+        return x, ids
+    keep = ~read_rows(group, "is_padding", start, stop, path)
+    return x[keep], ids[keep]
 
 
 def _blocks(arrays, layer: int, width: int, include_padding: bool):
@@ -49,14 +64,8 @@ def _blocks(arrays, layer: int, width: int, include_padding: bool):
         chunk = array.chunks[0]
         size = max(chunk, BLOCK_BYTES // (4 * width) // chunk * chunk)
         for start in range(0, array.shape[0], size):
-            def read(start=start, stop=min(start + size, array.shape[0]), group=group, path=path):
-                x = read_rows(group, layer_name(layer), start, stop, path)
-                ids = read_rows(group, "example_id", start, stop, path)
-                if include_padding:
-                    return x, ids
-                keep = ~read_rows(group, "is_padding", start, stop, path)
-                return x[keep], ids[keep]
-            yield read
+            stop = min(start + size, array.shape[0])
+            yield functools.partial(_read_block, group, path, layer, start, stop, include_padding)
 
 
 def _prefetched(readers):
@@ -73,25 +82,33 @@ def _prefetched(readers):
             yield pending.result()
 
 
-def compute(shards: list[str | Path], layer: int, thresholds: list[float], options: dict) -> pd.DataFrame:
+def compute(
+    shards: list[str | Path], layer: int, thresholds: list[float], options: dict
+) -> pd.DataFrame:
     """Long-form statistics of read-out point ``layer`` over ``shards`` (in example order)."""
     if not shards:
         raise StatisticsError("no shards given")
     arrays, readout = _layer_arrays(shards, layer)
     width = readout["width"]
-    rotations = [random_rotation(width, options["seed"], layer, r)
-                 for r in range(options["rotations"])]
+    rotations = [
+        random_rotation(width, options["seed"], layer, r) for r in range(options["rotations"])
+    ]
     stats = LayerStatistics(width, rotations)
     total = sum(a.shape[0] for a, _, _ in arrays)
-    with tqdm(total=total, desc=f"layer {layer}", unit="row", file=sys.stderr,
-              mininterval=5) as progress:
+    with tqdm(
+        total=total, desc=f"layer {layer}", unit="row", file=sys.stderr, mininterval=5
+    ) as progress:
         for x, ids in _prefetched(_blocks(arrays, layer, width, options["include_padding"])):
             stats.update(x, ids)
             progress.update(len(ids))
     try:
         records = stats.results(thresholds, options["top_features"])
     except StatisticsError as error:
-        hint = "" if options["include_padding"] else " (padding rows excluded; see stats.include_padding)"
+        hint = (
+            ""
+            if options["include_padding"]
+            else " (padding rows excluded; see stats.include_padding)"
+        )
         raise StatisticsError(f"layer {layer}: {error}{hint}") from None
     frame = pd.DataFrame(records)
     frame.insert(0, "layer", layer)
@@ -112,8 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     torch.set_num_threads(args.threads)
     frame = compute(args.shards, args.layer, args.thresholds, json.loads(args.options))
     frame.insert(0, "dataset", args.dataset)

@@ -1,4 +1,5 @@
 """merge_stats: the per-layer statistics of a model and dataset in one Parquet file."""
+
 from __future__ import annotations
 
 import argparse

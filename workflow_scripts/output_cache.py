@@ -5,6 +5,7 @@ cache folder under a hash of everything that made it, and leaves a symbolic link
 a later run, in this checkout or another one that uses the same folder, links the entry instead
 of running the job.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,4 +42,6 @@ def provenance(path: str | Path) -> str:
     """`` (cache entry X)`` for a result that comes from the cache; empty otherwise. For error
     messages: a corrupted entry must be deleted before a rerun recomputes it."""
     entry = cache_entry(path)
-    return f" (from the output cache entry {entry}: delete it and rerun to recompute)" if entry else ""
+    return (
+        f" (from the output cache entry {entry}: delete it and rerun to recompute)" if entry else ""
+    )

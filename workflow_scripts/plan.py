@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from workflow_scripts import families
-from workflow_scripts.config import analysis_pairs, checked, extract_options, model_blocks, model_head
+from workflow_scripts.config import (
+    analysis_pairs,
+    checked,
+    extract_options,
+    model_blocks,
+    model_head,
+)
 from workflow_scripts.sources import dataset_kind, source_scheme
 
 # what fetching a model uses of its entry: a threshold or an extraction option must not refetch
@@ -158,9 +164,7 @@ def resolve(config: Mapping) -> Study:
     """The plan of the study ``config`` describes; raises ConfigError for a bad config."""
     full = checked(config)
     thresholds = full["stats"]["thresholds"]
-    models = {
-        name: _model(full, name, spec, thresholds) for name, spec in full["models"].items()
-    }
+    models = {name: _model(full, name, spec, thresholds) for name, spec in full["models"].items()}
     datasets = {
         name: Dataset(name, spec["source"], dataset_kind(spec), spec["shards"], freeze(spec))
         for name, spec in full["datasets"].items()

@@ -1,11 +1,12 @@
 """prepare_data: bring a dataset source into the stored Parquet layout.
 
-Sources: ``builtin:<pairs|corpus|shapes>`` (generated from the seed), ``hf:<repo>[/<config>]:<split>``
-(the datasets library), ``parquet:<path>`` and ``imagefolder:<path>`` (one folder per class,
-class names sorted). ``columns`` maps stored column names to source column names; ``rows`` keeps a
-seeded random subset of that many rows, in source order; ``image_resize`` shrinks images so their
-shorter side has that many pixels.
+Sources: ``builtin:<pairs|corpus|shapes>`` (generated from the seed),
+``hf:<repo>[/<config>]:<split>`` (the datasets library), ``parquet:<path>`` and
+``imagefolder:<path>`` (one folder per class, class names sorted). ``columns`` maps stored column
+names to source column names; ``rows`` keeps a seeded random subset of that many rows, in source
+order; ``image_resize`` shrinks images so their shorter side has that many pixels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from workflow_scripts.sources import dataset_kind, source_scheme
 from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError
+from workflow_scripts.sources import dataset_kind, source_scheme
 
 log = logging.getLogger("prepare_data")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -37,8 +38,10 @@ def prepare(spec: dict, out: str | Path, name: str = "dataset") -> pd.DataFrame:
     else:
         readers = {"hf": _from_hub, "parquet": _from_parquet, "imagefolder": _from_imagefolder}
         if scheme not in readers:
-            raise DatasetError(f"dataset {name}: unknown source scheme {scheme!r}; allowed: "
-                               "builtin:, hf:, parquet:, imagefolder:")
+            raise DatasetError(
+                f"dataset {name}: unknown source scheme {scheme!r}; allowed: "
+                "builtin:, hf:, parquet:, imagefolder:"
+            )
         frame, names = readers[scheme](rest, name)
         frame = _rename(frame, spec.get("columns", {}), name)
         if "example_id" not in frame:
@@ -49,8 +52,9 @@ def prepare(spec: dict, out: str | Path, name: str = "dataset") -> pd.DataFrame:
     frame = store.check(frame, kind, names, name)
     shards = spec.get("shards", 1)
     if shards > len(frame):
-        raise DatasetError(f"dataset {name}: {shards} shards for {len(frame)} rows; "
-                           "shards must not exceed rows")
+        raise DatasetError(
+            f"dataset {name}: {shards} shards for {len(frame)} rows; shards must not exceed rows"
+        )
     store.write(frame, out, kind, names)
     log.info("wrote %s: %d rows of kind %s", out, len(frame), kind)
     return frame
@@ -59,8 +63,10 @@ def prepare(spec: dict, out: str | Path, name: str = "dataset") -> pd.DataFrame:
 def _rename(frame: pd.DataFrame, columns: dict, name: str) -> pd.DataFrame:
     missing = [source for source in columns.values() if source not in frame.columns]
     if missing:
-        raise DatasetError(f"dataset {name}: columns {missing} named in 'columns' are not in "
-                           f"the source (has {list(frame.columns)})")
+        raise DatasetError(
+            f"dataset {name}: columns {missing} named in 'columns' are not in "
+            f"the source (has {list(frame.columns)})"
+        )
     return frame.rename(columns={source: stored for stored, source in columns.items()})
 
 
@@ -75,8 +81,9 @@ def _resize(data: bytes, shorter_side: int) -> bytes:
     image = store.decode_image(data, "image_resize")
     scale = shorter_side / min(image.size)
     if scale < 1:
-        image = image.resize((round(image.width * scale), round(image.height * scale)),
-                             Image.Resampling.BICUBIC)
+        image = image.resize(
+            (round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC
+        )
     return _png(image)
 
 
@@ -100,7 +107,9 @@ def _from_hub(rest: str, name: str):
     image_columns = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
     frame = data.to_pandas()
     for column in image_columns:  # datasets stores images as {"bytes", "path"}
-        frame[column] = [_png(store.decode_image(v["bytes"], f"dataset {name}")) for v in frame[column]]
+        frame[column] = [
+            _png(store.decode_image(v["bytes"], f"dataset {name}")) for v in frame[column]
+        ]
     if "label" in frame and (frame["label"] < 0).any():  # hub test splits mark unlabelled as -1
         frame = frame[frame["label"] >= 0].reset_index(drop=True)
     return frame, names
@@ -141,8 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True, help="the dataset's name, for messages")
     parser.add_argument("--out", required=True, help="the Parquet file to write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     prepare(json.loads(args.spec), Path(args.out), args.name)
 
 

@@ -1,5 +1,6 @@
 """tables: the statistics and ablation results of every model and dataset as one CSV each, for
 the HTML report (which shows CSV files as tables)."""
+
 from __future__ import annotations
 
 import argparse

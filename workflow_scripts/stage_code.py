@@ -5,6 +5,7 @@ A rule declares the files of its entry module and of every ``workflow_scripts`` 
 reruns that stage and an edit to any other module does not. The digest of those files is stored
 with the stage's outputs.
 """
+
 from __future__ import annotations
 
 import ast
@@ -51,7 +52,7 @@ def module_sources(*modules: str) -> list[str]:
     return list(_module_sources(tuple(sorted(set(modules)))))
 
 
-@functools.lru_cache(maxsize=None)  # the rules ask once per job, with a handful of module sets
+@functools.cache  # the rules ask once per job, with a handful of module sets
 def _module_sources(modules: tuple[str, ...]) -> tuple[str, ...]:
     seen: dict[str, Path] = {}
     todo = list(modules)
@@ -80,4 +81,4 @@ def code_digest(paths: list[str]) -> str:
 
 def _package_relative(path: Path) -> str:
     parts = path.resolve().parts
-    return "/".join(parts[len(parts) - 1 - parts[::-1].index(PACKAGE):])
+    return "/".join(parts[len(parts) - 1 - parts[::-1].index(PACKAGE) :])

@@ -13,6 +13,7 @@ independent, so the error is cluster-robust with examples as clusters. Memory is
 chunk: the per-example sums are closed as soon as the example's rows have passed (the rows of an
 example are contiguous, as extraction writes them).
 """
+
 from __future__ import annotations
 
 import functools
@@ -65,8 +66,13 @@ def row_median_and_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     def median_and_max(rows: np.ndarray) -> np.ndarray:
         parted = np.partition(rows, [*middle, width - 1], axis=1)
-        return np.stack([parted[:, middle].astype(np.float32).mean(axis=1),
-                         parted[:, width - 1].astype(np.float32)], axis=1)
+        return np.stack(
+            [
+                parted[:, middle].astype(np.float32).mean(axis=1),
+                parted[:, width - 1].astype(np.float32),
+            ],
+            axis=1,
+        )
 
     threads = max(1, torch.get_num_threads())  # the job's thread count
     parts = np.array_split(x, max(1, min(threads, len(x) // 1024)))
@@ -157,17 +163,23 @@ class LayerStatistics:
             first = int(example_id[int(bad[0])])
             if not torch.isfinite(x[bad]).all():
                 bad = (~torch.isfinite(x)).any(dim=1).nonzero()[:, 0]
-                raise StatisticsError(f"{len(bad)} row(s) hold NaN or inf (first of example "
-                                      f"{int(example_id[int(bad[0])])}); statistics refused")
+                raise StatisticsError(
+                    f"{len(bad)} row(s) hold NaN or inf (first of example "
+                    f"{int(example_id[int(bad[0])])}); statistics refused"
+                )
             if (m2[bad] == 0).any():
-                raise StatisticsError(f"{int((m2 == 0).sum())} row(s) are constant across "
-                                      f"features (first of example {first}): kurtosis undefined")
-            raise StatisticsError(f"kurtosis overflows float32 in {len(bad)} row(s) (first of "
-                                  f"example {first})")
+                raise StatisticsError(
+                    f"{int((m2 == 0).sum())} row(s) are constant across "
+                    f"features (first of example {first}): kurtosis undefined"
+                )
+            raise StatisticsError(
+                f"kurtosis overflows float32 in {len(bad)} row(s) (first of example {first})"
+            )
         rotated = torch.stack([row_kurtosis(x @ q) for q in self.rotations], dim=1)
         rms = (m2 + mean.square()).sqrt()
-        values = torch.cat([torch.stack([kurtosis, rotated.mean(dim=1), rms], dim=1), rotated],
-                           dim=1)
+        values = torch.cat(
+            [torch.stack([kurtosis, rotated.mean(dim=1), rms], dim=1), rotated], dim=1
+        )
         self.means.update(values.double().numpy(), example_id)
         # |x| in the stored dtype: exact, and float16 halves the work of the partial sort
         median, largest = row_median_and_max(np.abs(chunk))
@@ -191,15 +203,26 @@ class LayerStatistics:
         records = []
 
         def add(metric, setting, value, spread=math.nan, feature=None, rows=rows):
-            records.append({"metric": metric, "setting": setting, "value": float(value),
-                            "spread": float(spread), "rows": rows, "feature": feature})
+            records.append(
+                {
+                    "metric": metric,
+                    "setting": setting,
+                    "value": float(value),
+                    "spread": float(spread),
+                    "rows": rows,
+                    "feature": feature,
+                }
+            )
 
         n_rot = len(self.rotations)
         add("kurtosis", "standard basis", mean[0], error[0])
         add("rotated_kurtosis", f"mean of {n_rot} rotation(s)", mean[1], error[1])
-        per_rotation = mean[len(ROW_METRICS):]
-        add("rotated_kurtosis_sd", f"sd over {n_rot} rotation(s)",
-            per_rotation.std(ddof=1) if n_rot > 1 else math.nan)
+        per_rotation = mean[len(ROW_METRICS) :]
+        add(
+            "rotated_kurtosis_sd",
+            f"sd over {n_rot} rotation(s)",
+            per_rotation.std(ddof=1) if n_rot > 1 else math.nan,
+        )
         add("rms", "row mean", mean[2], error[2])
         ratio_rows = rows - self.zero_median_rows
         if ratio_rows:

@@ -8,6 +8,7 @@ block feeds its classifier (fc) through average pooling, so fc's column for the 
 its weight to every class; a causal language model's unembedding gives the tokens the feature
 pushes up most (after the final norm). Other heads are not drawn.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ from workflow_scripts.data import store
 from workflow_scripts.figures import PALETTE, _pyplot, _style, save
 
 
-def top_rows(shards: list[str], layer: int, features: list[int], count: int,
-             include_padding: bool) -> dict[int, list[tuple[float, int, int]]]:
+def top_rows(
+    shards: list[str], layer: int, features: list[int], count: int, include_padding: bool
+) -> dict[int, list[tuple[float, int, int]]]:
     """Per feature, the ``count`` largest activations as (value, example_id, position), one pass
     over the shards with memory bounded by a chunk."""
     best: dict[int, list] = {f: [] for f in features}
@@ -32,14 +34,16 @@ def top_rows(shards: list[str], layer: int, features: list[int], count: int,
         block = array.shards[0] if array.shards else array.chunks[0]
         for start in range(0, array.shape[0], block):
             stop = min(start + block, array.shape[0])
-            x = read_rows(group, layer_name(layer), start, stop, path)[:, features].astype(np.float32)
+            x = read_rows(group, layer_name(layer), start, stop, path)[:, features].astype(
+                np.float32
+            )
             ids = read_rows(group, "example_id", start, stop, path)
             positions = read_rows(group, "position", start, stop, path)
             if not include_padding:
                 keep = ~read_rows(group, "is_padding", start, stop, path)
                 x, ids, positions = x[keep], ids[keep], positions[keep]
             for j, feature in enumerate(features):
-                top = np.argsort(-x[:, j], kind="stable")[:count * 4]  # an example may repeat
+                top = np.argsort(-x[:, j], kind="stable")[: count * 4]  # an example may repeat
                 best[feature] += [(float(x[i, j]), int(ids[i]), int(positions[i])) for i in top]
     result = {}
     for feature, candidates in best.items():
@@ -58,6 +62,7 @@ def class_weights(adapter, layer: int, feature: int, names: list[str] | None):
     """(labels, weights) of a feature to the outputs, or None where the head does not read it
     directly."""
     import torch
+
     if adapter.modality == "image" and layer == len(adapter.readouts) - 1:
         weights = adapter.model.fc.weight[:, feature].detach().numpy()
         labels = names or [str(i) for i in range(len(weights))]
@@ -69,8 +74,9 @@ def class_weights(adapter, layer: int, feature: int, names: list[str] | None):
     return None
 
 
-def draw(adapter, frame, kind: str, label_names, layer: int, chosen: dict, max_tokens: int,
-         title: str):
+def draw(
+    adapter, frame, kind: str, label_names, layer: int, chosen: dict, max_tokens: int, title: str
+):
     plt = _pyplot()
     _style(plt)
     features = list(chosen)
@@ -78,9 +84,14 @@ def draw(adapter, frame, kind: str, label_names, layer: int, chosen: dict, max_t
     by_id = frame.set_index("example_id")
     image = kind == "image"
     columns = count + 1 if image else 2
-    figure, axes = plt.subplots(len(features), columns, squeeze=False, layout="constrained",
-                                figsize=(1.3 * columns + 2.5 if image else 12, 1.6 * len(features) + 0.6),
-                                gridspec_kw={"width_ratios": [1] * count + [2.5] if image else [3, 1]})
+    figure, axes = plt.subplots(
+        len(features),
+        columns,
+        squeeze=False,
+        layout="constrained",
+        figsize=(1.3 * columns + 2.5 if image else 12, 1.6 * len(features) + 0.6),
+        gridspec_kw={"width_ratios": [1] * count + [2.5] if image else [3, 1]},
+    )
     for row, feature in enumerate(features):
         if image:
             for col in range(count):
@@ -88,29 +99,58 @@ def draw(adapter, frame, kind: str, label_names, layer: int, chosen: dict, max_t
                 axis.axis("off")
                 if col < len(chosen[feature]):
                     value, example, _ = chosen[feature][col]
-                    axis.imshow(store.decode_image(by_id.loc[example, "image"], f"example {example}"))
+                    axis.imshow(
+                        store.decode_image(by_id.loc[example, "image"], f"example {example}")
+                    )
                     label = by_id.loc[example, "label"]
-                    axis.set_title(f"{value:.2f}\n{label_names[label] if label_names else label}",
-                                   fontsize=7)
-            axes[row, 0].text(-0.1, 0.5, f"feature {feature}", transform=axes[row, 0].transAxes,
-                              ha="right", va="center", fontsize=8)
+                    axis.set_title(
+                        f"{value:.2f}\n{label_names[label] if label_names else label}", fontsize=7
+                    )
+            axes[row, 0].text(
+                -0.1,
+                0.5,
+                f"feature {feature}",
+                transform=axes[row, 0].transAxes,
+                ha="right",
+                va="center",
+                fontsize=8,
+            )
         else:
             axis = axes[row, 0]
             axis.axis("off")
-            lines = [f"{value:6.2f}  {_in_context(adapter, by_id.loc[example], kind, position, max_tokens)}"
-                     for value, example, position in chosen[feature]]
-            axis.text(0, 1, f"feature {feature}\n" + "\n".join(lines), va="top", family="monospace",
-                      fontsize=7, transform=axis.transAxes)
+            lines = [
+                f"{value:6.2f}  "
+                + _in_context(adapter, by_id.loc[example], kind, position, max_tokens)
+                for value, example, position in chosen[feature]
+            ]
+            axis.text(
+                0,
+                1,
+                f"feature {feature}\n" + "\n".join(lines),
+                va="top",
+                family="monospace",
+                fontsize=7,
+                transform=axis.transAxes,
+            )
         weights_axis = axes[row, -1]
         weights = class_weights(adapter, layer, feature, label_names)
         if weights is None:
             weights_axis.axis("off")
-            weights_axis.text(0.5, 0.5, "the head does not read\nthis point directly",
-                              ha="center", va="center", fontsize=7)
+            weights_axis.text(
+                0.5,
+                0.5,
+                "the head does not read\nthis point directly",
+                ha="center",
+                va="center",
+                fontsize=7,
+            )
         else:
             labels, values = weights
-            weights_axis.barh(range(len(values)), values, color=[
-                PALETTE[0] if v >= 0 else PALETTE[1] for v in values])
+            weights_axis.barh(
+                range(len(values)),
+                values,
+                color=[PALETTE[0] if v >= 0 else PALETTE[1] for v in values],
+            )
             weights_axis.set_yticks(range(len(values)), labels, fontsize=6)
             weights_axis.invert_yaxis()
             weights_axis.set_title("weight to output", fontsize=7)
@@ -121,15 +161,16 @@ def draw(adapter, frame, kind: str, label_names, layer: int, chosen: dict, max_t
 def _in_context(adapter, row, kind: str, position: int, max_tokens: int, window: int = 8) -> str:
     """The example's tokens around ``position``, the token itself in brackets."""
     if kind == "pairs":
-        ids = adapter.tokenizer(row["premise"], row["hypothesis"], truncation=True,
-                                max_length=max_tokens)["input_ids"]
+        ids = adapter.tokenizer(
+            row["premise"], row["hypothesis"], truncation=True, max_length=max_tokens
+        )["input_ids"]
     else:
         ids = adapter.tokenizer(row["text"], truncation=True, max_length=max_tokens)["input_ids"]
     tokens = adapter.tokenizer.convert_ids_to_tokens(ids)
     if position >= len(tokens):
         return "(padding)"
-    left = " ".join(tokens[max(0, position - window):position])
-    right = " ".join(tokens[position + 1:position + 1 + window])
+    left = " ".join(tokens[max(0, position - window) : position])
+    right = " ".join(tokens[position + 1 : position + 1 + window])
     return f"{left} [{tokens[position]}] {right}".strip()
 
 
@@ -146,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", nargs="+", required=True)
     args = parser.parse_args(argv)
     import pandas as pd
+
     options = json.loads(args.options)
     layer = options["layer"]
     features = options.get("features")
@@ -157,10 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{args.stats}: no top features listed (stats.top_features is 0)")
     adapter, _ = load_adapter(args.model)
     frame, kind, label_names = store.read(args.data)
-    chosen = top_rows(args.shards, layer, features, options["examples"],
-                      options["include_padding"])
-    figure = draw(adapter, frame, kind, label_names, layer, chosen, options["max_tokens"],
-                  args.title)
+    chosen = top_rows(args.shards, layer, features, options["examples"], options["include_padding"])
+    figure = draw(
+        adapter, frame, kind, label_names, layer, chosen, options["max_tokens"], args.title
+    )
     save(figure, args.out, options["dpi"])
     print(f"wrote {', '.join(args.out)}", file=sys.stderr)
 

@@ -12,6 +12,7 @@ Batches are drawn with replacement from a generator seeded by (seed, step), and 
 (dropout) is reseeded every step, so a run resumed from its checkpoint continues exactly as if it
 had not stopped, and the same config on the CPU gives identical weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from workflow_scripts import families
 from workflow_scripts.atomic import write_parquet, written
 from workflow_scripts.batches import autocast, pick_device, preprocess_image
-from workflow_scripts.stage_code import code_digest, module_sources
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetError
-from workflow_scripts import families
 from workflow_scripts.models import family_module, load_model, save_model
 from workflow_scripts.models.store import MANIFEST, read_manifest, sha256_file
+from workflow_scripts.stage_code import code_digest, module_sources
 
 log = logging.getLogger("train")
 KINDS = {"causal_lm": "text", "image_classification": "image", "sequence_classification": "pairs"}
@@ -58,8 +59,9 @@ def build(spec: dict, base_dir: str | Path | None, tokenizer_dir: str | Path | N
         return model, tokenizer, family
     family = read_manifest(base_dir)["family"]
     torch.manual_seed(spec["seed"])  # the new head's initialisation
-    model, tokenizer = load_model(base_dir, family, head="sequence_classification",
-                                  num_labels=spec["num_labels"])
+    model, tokenizer = load_model(
+        base_dir, family, head="sequence_classification", num_labels=spec["num_labels"]
+    )
     return model, tokenizer, family
 
 
@@ -67,17 +69,27 @@ def _token_blocks(tokenizer, texts, context: int, chunk: int = 10_000) -> torch.
     """The texts as one token stream (end-of-text between them) cut into blocks, as int32.
     Tokenized ``chunk`` texts at a time into NumPy arrays, so a corpus of billions of tokens
     takes 4 bytes a token, not a Python list."""
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    separator = (
+        tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    )
     pieces = []
-    for start in tqdm(range(0, len(texts), chunk), desc="tokenizing", unit="chunk",
-                      file=sys.stderr, mininterval=10, disable=len(texts) <= chunk):
-        ids = tokenizer(list(texts[start:start + chunk]), add_special_tokens=False)["input_ids"]
+    for start in tqdm(
+        range(0, len(texts), chunk),
+        desc="tokenizing",
+        unit="chunk",
+        file=sys.stderr,
+        mininterval=10,
+        disable=len(texts) <= chunk,
+    ):
+        ids = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False)["input_ids"]
         pieces.append(np.fromiter((t for text in ids for t in (*text, separator)), np.int32))
     stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     blocks = len(stream) // context
     if blocks < 2:
-        raise DatasetError(f"the text holds {len(stream)} tokens: fewer than two blocks of {context}")
-    return torch.from_numpy(stream[:blocks * context].copy()).view(blocks, context)
+        raise DatasetError(
+            f"the text holds {len(stream)} tokens: fewer than two blocks of {context}"
+        )
+    return torch.from_numpy(stream[: blocks * context].copy()).view(blocks, context)
 
 
 def make_data(spec: dict, frame: pd.DataFrame, kind: str, tokenizer) -> dict[str, torch.Tensor]:
@@ -85,20 +97,32 @@ def make_data(spec: dict, frame: pd.DataFrame, kind: str, tokenizer) -> dict[str
     if kind == "text":
         return {"input_ids": _token_blocks(tokenizer, frame["text"].to_numpy(), spec["context"])}
     if kind == "pairs":
-        encoded = tokenizer(list(frame["premise"]), list(frame["hypothesis"]), truncation=True,
-                          max_length=spec["max_tokens"], padding="longest", return_tensors="pt")
+        encoded = tokenizer(
+            list(frame["premise"]),
+            list(frame["hypothesis"]),
+            truncation=True,
+            max_length=spec["max_tokens"],
+            padding="longest",
+            return_tensors="pt",
+        )
         return {**encoded, "labels": torch.tensor(frame["label"].to_numpy())}
     # images stay encoded and are decoded per batch (see ``on_device``): memory stays bounded
-    return {"image_index": torch.arange(len(frame)), "labels": torch.tensor(frame["label"].to_numpy())}
+    return {
+        "image_index": torch.arange(len(frame)),
+        "labels": torch.tensor(frame["label"].to_numpy()),
+    }
 
 
 def on_device(batch: dict[str, torch.Tensor], device, images=None, preprocess=None) -> dict:
     """A batch on the device, its images decoded and preprocessed."""
     batch = dict(batch)
     if "image_index" in batch:
-        batch["pixel_values"] = torch.stack([
-            preprocess_image(store.decode_image(images[i], f"example {i}"), preprocess)
-            for i in batch.pop("image_index").tolist()])
+        batch["pixel_values"] = torch.stack(
+            [
+                preprocess_image(store.decode_image(images[i], f"example {i}"), preprocess)
+                for i in batch.pop("image_index").tolist()
+            ]
+        )
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -107,8 +131,10 @@ def split(data: dict[str, torch.Tensor], fraction: float, seed: int):
     n = len(next(iter(data.values())))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     held = max(1, round(n * fraction))
-    return ({k: v[order[held:]] for k, v in data.items()},
-            {k: v[order[:held]] for k, v in data.items()})
+    return (
+        {k: v[order[held:]] for k, v in data.items()},
+        {k: v[order[:held]] for k, v in data.items()},
+    )
 
 
 def forward(model, kind: str, batch: dict[str, torch.Tensor]):
@@ -118,7 +144,9 @@ def forward(model, kind: str, batch: dict[str, torch.Tensor]):
         labels = batch["labels"]
     elif kind == "causal_lm":
         ids = batch["input_ids"]  # whole blocks of text: no padding
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, :-1]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[
+            :, :-1
+        ]
         labels = batch["input_ids"][:, 1:].long()
     else:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -135,7 +163,7 @@ def evaluate(model, kind: str, data: dict, batch_size: int, device, precision, d
     n = len(next(iter(data.values())))
     with torch.inference_mode(), autocast(device, precision):
         for start in range(0, n, batch_size):
-            batch = decode({k: v[start:start + batch_size] for k, v in data.items()})
+            batch = decode({k: v[start : start + batch_size] for k, v in data.items()})
             _, c, t = forward(model, kind, batch)
             correct, total = correct + c, total + t
     model.train()
@@ -145,8 +173,9 @@ def evaluate(model, kind: str, data: dict, batch_size: int, device, precision, d
 def make_optimizer(model, settings: dict):
     name, lr, decay = settings["name"], settings["lr"], settings.get("weight_decay", 0.0)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.get("momentum", 0.0),
-                               weight_decay=decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=settings.get("momentum", 0.0), weight_decay=decay
+        )
     betas = (settings.get("beta1", 0.9), settings.get("beta2", 0.999))
     optimizer = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
     return optimizer(model.parameters(), lr=lr, betas=betas, weight_decay=decay)
@@ -175,17 +204,30 @@ def fingerprint(spec: dict, family: str, data_path, *model_dirs) -> str:
     return digest.hexdigest()
 
 
-def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, checkpoint_path,
-          base_dir=None, tokenizer_dir=None) -> pd.DataFrame:
+def train(
+    name: str,
+    spec: dict,
+    data_path,
+    out_model,
+    metrics_path,
+    plot_path,
+    checkpoint_path,
+    base_dir=None,
+    tokenizer_dir=None,
+) -> pd.DataFrame:
     frame, kind, label_names = store.read(data_path)
     if kind != KINDS[spec["kind"]]:
-        raise DatasetError(f"run {name}: a {spec['kind']} run needs a {KINDS[spec['kind']]} "
-                           f"dataset, but {data_path} holds {kind}")
+        raise DatasetError(
+            f"run {name}: a {spec['kind']} run needs a {KINDS[spec['kind']]} "
+            f"dataset, but {data_path} holds {kind}"
+        )
     model, tokenizer, family = build(spec, base_dir, tokenizer_dir)
     data = make_data(spec, frame, kind, tokenizer)
     if "labels" in data and int(data["labels"].max()) >= spec["num_labels"]:
-        raise DatasetError(f"run {name}: labels go up to {int(data['labels'].max())}, but the "
-                           f"model has {spec['num_labels']} classes")
+        raise DatasetError(
+            f"run {name}: labels go up to {int(data['labels'].max())}, but the "
+            f"model has {spec['num_labels']} classes"
+        )
     train_data, eval_data = split(data, spec["eval_fraction"], spec["seed"])
     n = len(next(iter(train_data.values())))
     if "epochs" in spec:  # steps from epochs: batches are drawn with replacement
@@ -201,7 +243,9 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
     optimizer = make_optimizer(model, spec["optimizer"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, spec))
     # float16 gradients underflow without loss scaling; on the CPU or in bfloat16 it is a no-op
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "float16" and device.type == "cuda")
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=precision == "float16" and device.type == "cuda"
+    )
     records, start = [], 0
     key = fingerprint(spec, family, data_path, base_dir, tokenizer_dir)
     checkpoint_path = Path(checkpoint_path)
@@ -215,8 +259,14 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
             log.info("resuming %s from its checkpoint at step %d", name, start)
         else:
             log.info("ignoring a checkpoint of another configuration: %s", checkpoint_path)
-    progress = tqdm(range(start, spec["steps"]), initial=start, total=spec["steps"],
-                    desc=f"train {name}", file=sys.stderr, mininterval=5)
+    progress = tqdm(
+        range(start, spec["steps"]),
+        initial=start,
+        total=spec["steps"],
+        desc=f"train {name}",
+        file=sys.stderr,
+        mininterval=5,
+    )
     for step in progress:
         torch.manual_seed(spec["seed"] * 1_000_003 + step)  # dropout, reproducible per step
         index = torch.randint(n, (spec["batch_size"],))
@@ -224,22 +274,32 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
         with autocast(device, precision):
             loss, _, _ = forward(model, spec["kind"], batch)
         if not torch.isfinite(loss):
-            raise TrainingError(f"run {name}: the loss is {loss.item()} at step {step}; the run "
-                                "diverged (lower the learning rate or clip gradients)")
+            raise TrainingError(
+                f"run {name}: the loss is {loss.item()} at step {step}; the run "
+                "diverged (lower the learning rate or clip gradients)"
+            )
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         clip = spec.get("clip_grad_norm") or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        record = {"step": step, "loss": loss.item(), "learning_rate": schedule.get_last_lr()[0],
-                  "grad_norm": grad_norm, "eval_accuracy": math.nan}
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "learning_rate": schedule.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "eval_accuracy": math.nan,
+        }
         scaler.step(optimizer)
         scaler.update()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % spec["eval_every"] == 0 or step + 1 == spec["steps"]:
-            record["eval_accuracy"] = evaluate(model, spec["kind"], eval_data,
-                                               spec["batch_size"], device, precision, decode)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", accuracy=f"{record['eval_accuracy']:.3f}")
+            record["eval_accuracy"] = evaluate(
+                model, spec["kind"], eval_data, spec["batch_size"], device, precision, decode
+            )
+            progress.set_postfix(
+                loss=f"{record['loss']:.3f}", accuracy=f"{record['eval_accuracy']:.3f}"
+            )
         records.append(record)
         if (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:
             _save_checkpoint(checkpoint_path, key, step + 1, model, optimizer, schedule, records)
@@ -254,13 +314,22 @@ def train(name: str, spec: dict, data_path, out_model, metrics_path, plot_path, 
 
 def _save_checkpoint(path: Path, key, step, model, optimizer, schedule, records) -> None:
     with written(path) as tmp:
-        torch.save({"fingerprint": key, "step": step, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "records": records}, tmp)
+        torch.save(
+            {
+                "fingerprint": key,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "records": records,
+            },
+            tmp,
+        )
 
 
 def plot_losses(metrics: pd.DataFrame, name: str, path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -270,8 +339,14 @@ def plot_losses(metrics: pd.DataFrame, name: str, path) -> None:
     loss_axis.set_ylabel("training loss")
     evaluated = metrics.dropna(subset=["eval_accuracy"])
     accuracy_axis = loss_axis.twinx()
-    accuracy_axis.plot(evaluated["step"], evaluated["eval_accuracy"], "o-", color="#D55E00",
-                       markersize=3, label="held-out accuracy")
+    accuracy_axis.plot(
+        evaluated["step"],
+        evaluated["eval_accuracy"],
+        "o-",
+        color="#D55E00",
+        markersize=3,
+        label="held-out accuracy",
+    )
     accuracy_axis.set_ylabel("held-out accuracy")
     accuracy_axis.set_ylim(0, 1)
     handles = loss_axis.get_lines() + accuracy_axis.get_lines()
@@ -291,22 +366,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="dataset Parquet file")
     # empty where the run has none: the rule passes its (possibly empty) inputs
     parser.add_argument("--base", nargs="?", help="the model directory a fine-tune starts from")
-    parser.add_argument("--tokenizer", nargs="?",
-                        help="the model directory whose tokenizer a language model uses")
+    parser.add_argument(
+        "--tokenizer", nargs="?", help="the model directory whose tokenizer a language model uses"
+    )
     parser.add_argument("--checkpoint", required=True, help="where to keep the checkpoint")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--plot", required=True)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="the model directory to write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     torch.set_num_threads(args.threads)
-    metrics = train(args.name, json.loads(args.spec), args.data, args.out, args.metrics,
-                    args.plot, args.checkpoint, args.base or None, args.tokenizer or None)
+    metrics = train(
+        args.name,
+        json.loads(args.spec),
+        args.data,
+        args.out,
+        args.metrics,
+        args.plot,
+        args.checkpoint,
+        args.base or None,
+        args.tokenizer or None,
+    )
     final = metrics["eval_accuracy"].dropna()
-    log.info("run %s: final loss %.4f, held-out accuracy %.3f", args.name,
-             metrics["loss"].iloc[-1], final.iloc[-1] if len(final) else float("nan"))
+    log.info(
+        "run %s: final loss %.4f, held-out accuracy %.3f",
+        args.name,
+        metrics["loss"].iloc[-1],
+        final.iloc[-1] if len(final) else float("nan"),
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ The two text sets draw their words from the closed vocabulary of
 :mod:`workflow_scripts.data.vocabulary`, so a word-level tokenizer built from it covers them
 exactly.
 """
+
 from __future__ import annotations
 
 import io
@@ -42,8 +43,18 @@ from workflow_scripts.data.vocabulary import (
 )
 
 PAIR_LABELS = ["entailment", "neutral", "contradiction"]
-SHAPE_LABELS = ["circle", "square", "triangle", "cross", "ring",
-                "hstripes", "vstripes", "diagonal", "checkerboard", "dots"]
+SHAPE_LABELS = [
+    "circle",
+    "square",
+    "triangle",
+    "cross",
+    "ring",
+    "hstripes",
+    "vstripes",
+    "diagonal",
+    "checkerboard",
+    "dots",
+]
 DEFAULT_ROWS = {"pairs": 2000, "corpus": 2000, "shapes": 2000}
 
 
@@ -65,43 +76,60 @@ def label_names(name: str) -> list[str] | None:
 
 # --- sentence pairs -------------------------------------------------------------------------
 
+
 def _pick(rng, items, exclude=None):
     choices = [x for x in items if x != exclude]
     return choices[rng.integers(len(choices))]
 
 
 def _pair(rng, label: int) -> tuple[str, str]:
-    person, adj, obj, place = (_pick(rng, PEOPLE), _pick(rng, ADJECTIVES), _pick(rng, OBJECTS),
-                               _pick(rng, PLACES))
+    person, adj, obj, place = (
+        _pick(rng, PEOPLE),
+        _pick(rng, ADJECTIVES),
+        _pick(rng, OBJECTS),
+        _pick(rng, PLACES),
+    )
     past, base = VERBS[rng.integers(len(VERBS))]
     premise = f"the {adj} {person} {past} the {obj} in the {place} ."
     variant = rng.integers(4)
     if label == 0:  # entailment: a detail dropped or generalised
-        hypothesis = [f"the {person} {past} the {obj} .",
-                      f"a person {past} the {obj} in the {place} .",
-                      f"the {adj} {person} {past} something .",
-                      f"someone {past} the {obj} somewhere ."][variant]
+        hypothesis = [
+            f"the {person} {past} the {obj} .",
+            f"a person {past} the {obj} in the {place} .",
+            f"the {adj} {person} {past} something .",
+            f"someone {past} the {obj} somewhere .",
+        ][variant]
     elif label == 1:  # neutral: a detail the premise does not state
-        hypothesis = [f"the {person} {past} the {obj} {_pick(rng, TIMES)} .",
-                      f"the {person} {past} the {obj} because {_pick(rng, REASONS)} .",
-                      f"the {person} also {past} the {_pick(rng, OBJECTS, obj)} .",
-                      f"the {person} is {_pick(rng, ADJECTIVES, adj)} ."][variant]
+        hypothesis = [
+            f"the {person} {past} the {obj} {_pick(rng, TIMES)} .",
+            f"the {person} {past} the {obj} because {_pick(rng, REASONS)} .",
+            f"the {person} also {past} the {_pick(rng, OBJECTS, obj)} .",
+            f"the {person} is {_pick(rng, ADJECTIVES, adj)} .",
+        ][variant]
     else:  # contradiction: negated, or another place, object or actor
-        hypothesis = [f"the {adj} {person} did not {base} the {obj} .",
-                      f"the {person} {past} the {obj} in the {_pick(rng, PLACES, place)} .",
-                      f"the {adj} {person} {past} the {_pick(rng, OBJECTS, obj)} in the {place} .",
-                      f"nobody {past} the {obj} in the {place} ."][variant]
+        hypothesis = [
+            f"the {adj} {person} did not {base} the {obj} .",
+            f"the {person} {past} the {obj} in the {_pick(rng, PLACES, place)} .",
+            f"the {adj} {person} {past} the {_pick(rng, OBJECTS, obj)} in the {place} .",
+            f"nobody {past} the {obj} in the {place} .",
+        ][variant]
     return premise, hypothesis
 
 
 def _pairs(rng, rows: int) -> pd.DataFrame:
     labels = rng.permutation(np.arange(rows) % 3)
     texts = [_pair(rng, int(label)) for label in labels]
-    return pd.DataFrame({"premise": [p for p, _ in texts], "hypothesis": [h for _, h in texts],
-                         "label": labels.astype(np.int64)})
+    return pd.DataFrame(
+        {
+            "premise": [p for p, _ in texts],
+            "hypothesis": [h for _, h in texts],
+            "label": labels.astype(np.int64),
+        }
+    )
 
 
 # --- text corpus ----------------------------------------------------------------------------
+
 
 def _noun_phrase(rng, plural: bool) -> str:
     noun = ANIMALS[rng.integers(len(ANIMALS))][int(plural)]

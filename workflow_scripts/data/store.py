@@ -5,6 +5,7 @@ pairs ``example_id, premise, hypothesis, label``; text ``example_id, text``; ima
 ``example_id, image (PNG bytes), label``. The schema metadata holds the kind and, for labelled
 kinds, the label names as JSON.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,10 @@ def check(frame: pd.DataFrame, kind: str, label_names: list[str] | None, name: s
     expected = COLUMNS[kind]
     missing = [c for c in expected if c not in frame.columns]
     if missing:
-        raise DatasetError(f"dataset {name}: missing column(s) {missing} for kind {kind!r} "
-                           f"(has {list(frame.columns)}; a {kind} dataset needs {expected})")
+        raise DatasetError(
+            f"dataset {name}: missing column(s) {missing} for kind {kind!r} "
+            f"(has {list(frame.columns)}; a {kind} dataset needs {expected})"
+        )
     frame = frame[expected].reset_index(drop=True)
     if len(frame) == 0:
         raise DatasetError(f"dataset {name}: no rows")
@@ -45,8 +48,10 @@ def check(frame: pd.DataFrame, kind: str, label_names: list[str] | None, name: s
     for column in ("premise", "hypothesis", "text"):
         if column in frame and not frame[column].map(lambda v: isinstance(v, str)).all():
             bad = frame.loc[~frame[column].map(lambda v: isinstance(v, str)), "example_id"]
-            raise DatasetError(f"dataset {name}: column {column!r} is not text in example(s) "
-                               f"{bad.head(5).tolist()}")
+            raise DatasetError(
+                f"dataset {name}: column {column!r} is not text in example(s) "
+                f"{bad.head(5).tolist()}"
+            )
     if "label" in frame:
         labels = frame["label"].to_numpy()
         if not np.issubdtype(labels.dtype, np.integer):
@@ -54,8 +59,10 @@ def check(frame: pd.DataFrame, kind: str, label_names: list[str] | None, name: s
         if label_names is not None:
             outside = frame.loc[(labels < 0) | (labels >= len(label_names)), "example_id"]
             if len(outside):
-                raise DatasetError(f"dataset {name}: label(s) outside 0..{len(label_names) - 1} "
-                                   f"({label_names}) in example(s) {outside.head(5).tolist()}")
+                raise DatasetError(
+                    f"dataset {name}: label(s) outside 0..{len(label_names) - 1} "
+                    f"({label_names}) in example(s) {outside.head(5).tolist()}"
+                )
     if kind == "image":
         for example_id, data in zip(frame["example_id"], frame["image"]):
             decode_image(data, f"dataset {name}, example {example_id}")
@@ -90,8 +97,9 @@ def read(path: str | Path) -> tuple[pd.DataFrame, str, list[str] | None]:
         raise DatasetError(f"{path}: not a readable Parquet file ({error})") from None
     metadata = table.schema.metadata or {}
     if b"kind" not in metadata:
-        raise DatasetError(f"{path}: no 'kind' in the schema metadata; "
-                           "prepare datasets with the prepare_data rule")
+        raise DatasetError(
+            f"{path}: no 'kind' in the schema metadata; prepare datasets with the prepare_data rule"
+        )
     kind = metadata[b"kind"].decode()
     names = json.loads(metadata[b"label_names"]) if b"label_names" in metadata else None
     frame = table.to_pandas()

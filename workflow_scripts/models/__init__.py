@@ -15,6 +15,7 @@ the same four functions:
 A ResNet's config.json travels with it as the dict ``model.config``. The modules are imported by
 name, so a stage runs (and its rule declares as code) only the family it needs.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -56,9 +57,21 @@ def save_model(model, tokenizer, family: str, directory: str | Path, **fields) -
     parameter count and the files' digests); returns the manifest."""
     with written(directory, directory=True) as tmp:
         write_model_files(model, tokenizer, family, tmp)
-        return write_manifest(tmp, family=family, revision=None,
-                              parameters=sum(p.numel() for p in model.parameters()), **fields)
+        return write_manifest(
+            tmp,
+            family=family,
+            revision=None,
+            parameters=sum(p.numel() for p in model.parameters()),
+            **fields,
+        )
 
 
-__all__ = ["Adapter", "Readout", "family_module", "load_adapter", "load_model", "save_model",
-           "write_model_files"]
+__all__ = [
+    "Adapter",
+    "Readout",
+    "family_module",
+    "load_adapter",
+    "load_model",
+    "save_model",
+    "write_model_files",
+]

@@ -1,4 +1,5 @@
 """The interface every model family implements for extraction and ablation."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,7 @@ class Readout:
     counts from 0 for the embedding output; for ResNets stage counts from 1 and block from 0
     within the stage, so stage boundaries can be drawn.
     """
+
     index: int
     stage: int
     block: int
@@ -35,6 +37,7 @@ class Adapter:
     index, in order), and implement :meth:`streams`, :meth:`logits`, :meth:`without_branch` and
     :meth:`blocks_applied`.
     """
+
     modality: str
     pooling: str
     readouts: list[Readout]

@@ -6,6 +6,7 @@ points: see ``workflow_scripts.models.hooked``).
 Models run in float32 whatever the dtype of the stored weights (``extract.autocast`` chooses a
 lower precision on CUDA). Only the causal language-model head is supported.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,10 @@ from workflow_scripts.models.hooked import HookedTransformer, load_tokenizer, sa
 
 # where each supported layout keeps its blocks and final norm: (base model attribute, blocks,
 # final norm); the head is ``get_output_embeddings()``
-LAYOUTS = (("model", "layers", "norm"),                          # Llama, Qwen2, Mistral
-           ("gpt_neox", "layers", "final_layer_norm"))           # GPT-NeoX, Pythia
+LAYOUTS = (
+    ("model", "layers", "norm"),  # Llama, Qwen2, Mistral
+    ("gpt_neox", "layers", "final_layer_norm"),
+)  # GPT-NeoX, Pythia
 # arch.type of init: models -> config class
 CONFIGS = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "gpt_neox": "GPTNeoXConfig"}
 DEFAULT_TYPE = "llama"
@@ -36,9 +39,11 @@ def layout(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
         if isinstance(blocks, nn.ModuleList) and isinstance(norm, nn.Module):
             return base, blocks, norm
     known = ", ".join(f"{base}.{blocks} + {base}.{norm}" for base, blocks, norm in LAYOUTS)
-    raise ValueError(f"{type(model).__name__} (model_type "
-                     f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}) does not "
-                     f"have a decoder layout the 'decoder' family knows ({known})")
+    raise ValueError(
+        f"{type(model).__name__} (model_type "
+        f"{getattr(getattr(model, 'config', None), 'model_type', None)!r}) does not "
+        f"have a decoder layout the 'decoder' family knows ({known})"
+    )
 
 
 def check_head(head: str | None) -> None:
@@ -59,10 +64,18 @@ def build(spec: dict, tokenizer) -> transformers.PreTrainedModel:
     heads = {} if kind == "gpt_neox" else {"num_key_value_heads": arch["heads"]}  # no grouping
     # no pad_token_id: Llama would give the padding token a zero embedding (padding_idx)
     config = getattr(transformers, CONFIGS[kind])(
-        vocab_size=len(tokenizer), hidden_size=arch["width"], num_hidden_layers=arch["layers"],
-        num_attention_heads=arch["heads"], intermediate_size=4 * arch["width"],
-        max_position_embeddings=arch.get("context", 128), bos_token_id=eos, eos_token_id=eos,
-        pad_token_id=None, tie_word_embeddings=False, **heads)
+        vocab_size=len(tokenizer),
+        hidden_size=arch["width"],
+        num_hidden_layers=arch["layers"],
+        num_attention_heads=arch["heads"],
+        intermediate_size=4 * arch["width"],
+        max_position_embeddings=arch.get("context", 128),
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        **heads,
+    )
     torch.manual_seed(spec.get("seed", 0))
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
@@ -77,8 +90,9 @@ def init(spec: dict, tokenizer=None):
     return build(spec, tokenizer), tokenizer
 
 
-def load(directory: str | Path, family: str, head: str | None = None,
-         num_labels: int | None = None):
+def load(
+    directory: str | Path, family: str, head: str | None = None, num_labels: int | None = None
+):
     """The model and tokenizer stored in ``directory``, in float32; the pad token is the eos
     token where the tokenizer has none, and padding is on the right."""
     check_head(head)

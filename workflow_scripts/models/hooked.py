@@ -7,6 +7,7 @@ during one pass of the base model, so they are exactly what Hugging Face reports
 ``hidden_states``, but the last: where the model has a final norm, Hugging Face reports that one
 after it; here it is the raw stream unless ``final_readout="final_norm"``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,9 +20,12 @@ from workflow_scripts.models.adapter import Adapter, Readout
 
 FINAL_READOUTS = ("raw", "final_norm")
 # the head of a model, from the suffix of its Hugging Face class name
-HEAD_SUFFIXES = (("ForSequenceClassification", "sequence_classification"),
-                 ("LMHeadModel", "causal_lm"), ("ForCausalLM", "causal_lm"),
-                 ("ForMaskedLM", "masked_lm"))
+HEAD_SUFFIXES = (
+    ("ForSequenceClassification", "sequence_classification"),
+    ("LMHeadModel", "causal_lm"),
+    ("ForCausalLM", "causal_lm"),
+    ("ForMaskedLM", "masked_lm"),
+)
 
 
 class SkippedBlock(nn.Module):
@@ -84,8 +88,15 @@ class HookedTransformer(Adapter):
     modality = "text"
     pooling = "none"
 
-    def __init__(self, model: nn.Module, tokenizer, base: nn.Module, blocks: nn.ModuleList,
-                 final_norm: nn.Module | None, final_readout: str = "raw"):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        base: nn.Module,
+        blocks: nn.ModuleList,
+        final_norm: nn.Module | None,
+        final_readout: str = "raw",
+    ):
         if final_readout not in FINAL_READOUTS:
             raise ValueError(f"final_readout must be raw or final_norm, not {final_readout!r}")
         super().__init__(model)
@@ -103,7 +114,8 @@ class HookedTransformer(Adapter):
         self.label_names = names if names and names != generic else None
         width = model.config.hidden_size
         self.readouts = [Readout(0, 0, 0, "embeddings", width)] + [
-            Readout(k, 0, k, f"block.{k - 1}", width) for k in range(1, len(blocks) + 1)]
+            Readout(k, 0, k, f"block.{k - 1}", width) for k in range(1, len(blocks) + 1)
+        ]
         self._skip_form: dict = {}  # what the skipped blocks of this model return
 
     def streams(self, inputs):

@@ -1,4 +1,5 @@
 """Normalisations that give no basis direction of the stream a privileged role."""
+
 from __future__ import annotations
 
 import torch

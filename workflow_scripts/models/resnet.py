@@ -11,6 +11,7 @@ interface passes and returns None for it.
 Read-out points: the output of every residual block, mean-pooled over space, labelled with its
 stage (1-based, torchvision's ``layerN``) and its block within the stage (0-based).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,15 @@ class ResNet(nn.Module):
     choice of stem: ``imagenet`` (7x7 stride-2 convolution and max-pool) or ``cifar`` (3x3
     stride-1, no pool, for 32x32 images). ``norm_layer(channels)`` makes every norm."""
 
-    def __init__(self, block: str, layers: list[int], widths: list[int], num_classes: int,
-                 stem: str = "imagenet", norm_layer=None):
+    def __init__(
+        self,
+        block: str,
+        layers: list[int],
+        widths: list[int],
+        num_classes: int,
+        stem: str = "imagenet",
+        norm_layer=None,
+    ):
         super().__init__()
         block_class = BLOCKS[block]
         self._norm_layer = norm_layer or nn.BatchNorm2d
@@ -73,8 +81,9 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int,
-                    stride: int) -> nn.Sequential:
+    def _make_layer(
+        self, block: type[nn.Module], planes: int, blocks: int, stride: int
+    ) -> nn.Sequential:
         """A stage of ``blocks`` blocks of width ``planes``; its first block takes the stride
         and the change of channels, its shortcut projecting where they change."""
         norm_layer = self._norm_layer
@@ -108,20 +117,30 @@ def stages(model: nn.Module) -> list[nn.Sequential]:
 
 def imagenet_preprocess(resize: int, crop: int) -> dict:
     """The preprocessing of ImageNet models: resize, centre crop, ImageNet mean and std."""
-    return {"resize": resize, "crop": crop, "mean": [0.485, 0.456, 0.406],
-            "std": [0.229, 0.224, 0.225]}
+    return {
+        "resize": resize,
+        "crop": crop,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
 
 
 def from_config(config: dict) -> nn.Module:
     """A random-initialised model of ``config`` (a stored config.json), carrying it as
     ``model.config``."""
     if config["architecture"] == "resnet":
-        model = ResNet(config["block"], config["layers"], config["widths"],
-                       config["num_classes"], stem=config["stem"],
-                       norm_layer=NORMS[config.get("norm", "batch")])
+        model = ResNet(
+            config["block"],
+            config["layers"],
+            config["widths"],
+            config["num_classes"],
+            stem=config["stem"],
+            norm_layer=NORMS[config.get("norm", "batch")],
+        )
     else:
-        model = torchvision.models.get_model(config["architecture"], weights=None,
-                                             num_classes=config["num_classes"])
+        model = torchvision.models.get_model(
+            config["architecture"], weights=None, num_classes=config["num_classes"]
+        )
     model.config = config
     return model
 
@@ -131,12 +150,19 @@ def build(spec: dict) -> nn.Module:
     num_labels, seed)."""
     arch = spec["arch"]
     small = arch.get("stem") == "cifar"
-    config = {"family": "resnet", "architecture": "resnet", "block": arch.get("block", "basic"),
-              "layers": list(arch["layers"]), "widths": list(arch["widths"]),
-              "stem": arch.get("stem", "imagenet"), "num_classes": spec.get("num_labels", 10),
-              "norm": arch.get("norm", "batch"),
-              "preprocess": dict(SMALL_IMAGE_PREPROCESS) if small else
-              imagenet_preprocess(resize=256, crop=224)}
+    config = {
+        "family": "resnet",
+        "architecture": "resnet",
+        "block": arch.get("block", "basic"),
+        "layers": list(arch["layers"]),
+        "widths": list(arch["widths"]),
+        "stem": arch.get("stem", "imagenet"),
+        "num_classes": spec.get("num_labels", 10),
+        "norm": arch.get("norm", "batch"),
+        "preprocess": dict(SMALL_IMAGE_PREPROCESS)
+        if small
+        else imagenet_preprocess(resize=256, crop=224),
+    }
     torch.manual_seed(spec.get("seed", 0))
     return from_config(config).eval()
 
@@ -147,16 +173,18 @@ def init(spec: dict, tokenizer=None) -> tuple[nn.Module, None]:
     return build(spec), None
 
 
-def load(directory: str | Path, family: str, head: str | None = None,
-         num_labels: int | None = None) -> tuple[nn.Module, None]:
+def load(
+    directory: str | Path, family: str, head: str | None = None, num_labels: int | None = None
+) -> tuple[nn.Module, None]:
     """The model stored in ``directory`` (carrying its config.json), and no tokenizer; a ResNet
     keeps its stored head and classes."""
     config = json.loads(Path(directory, CONFIG).read_text())
     if head not in (None, "image_classification"):
         raise ValueError(f"family resnet has only the image_classification head, not {head!r}")
     if num_labels not in (None, config["num_classes"]):
-        raise ValueError(f"{directory}: a ResNet keeps its {config['num_classes']} classes, "
-                         f"not {num_labels}")
+        raise ValueError(
+            f"{directory}: a ResNet keeps its {config['num_classes']} classes, not {num_labels}"
+        )
     model = from_config(config)
     model.load_state_dict(load_file(Path(directory, WEIGHTS)))
     return model.eval(), None

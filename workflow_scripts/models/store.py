@@ -4,6 +4,7 @@ The manifest records where the model came from (source, pinned revision), its fa
 parameter count, and the sha256 of every other file, so a reader can refuse a directory whose
 files changed or went missing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 def file_digests(directory: str | os.PathLike) -> dict[str, str]:
     """sha256 of every file under ``directory`` but the manifest, by relative path."""
     root = Path(directory)
-    return {str(p.relative_to(root)): sha256_file(p)
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def write_manifest(directory: str | os.PathLike, **fields) -> dict:
@@ -63,8 +67,11 @@ def verify_files(directory: str | os.PathLike, expected: dict[str, str]) -> None
     for name, digest in expected.items():
         path = root / name
         if not path.is_file():
-            raise ModelDirError(f"model directory {str(root)!r}: {name} is listed in "
-                                f"{MANIFEST} but missing")
+            raise ModelDirError(
+                f"model directory {str(root)!r}: {name} is listed in {MANIFEST} but missing"
+            )
         if sha256_file(path) != digest:
-            raise ModelDirError(f"model directory {str(root)!r}: {name} does not match its "
-                                f"sha256 in {MANIFEST} (file changed or corrupted)")
+            raise ModelDirError(
+                f"model directory {str(root)!r}: {name} does not match its "
+                f"sha256 in {MANIFEST} (file changed or corrupted)"
+            )

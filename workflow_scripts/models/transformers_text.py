@@ -5,6 +5,7 @@ and their adapter (its read-out points: see ``workflow_scripts.models.hooked``).
 A family builds the Hugging Face model type its record names first (``model_types``): gptr2's
 is gpt2, and its heads are GPT-2's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,14 +34,24 @@ def hf_config(model_type: str, arch: dict, **common) -> transformers.PretrainedC
     context); ``common``: vocabulary size, labels and special token ids."""
     context = arch.get("context", 128)
     if model_type == "gpt2":
-        return transformers.GPT2Config(n_positions=context, n_embd=arch["width"],
-                                       n_layer=arch["layers"], n_head=arch["heads"], **common)
+        return transformers.GPT2Config(
+            n_positions=context,
+            n_embd=arch["width"],
+            n_layer=arch["layers"],
+            n_head=arch["heads"],
+            **common,
+        )
     roberta = model_type == "roberta"  # its positions are numbered after the padding index
     config_class = transformers.RobertaConfig if roberta else transformers.BertConfig
-    return config_class(hidden_size=arch["width"], num_hidden_layers=arch["layers"],
-                        num_attention_heads=arch["heads"], intermediate_size=4 * arch["width"],
-                        max_position_embeddings=context + (2 if roberta else 0),
-                        type_vocab_size=1 if roberta else 2, **common)
+    return config_class(
+        hidden_size=arch["width"],
+        num_hidden_layers=arch["layers"],
+        num_attention_heads=arch["heads"],
+        intermediate_size=4 * arch["width"],
+        max_position_embeddings=context + (2 if roberta else 0),
+        type_vocab_size=1 if roberta else 2,
+        **common,
+    )
 
 
 def head_class(family: str, head: str) -> type[transformers.PreTrainedModel]:
@@ -65,11 +76,18 @@ def build(spec: dict, tokenizer) -> transformers.PreTrainedModel:
     family = spec["family"]
     record = families.get(family)
     model_class = head_class(family, spec.get("head", record.default_head))
-    ids = {f"{name[:-6]}_token_id": tokenizer.convert_tokens_to_ids(token)
-           for name, token in SPECIALS[record.tokenizer].items()
-           if name in ("bos_token", "eos_token", "pad_token")}
-    config = hf_config(model_type(family), spec["arch"], vocab_size=len(tokenizer),
-                       num_labels=spec.get("num_labels", 3), **ids)
+    ids = {
+        f"{name[:-6]}_token_id": tokenizer.convert_tokens_to_ids(token)
+        for name, token in SPECIALS[record.tokenizer].items()
+        if name in ("bos_token", "eos_token", "pad_token")
+    }
+    config = hf_config(
+        model_type(family),
+        spec["arch"],
+        vocab_size=len(tokenizer),
+        num_labels=spec.get("num_labels", 3),
+        **ids,
+    )
     config.residual_streams_family = family
     torch.manual_seed(spec.get("seed", 0))
     model = model_class(config)
@@ -93,8 +111,10 @@ def _load_with_scalar_rms_norm(model_class, config, directory: str | Path, rehea
     if reheaded:
         allowed |= {k for k in model.state_dict() if not k.startswith(prefix)}
     if unexpected or set(missing) - allowed:
-        raise ValueError(f"{directory}: weights do not fit a gptr2 model "
-                         f"(missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{directory}: weights do not fit a gptr2 model "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
     model.tie_weights()
     return model
 
@@ -108,8 +128,9 @@ def init(spec: dict, tokenizer=None):
     return build(spec, tokenizer), tokenizer
 
 
-def load(directory: str | Path, family: str, head: str | None = None,
-         num_labels: int | None = None):
+def load(
+    directory: str | Path, family: str, head: str | None = None, num_labels: int | None = None
+):
     """The model and tokenizer stored in ``directory``; with ``head``, under that head instead
     of the stored one (a new head is randomly initialised: the start of a fine-tune)."""
     overrides = {} if num_labels is None else {"num_labels": num_labels}

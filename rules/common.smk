@@ -33,7 +33,8 @@ def model_code_files(module):
     (and not the other families')."""
 
     def files(wildcards):
-        return module_sources(module, study.models[wildcards.model].family.module)
+        family = study.models[wildcards.model].family
+        return module_sources(module, family.module, family.record)
 
     return files
 
@@ -198,6 +199,21 @@ def group_ablations(wildcards):
 
 def training_metrics(wildcards):
     return [f"results/train/{run}/metrics.parquet" for run in study.runs]
+
+
+def figure_facts(wildcards):
+    """What a figure's caption states: the settings its numbers come from."""
+    group = study.figure_groups[wildcards.group]
+    return {
+        "rotations": study.stats_options["rotations"],
+        "seed": study.stats_options["seed"],
+        "include_padding": study.stats_options["include_padding"],
+        "thresholds": {m: list(study.models[m].thresholds) for m in group.models},
+    }
+
+
+def training_runs(wildcards):
+    return list(study.runs)
 
 
 def input_order(wildcards, input):

@@ -33,6 +33,7 @@ for figure_name, figure_inputs in (
             group="{group}",
             order=input_order,
             dpi=study.dpi,
+            facts=figure_facts,
         shell:
             "python -m workflow_scripts.figures {params.figure} --group {params.group:q} "
             "--inputs {input.data:q} --dpi {params.dpi} --out {output.png:q} {output.pdf:q} "
@@ -58,6 +59,7 @@ rule figure_training:
     params:
         order=input_order,
         dpi=study.dpi,
+        runs=training_runs,
     shell:
         "python -m workflow_scripts.figures training --group runs --inputs {input.data:q} "
         "--dpi {params.dpi} --out {output.png:q} {output.pdf:q} 2> {log:q}"

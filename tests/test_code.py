@@ -70,3 +70,18 @@ def test_digest_follows_content_and_package_path_not_location(tmp_path):
     with open(moved[0], "a") as handle:
         handle.write("\n# edited\n")
     assert code_digest(moved) != code_digest(files)
+
+
+def test_a_family_record_is_code_of_its_own_family_only():
+    gpt2, gptr2, resnet = (families.get(name) for name in ("gpt2", "gptr2", "resnet"))
+    text = names(module_sources("workflow_scripts.extract", gpt2.module, gpt2.record))
+    derived = names(module_sources("workflow_scripts.extract", gptr2.module, gptr2.record))
+    registry = {f for f in text | derived if f.startswith("workflow_scripts/families/")}
+    assert registry == {
+        f"workflow_scripts/families/{name}.py" for name in ("__init__", "gpt2", "gptr2")
+    }
+    # adding or editing another family's record changes nothing a GPT-2 job runs
+    assert "workflow_scripts/families/resnet.py" not in text
+    assert "workflow_scripts/families/gpt2.py" not in names(
+        module_sources("workflow_scripts.extract", resnet.module, resnet.record)
+    )

@@ -96,7 +96,7 @@ def test_unknown_family(default_config):
     default_config["models"]["gpt2-init"]["family"] = "gpt3"
     message = error_for(default_config)
     assert "models.gpt2-init.family" in message and "'gpt3'" in message
-    assert "known: gpt2, gptr2, roberta, bert, decoder, resnet" in message
+    assert "known: bert, decoder, gpt2, gptr2, resnet, roberta" in message
 
 
 def test_unknown_model_source_scheme(default_config):

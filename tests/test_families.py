@@ -2,8 +2,9 @@
 
 A throwaway image family (residual MLP blocks on an image's mean colour) is registered in memory
 for validation and planning, and added to a copy of the workflow, as a contributor would add one
-(one new module under workflow_scripts/models/, one ``register`` call in families.py, nothing
-else), which then runs through the DAG, fetching, extraction, statistics and ablation.
+(one new module under workflow_scripts/models/, one record module under
+workflow_scripts/families/, nothing else), which then runs through the DAG, fetching,
+extraction, statistics and ablation.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def adapter(model, tokenizer, family, final_readout):
     return ToyAdapter(model)
 '''
 
-TOY_ENTRY = """
+TOY_RECORD = """\"\"\"A throwaway family's record.\"\"\"
+
+from workflow_scripts.families import Family, register, transformer_size
 
 register(
     Family(
@@ -161,7 +164,7 @@ TOY_CONFIG = {
 
 
 def toy_family(**changes) -> families.Family:
-    """The throwaway family's record, as TOY_ENTRY registers it."""
+    """The throwaway family's record, as TOY_RECORD registers it."""
     record = families.Family(
         name="toy", module="workflow_scripts.models.toy_mlp", modality="image",
         default_head="image_classification", heads={"image_classification": None}, threshold=3,
@@ -194,7 +197,9 @@ def test_a_registered_family_is_validated_and_planned(registered):
 
 
 def test_an_unregistered_family_is_refused():
-    with pytest.raises(ConfigError, match="unknown model family 'toy'; known: gpt2, gptr2"):
+    with pytest.raises(
+        ConfigError, match="unknown model family 'toy'; known: bert, decoder, gpt2, gptr2"
+    ):
         validate(TOY_CONFIG)
 
 
@@ -217,8 +222,7 @@ def test_a_new_family_is_one_module_and_one_entry(tmp_path):
             shutil.copy2(source, checkout / name)
     # the two changes a contributor makes
     (checkout / "workflow_scripts/models/toy_mlp.py").write_text(TOY_MODULE)
-    with open(checkout / "workflow_scripts/families.py", "a") as registry:
-        registry.write(TOY_ENTRY)
+    (checkout / "workflow_scripts/families/toy.py").write_text(TOY_RECORD)
 
     workdir.mkdir()
     (workdir / "config.yaml").write_text(yaml.safe_dump(TOY_CONFIG))

@@ -195,7 +195,8 @@ def learning_rate(step: int, spec: dict) -> float:
 def fingerprint(spec: dict, family: str, data_path, *model_dirs) -> str:
     """What a checkpoint must match to be resumed: the run, its inputs and the training code."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    code = module_sources("workflow_scripts.train", families.get(family).module)
+    record = families.get(family)
+    code = module_sources("workflow_scripts.train", record.module, record.record)
     digest.update(code_digest(code).encode())
     digest.update(sha256_file(data_path).encode())
     for directory in model_dirs:  # the base of a fine-tune, the model lending its tokenizer

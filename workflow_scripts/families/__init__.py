@@ -1,20 +1,27 @@
 """The model families: everything the workflow knows about each, one record per family.
 
 A family is a module under ``workflow_scripts.models`` (building, storing, loading and adapting
-its models; see ``workflow_scripts.models``) plus its record here: what it reads, its heads and
-the Hugging Face classes that carry them, the ``model_type`` values a hub checkpoint may have,
-its architecture settings and their checks, its read-out points, its size and FLOP estimate, its
-built-in tokenizer and its default outlier threshold. Every other module asks this registry.
-Adding a family is one module and one ``register(Family(...))`` call here.
+its models; see ``workflow_scripts.models``) plus its record, a ``register(Family(...))`` call in
+a module of this package named after it (``families/<name>.py``, found when the package is
+imported): what it reads, its heads and the Hugging Face classes that carry them, the
+``model_type`` values a hub checkpoint may have, its architecture settings and their checks, its
+read-out points, its size and FLOP estimate, its built-in tokenizer and its default outlier
+threshold. Every other module asks this registry. Adding a family is one module under
+``models/`` and one record here.
+
+Each record is a module of its own so that the output cache sees a family's facts only in the
+jobs of that family: a rule that runs a model declares its family's model module and record
+(``Family.record``) as inputs, so adding or editing a family reruns that family's jobs alone.
 
 Imported at DAG-build time (by the Snakefile, through the config): no torch, no transformers.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 VOCABULARY = 50_257  # embedding rows assumed for a transformer with a real (hub) vocabulary
 DEFAULT_WIDTH = {"text": 1024, "image": 2048}  # of a hub or local model that states none
@@ -71,6 +78,11 @@ class Family:
     embedding_readout: bool = True  # the stream is also read before the first block
     architectures: Mapping[str, Architecture] = field(default_factory=dict)
 
+    @property
+    def record(self) -> str:
+        """The module that holds this record."""
+        return f"{__name__}.{self.name}"
+
     def readouts(self, blocks: int) -> int:
         """Read-out points of a model with ``blocks`` residual blocks."""
         return blocks + 1 if self.embedding_readout else blocks
@@ -97,25 +109,11 @@ class Family:
         return self.estimate(self, blocks, arch or {}, width, vocabulary)
 
 
-def _transformer_arch(where: str, arch: Mapping) -> str | None:
+def check_transformer_arch(where: str, arch: Mapping) -> str | None:
     if not isinstance(arch.get("layers"), int):
         return f"{where}.layers: {arch.get('layers')!r}; a transformer needs a number of blocks"
     if "width" in arch and "heads" in arch and arch["width"] % arch["heads"]:
         return f"{where}.width: {arch['width']} is not divisible by heads ({arch['heads']})"
-    return None
-
-
-def _resnet_arch(where: str, arch: Mapping) -> str | None:
-    if not isinstance(arch.get("layers"), list):
-        return (
-            f"{where}.layers: {arch.get('layers')!r}; a ResNet needs a list of blocks per "
-            "stage, e.g. [2, 2, 2, 2]"
-        )
-    if len(arch.get("widths", [])) != len(arch["layers"]):
-        return (
-            f"{where}.widths: {arch.get('widths')!r}; needs one width per stage "
-            f"({len(arch['layers'])})"
-        )
     return None
 
 
@@ -127,32 +125,9 @@ def transformer_size(family: Family, blocks: int, arch: Mapping, width: int, voc
     return ModelSize(family.readouts(blocks), width, parameters, 2 * parameters)
 
 
-def resnet_size(family: Family, blocks: int, arch: Mapping, width: int, vocabulary: bool):
-    """ResNet-18 (8 basic blocks, widths 64..512) does 3.6 GFLOPs per 224 x 224 image: scaled by
-    the last width squared and the depth, bottlenecks as ResNet-50 against ResNet-34, and a
-    twelfth for 32 x 32 inputs without the stride-4 stem."""
-    widths = arch.get("widths", [64, 128, 256, 512])
-    if "widths" in arch:
-        width = widths[-1] * (4 if arch.get("block") == "bottleneck" else 1)
-    flops = 3.6e9 * (widths[-1] / 512) ** 2 * blocks / 8
-    if arch.get("block") == "bottleneck":
-        flops *= 8.2 / 7.3
-    if arch.get("stem") == "cifar":
-        flops /= 12
-    return ModelSize(family.readouts(blocks), width, flops / 2, flops)
-
-
-TRANSFORMER_ARCH = (("layers", "width", "heads"), ("context",))
+TRANSFORMER_ARCH = (("layers", "width", "heads"), ("context",))  # required, optional keys
 TEXT_CLASSIFIER = "sequence_classification"
-GPT2_HEADS = {"causal_lm": "GPT2LMHeadModel", TEXT_CLASSIFIER: "GPT2ForSequenceClassification"}
-TEXT_FAMILY = dict(
-    module="workflow_scripts.models.transformers_text",
-    modality="text",
-    arch_required=TRANSFORMER_ARCH[0],
-    arch_optional=TRANSFORMER_ARCH[1],
-    check_arch=_transformer_arch,
-    estimate=transformer_size,
-)
+
 
 FAMILIES: dict[str, Family] = {}
 
@@ -186,108 +161,10 @@ def get(name: str) -> Family:
         ) from None
 
 
-register(
-    Family(
-        name="gpt2",
-        default_head="causal_lm",
-        heads=GPT2_HEADS,
-        threshold=10,
-        model_types=("gpt2",),
-        tokenizer="gpt2",
-        trained_by=("causal_lm", TEXT_CLASSIFIER),
-        **TEXT_FAMILY,
-    )
-)
-# GPT-2 with every LayerNorm replaced by an RMSNorm with one scalar gain (the study's gptr2)
-register(
-    Family(
-        name="gptr2",
-        default_head="causal_lm",
-        heads=GPT2_HEADS,
-        threshold=10,
-        model_types=("gpt2",),
-        tokenizer="gpt2",
-        trained_by=("causal_lm", TEXT_CLASSIFIER),
-        **TEXT_FAMILY,
-    )
-)
-register(
-    Family(
-        name="roberta",
-        default_head=TEXT_CLASSIFIER,
-        heads={
-            "masked_lm": "RobertaForMaskedLM",
-            TEXT_CLASSIFIER: "RobertaForSequenceClassification",
-        },
-        threshold=4,
-        model_types=("roberta",),
-        tokenizer="roberta",
-        trained_by=(TEXT_CLASSIFIER,),
-        **TEXT_FAMILY,
-    )
-)
-register(
-    Family(
-        name="bert",
-        default_head=TEXT_CLASSIFIER,
-        heads={"masked_lm": "BertForMaskedLM", TEXT_CLASSIFIER: "BertForSequenceClassification"},
-        threshold=4,
-        model_types=("bert",),
-        tokenizer="bert",
-        trained_by=(TEXT_CLASSIFIER,),
-        **TEXT_FAMILY,
-    )
-)
-# Hugging Face decoder-only causal LMs of the Llama shape; arch.type picks an init: model's layout
-register(
-    Family(
-        name="decoder",
-        module="workflow_scripts.models.hf_decoder",
-        modality="text",
-        default_head="causal_lm",
-        heads={"causal_lm": "AutoModelForCausalLM"},
-        threshold=10,
-        model_types=("llama", "qwen2", "gpt_neox", "mistral"),
-        tokenizer="gpt2",
-        arch_required=TRANSFORMER_ARCH[0],
-        arch_optional=(*TRANSFORMER_ARCH[1], "type"),
-        check_arch=_transformer_arch,
-        estimate=transformer_size,
-    )
-)
+def _discover() -> None:
+    """Import every record module of this package (in name order), registering its family."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
 
 
-def _torchvision(blocks_per_stage: list[int], width: int, gflops: float) -> Architecture:
-    return Architecture(sum(blocks_per_stage), width, gflops * 1e9)
-
-
-register(
-    Family(
-        name="resnet",
-        module="workflow_scripts.models.resnet",
-        modality="image",
-        default_head="image_classification",
-        heads={"image_classification": None},
-        threshold=6,
-        arch_required=("layers", "widths"),
-        arch_optional=("block", "stem", "norm"),
-        check_arch=_resnet_arch,
-        estimate=resnet_size,
-        trained_by=("image_classification",),
-        embedding_readout=False,  # every block's output, mean-pooled over space
-        architectures=MappingProxyType(
-            {
-                "resnet18": _torchvision([2, 2, 2, 2], 512, 3.6),
-                "resnet34": _torchvision([3, 4, 6, 3], 512, 7.3),
-                "resnet50": _torchvision([3, 4, 6, 3], 2048, 8.2),
-                "resnet101": _torchvision([3, 4, 23, 3], 2048, 15.7),
-                "resnet152": _torchvision([3, 8, 36, 3], 2048, 23.1),
-                "wide_resnet50_2": _torchvision([3, 4, 6, 3], 2048, 22.8),
-                "wide_resnet101_2": _torchvision([3, 4, 23, 3], 2048, 45.6),
-                "resnext50_32x4d": _torchvision([3, 4, 6, 3], 2048, 8.5),
-                "resnext101_32x8d": _torchvision([3, 4, 23, 3], 2048, 33.0),
-                "resnext101_64x4d": _torchvision([3, 4, 23, 3], 2048, 31.0),
-            }
-        ),
-    )
-)
+_discover()

@@ -48,12 +48,12 @@ def checked(config: Mapping) -> dict:
     from snakemake.utils import validate as fill_defaults
 
     schema = load_schema()
+    full = copy.deepcopy(dict(config))
     error = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(schema).iter_errors(copy.deepcopy(dict(config)))
+        jsonschema.Draft202012Validator(schema).iter_errors(full)
     )
     if error is not None:
         raise ConfigError(describe(error))
-    full = copy.deepcopy(dict(config))
     for section in SECTIONS:
         full.setdefault(section, {})
     fill_defaults(full, str(SCHEMA_PATH), set_default=True)

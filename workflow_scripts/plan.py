@@ -215,24 +215,23 @@ def _model(config: dict, name: str, spec: dict, thresholds: dict) -> Model:
         head=model_head(spec),
         blocks=blocks,
         readouts=family.readouts(blocks),
-        size=_size(config, name),
+        size=_size(config, name, blocks),
         entry=freeze(spec),
         extract=freeze(extract_options(config, name)),
         thresholds=tuple(float(v) for v in (value if isinstance(value, list) else [value])),
     )
 
 
-def _size(config: dict, name: str) -> families.ModelSize:
+def _size(config: dict, name: str, blocks: int) -> families.ModelSize:
     """A model's size: a trained model's from its run's architecture (a fine-tune: its base's),
     with a real vocabulary where it uses another model's tokenizer."""
     spec = config["models"][name]
     family = families.get(spec["family"])
     scheme, rest = source_scheme(spec["source"])
-    blocks = model_blocks(config, name)
     if scheme == "train":
         run = config["training"]["runs"][rest]
         if "arch" not in run:
-            return _size(config, run["base"])
+            return _size(config, run["base"], blocks)  # a fine-tune: its base's blocks
         return family.size(blocks, run["arch"], vocabulary="tokenizer" in run)
     if scheme == "torchvision":
         return family.size(blocks, architecture=rest)

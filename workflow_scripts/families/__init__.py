@@ -129,6 +129,19 @@ TRANSFORMER_ARCH = (("layers", "width", "heads"), ("context",))  # required, opt
 TEXT_CLASSIFIER = "sequence_classification"
 
 
+def text_transformer(**fields) -> Family:
+    """A family of Hugging Face text transformers: what they share (modality, arch keys and
+    check, size estimate), then ``fields``."""
+    shared = {
+        "modality": "text",
+        "arch_required": TRANSFORMER_ARCH[0],
+        "arch_optional": TRANSFORMER_ARCH[1],
+        "check_arch": check_transformer_arch,
+        "estimate": transformer_size,
+    }
+    return Family(**{**shared, **fields})
+
+
 FAMILIES: dict[str, Family] = {}
 
 

@@ -78,7 +78,25 @@ def run_settings(wildcards):
 
 
 def run_data(wildcards):
-    return f"results/data/{study.run_of(wildcards.model).dataset}.parquet"
+    """What a run trains on: a language model's token file, else the stored dataset."""
+    run = study.run_of(wildcards.model)
+    if run.kind == "causal_lm":
+        return f"results/tokens/{run.dataset}/{run.token_file_tokenizer}.npy"
+    return f"results/data/{run.dataset}.parquet"
+
+
+def tokenizer_model(wildcards):
+    """The model directory whose tokenizer a token file uses (none for a built-in one)."""
+    if wildcards.tokenizer.startswith("builtin-"):
+        return []
+    return [f"results/models/{wildcards.tokenizer}"]
+
+
+def tokenizer_argument(wildcards):
+    """The tokenize script's tokenizer option."""
+    if wildcards.tokenizer.startswith("builtin-"):
+        return f"--builtin {wildcards.tokenizer.removeprefix('builtin-')}"
+    return f"--model results/models/{wildcards.tokenizer}"
 
 
 def run_base(wildcards):

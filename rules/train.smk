@@ -19,7 +19,7 @@ rule train:
     cache: True
     conda:
         "../envs/workflow.yaml"
-    threads: 2
+    threads: 8
     resources:
         mem_mb=job_resource("train", "mem_mb"),
         runtime=job_resource("train", "runtime"),

@@ -10,16 +10,19 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from support import REPO
 
+from workflow_scripts import families
 from workflow_scripts.config import ConfigError, validate
 from workflow_scripts.data import builtin, store
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import read_manifest
 from workflow_scripts.plan import resolve
+from workflow_scripts.tokenize import tokenize
 from workflow_scripts.train import TrainingError, train
 
 COMMON = {
@@ -72,10 +75,12 @@ def data(tmp_path_factory):
     ):
         paths[name] = root / f"{name}.parquet"
         store.write(builtin.generate(name, rows, 1), paths[name], kind, builtin.label_names(name))
+    paths["tokens"] = root / "corpus.npy"  # the built-in tokenizer in gptr2's style
+    tokenize(paths["corpus"], paths["tokens"], builtin_style=families.get("gptr2").tokenizer)
     return paths
 
 
-def run(tmp_path, name, spec, data_path, base=None):
+def run(tmp_path, name, spec, data_path, base=None, workers=0):
     out = tmp_path / name
     metrics = train(
         name,
@@ -86,12 +91,13 @@ def run(tmp_path, name, spec, data_path, base=None):
         out / "loss.png",
         out / "checkpoint.pt",
         base,
+        workers=workers,
     )
     return out, metrics
 
 
 def test_language_model_learns_and_is_stored(tmp_path, data):
-    out, metrics = run(tmp_path, "lm", LM, data["corpus"])
+    out, metrics = run(tmp_path, "lm", LM, data["tokens"])
     assert list(metrics.columns) == ["step", "loss", "learning_rate", "grad_norm", "eval_accuracy"]
     assert metrics["step"].tolist() == list(range(60))
     assert metrics["loss"].iloc[-10:].mean() < 0.75 * metrics["loss"].iloc[:5].mean()
@@ -128,10 +134,10 @@ def test_fine_tune_keeps_the_base_and_learns_the_pairs(tmp_path, data, model_dir
 
 
 def test_same_config_gives_identical_weights(tmp_path, data):
-    a, _ = run(tmp_path / "a", "lm", {**LM, "steps": 15}, data["corpus"])
-    b, _ = run(tmp_path / "b", "lm", {**LM, "steps": 15}, data["corpus"])
+    a, _ = run(tmp_path / "a", "lm", {**LM, "steps": 15}, data["tokens"])
+    b, _ = run(tmp_path / "b", "lm", {**LM, "steps": 15}, data["tokens"])
     assert read_manifest(a / "model")["files"] == read_manifest(b / "model")["files"]
-    c, _ = run(tmp_path / "c", "lm", {**LM, "steps": 15, "seed": 1}, data["corpus"])
+    c, _ = run(tmp_path / "c", "lm", {**LM, "steps": 15, "seed": 1}, data["tokens"])
     assert read_manifest(c / "model")["files"] != read_manifest(a / "model")["files"]
 
 
@@ -159,7 +165,9 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
         "--spec",
         json.dumps(spec),
         "--data",
-        str(data["corpus"]),
+        str(data["tokens"]),
+        "--threads",
+        "3",  # two loader workers
         "--checkpoint",
         str(out / "checkpoint.pt"),
         "--metrics",
@@ -183,14 +191,15 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
     resumed = train(
         "lm",
         spec,
-        data["corpus"],
+        data["tokens"],
         out / "model",
         out / "metrics.parquet",
         out / "loss.png",
         out / "checkpoint.pt",
+        workers=1,
     )
     assert resumed["step"].tolist() == list(range(80))
-    straight, _ = run(tmp_path / "straight", "lm", spec, data["corpus"])
+    straight, _ = run(tmp_path / "straight", "lm", spec, data["tokens"])
     # resuming changes nothing: the same weights and the same losses as an unbroken run
     assert read_manifest(out / "model")["files"] == read_manifest(straight / "model")["files"]
     pd.testing.assert_frame_equal(resumed, pd.read_parquet(straight / "metrics.parquet"))
@@ -202,7 +211,7 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, data):
     train(
         "lm",
         spec,
-        data["corpus"],
+        data["tokens"],
         out / "m1",
         out / "metrics.parquet",
         out / "loss.png",
@@ -222,7 +231,7 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, data):
     metrics = train(
         "lm",
         spec,
-        data["corpus"],
+        data["tokens"],
         out / "m2",
         out / "metrics.parquet",
         out / "loss.png",
@@ -300,14 +309,40 @@ def test_train_source_must_name_a_run(default_config):
 
 def test_epochs_set_the_number_of_steps(tmp_path, data):
     spec = {k: v for k, v in LM.items() if k != "steps"} | {"epochs": 0.5, "batch_size": 8}
-    _, metrics = run(tmp_path, "epochs", spec, data["corpus"])
+    _, metrics = run(tmp_path, "epochs", spec, data["tokens"])
     from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
 
     texts = store.read(data["corpus"])[0]["text"]
     tokens = sum(len(ids) + 1 for ids in builtin_tokenizer("gpt2")(list(texts))["input_ids"])
     blocks = tokens // 32
     n_train = blocks - round(blocks * 0.1)
-    assert metrics["step"].tolist() == list(range(-(-n_train // 16)))  # ceil(0.5 * n / 8)
+    assert metrics["step"].tolist() == list(range(-(-round(0.5 * n_train) // 8)))
+
+
+def test_an_epoch_sees_every_training_example_once_in_a_seeded_order():
+    from workflow_scripts import loaders
+
+    starts = np.array([0, 10, 20, 30, 40, 47])  # five row groups
+    held = loaders.held_out_rows(47, 0.1, 3, 10)
+    assert len(held) == 5 and len(np.unique(held)) == 5
+    order = loaders.EpochOrder(47, held, 3, starts, window_groups=2)
+    steps, total = loaders.steps_for({"epochs": 2, "batch_size": 8}, len(order))
+    assert (steps, total) == (11, 84)
+    seen = [order.positions(step, 8, total) for step in range(steps)]
+    flat = np.concatenate([p for p, _ in seen])
+    epochs = np.concatenate([e for _, e in seen])
+    assert len(flat) == 84 and len(seen[-1][0]) == 4  # the last batch is short
+    for epoch in (0, 1):  # every training example once per epoch, none held out
+        assert sorted(flat[epochs == epoch]) == sorted(set(range(47)) - set(held))
+    assert not np.array_equal(flat[epochs == 0], flat[epochs == 1])  # a new order each epoch
+    # block shuffled: each window of two row groups is contiguous in the order
+    group = np.searchsorted(starts, flat[epochs == 0], side="right") - 1
+    changes = np.flatnonzero(np.diff(group) != 0)
+    assert (
+        len({frozenset(group[a:b]) for a, b in zip([0, *changes + 1], [*changes + 1, 42])}) <= 3 * 2
+    )
+    again = loaders.EpochOrder(47, held, 3, starts, window_groups=2)
+    assert np.array_equal(again.positions(5, 8, total)[0], seen[5][0])
 
 
 def test_steps_or_epochs(default_config):
@@ -331,28 +366,32 @@ def test_a_fine_tune_of_another_run(default_config):
     assert model.head == "sequence_classification"
 
 
-def test_token_blocks_are_the_same_in_chunks_as_in_one_pass(data):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_token_file_is_the_texts_with_separators(tmp_path, data, workers, monkeypatch):
     from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
-    from workflow_scripts.train import _token_blocks
 
+    monkeypatch.setitem(store.ROW_GROUP_ROWS, "text", 7)  # several row groups
+    store.write(builtin.generate("corpus", 50, 2), tmp_path / "c.parquet", "text", None)
+    total = tokenize(
+        tmp_path / "c.parquet", tmp_path / "c.npy", builtin_style="gpt2", workers=workers
+    )
     tokenizer = builtin_tokenizer("gpt2")
-    texts = pd.read_parquet(data["corpus"])["text"].to_numpy()[:50]
     stream = []
-    for text in texts:
+    for text in store.read(tmp_path / "c.parquet")[0]["text"]:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    expected = torch.tensor(stream[: len(stream) // 16 * 16]).view(-1, 16)
-    for chunk in (7, 10_000):
-        blocks = _token_blocks(tokenizer, texts, 16, chunk=chunk)
-        assert blocks.dtype == torch.int32
-        assert torch.equal(blocks.long(), expected)
+    tokens = np.load(tmp_path / "c.npy", mmap_mode="r")
+    assert tokens.dtype == np.uint16 and total == len(stream)
+    assert tokens.tolist() == stream
 
 
 def test_language_model_with_another_models_tokenizer(tmp_path, data, model_dirs):
     out = tmp_path / "lm"
+    tokens = tmp_path / "roberta-tokens.npy"
+    tokenize(data["corpus"], tokens, model_dir=model_dirs["roberta"])
     train(
         "lm",
         {**LM, "steps": 5},
-        data["corpus"],
+        tokens,
         out / "model",
         out / "metrics.parquet",
         out / "loss.png",

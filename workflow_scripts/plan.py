@@ -119,6 +119,14 @@ class Run:
         """The model whose tokenizer a language model uses."""
         return self.settings.get("tokenizer")
 
+    @property
+    def token_file_tokenizer(self) -> str:
+        """What a language model's token file is named after: the model lending its tokenizer,
+        or ``builtin-<style>`` for its family's built-in tokenizer."""
+        if self.tokenizer:
+            return self.tokenizer
+        return f"builtin-{families.get(self.settings['family']).tokenizer}"
+
 
 @dataclass(frozen=True)
 class FigureGroup:

@@ -1,10 +1,18 @@
-"""prepare_data: bring a dataset source into the stored Parquet layout.
+"""prepare_data: bring a dataset source into the stored Parquet layout, streaming.
 
-Sources: ``builtin:<pairs|corpus|shapes>`` (generated from the seed),
-``hf:<repo>[/<config>]:<split>`` (the datasets library), ``parquet:<path>`` and
-``imagefolder:<path>`` (one folder per class, class names sorted). ``columns`` maps stored column
-names to source column names; ``rows`` keeps a seeded random subset of that many rows, in source
-order; ``image_resize`` shrinks images so their shorter side has that many pixels.
+Sources: ``builtin:<pairs|corpus|shapes>`` (generated from the seed, block by block),
+``hf:<repo>[/<config>]:<split>`` (the datasets library's memory-mapped Arrow, read in batches),
+``parquet:<path>`` (read in batches) and ``imagefolder:<path>`` (one folder per class, class names
+sorted; files are read by worker processes). ``columns`` maps stored column names to source
+column names; ``rows`` keeps a seeded random subset of that many rows (chosen from the source's
+row count, without reading the rows it drops); ``image_resize`` shrinks images so their shorter
+side has that many pixels.
+
+Images are stored as the bytes that came (JPEG stays JPEG) unless ``image_resize`` shrinks them;
+every image is decoded, in worker processes, to check it, and one that does not decode stops the
+job naming its file or example. Rows keep the source's order, except image folders: their files
+are stored in a seeded random order (``example_id`` is still the position in the sorted listing),
+because training shuffles row groups, not rows, and a folder is sorted by class.
 """
 
 from __future__ import annotations
@@ -13,141 +21,298 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm import tqdm
 
 from workflow_scripts.data import builtin, store
-from workflow_scripts.data.store import DatasetError
+from workflow_scripts.data.store import DatasetError, DatasetWriter
+from workflow_scripts.parallel import ordered_map
 from workflow_scripts.sources import dataset_kind, source_scheme
 
 log = logging.getLogger("prepare_data")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+BLOCK_ROWS = 1024  # rows read from the source at a time
+IMAGE_BLOCK_ROWS = 64  # images handed to a worker at a time
 
 
-def prepare(spec: dict, out: str | Path, name: str = "dataset") -> pd.DataFrame:
-    """Read the source ``spec`` names, check it, and write ``out``; returns the frame."""
+@dataclass
+class Source:
+    """A source's row count, column names and label names, and a reader of its rows: ``read``
+    yields frames of the rows at the given sorted positions (all rows with None), each with an
+    ``example_id`` column where the source has none (the row's position)."""
+
+    rows: int
+    columns: list[str]
+    label_names: list[str] | None
+    read: object  # Callable[[np.ndarray | None], Iterator[pd.DataFrame]]
+
+
+def prepare(spec: dict, out: str | Path, name: str = "dataset", workers: int = 1) -> int:
+    """Read the source ``spec`` names, check it, and write ``out``; returns the number of rows."""
     scheme, rest = source_scheme(spec["source"])
     kind = dataset_kind(spec)
     seed = spec.get("seed", 0)
-    if scheme == "builtin":
-        frame, names = builtin.generate(rest, spec.get("rows"), seed), builtin.label_names(rest)
-    else:
-        readers = {"hf": _from_hub, "parquet": _from_parquet, "imagefolder": _from_imagefolder}
-        if scheme not in readers:
-            raise DatasetError(
-                f"dataset {name}: unknown source scheme {scheme!r}; allowed: "
-                "builtin:, hf:, parquet:, imagefolder:"
-            )
-        frame, names = readers[scheme](rest, name)
-        frame = _rename(frame, spec.get("columns", {}), name)
-        if "example_id" not in frame:
-            frame.insert(0, "example_id", np.arange(len(frame), dtype=np.int64))
-        frame = _subsample(frame, spec.get("rows"), seed)
-    if kind == "image" and "image_resize" in spec:
-        frame["image"] = [_resize(data, spec["image_resize"]) for data in frame["image"]]
-    frame = store.check(frame, kind, names, name)
-    shards = spec.get("shards", 1)
-    if shards > len(frame):
+    readers = {
+        "builtin": _builtin,
+        "hf": _from_hub,
+        "parquet": _from_parquet,
+        "imagefolder": _from_imagefolder,
+    }
+    if scheme not in readers:
         raise DatasetError(
-            f"dataset {name}: {shards} shards for {len(frame)} rows; shards must not exceed rows"
+            f"dataset {name}: unknown source scheme {scheme!r}; allowed: "
+            "builtin:, hf:, parquet:, imagefolder:"
         )
-    store.write(frame, out, kind, names)
-    log.info("wrote %s: %d rows of kind %s", out, len(frame), kind)
-    return frame
-
-
-def _rename(frame: pd.DataFrame, columns: dict, name: str) -> pd.DataFrame:
-    missing = [source for source in columns.values() if source not in frame.columns]
+    source = readers[scheme](rest, spec, name, workers)
+    columns = spec.get("columns", {})
+    missing = [c for c in columns.values() if c not in source.columns]
     if missing:
         raise DatasetError(
             f"dataset {name}: columns {missing} named in 'columns' are not in "
-            f"the source (has {list(frame.columns)})"
+            f"the source (has {source.columns})"
         )
-    return frame.rename(columns={source: stored for stored, source in columns.items()})
-
-
-def _subsample(frame: pd.DataFrame, rows: int | None, seed: int) -> pd.DataFrame:
-    if rows is None or rows >= len(frame):
-        return frame
-    keep = np.sort(np.random.default_rng(seed).choice(len(frame), size=rows, replace=False))
-    return frame.iloc[keep].reset_index(drop=True)
-
-
-def _resize(data: bytes, shorter_side: int) -> bytes:
-    image = store.decode_image(data, "image_resize")
-    scale = shorter_side / min(image.size)
-    if scale < 1:
-        image = image.resize(
-            (round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC
+    keep = _subsample(source.rows, spec.get("rows"), seed) if scheme != "builtin" else None
+    rows = source.rows if keep is None else len(keep)
+    shards = spec.get("shards", 1)
+    if shards > rows:
+        raise DatasetError(
+            f"dataset {name}: {shards} shards for {rows} rows; shards must not exceed rows"
         )
-    return _png(image)
+    renames = {source_column: stored for stored, source_column in columns.items()}
+    blocks = (frame.rename(columns=renames) for frame in source.read(keep))
+    if kind == "image" and scheme != "imagefolder":  # folders are checked as they are read
+        blocks = _checked_images(blocks, spec.get("image_resize"), name, workers)
+    with DatasetWriter(out, kind, source.label_names, name) as writer:
+        for frame in tqdm(
+            blocks, desc=f"prepare {name}", unit="block", file=sys.stderr, mininterval=10
+        ):
+            writer.write(frame)
+    log.info("wrote %s: %d rows of kind %s", out, writer.rows, kind)
+    return writer.rows
 
 
-def _png(image: Image.Image) -> bytes:
+def _subsample(count: int, rows: int | None, seed: int) -> np.ndarray | None:
+    """Sorted positions of a seeded random subset of ``rows`` of ``count`` (None: all)."""
+    if rows is None or rows >= count:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(count, size=rows, replace=False))
+
+
+def _with_positions(frame: pd.DataFrame, positions: np.ndarray) -> pd.DataFrame:
+    if "example_id" not in frame:
+        frame.insert(0, "example_id", positions.astype(np.int64))
+    return frame
+
+
+# --- images: checked (and resized) in worker processes ----------------------------------------
+
+
+def _checked_images(blocks, resize: int | None, name: str, workers: int):
+    """The blocks with every image decoded by the workers (and resized where asked); the rows
+    stay here and only the images travel, resized ones back."""
+    parts: deque[pd.DataFrame] = deque()
+
+    def jobs():
+        for frame in blocks:
+            for start in range(0, len(frame), IMAGE_BLOCK_ROWS):
+                part = frame.iloc[start : start + IMAGE_BLOCK_ROWS].reset_index(drop=True)
+                parts.append(part)
+                if "image" in part and "example_id" in part:
+                    yield part["example_id"].tolist(), part["image"].tolist(), resize, name
+                else:
+                    yield None  # the writer names the missing column
+
+    for images in ordered_map(_check_block, jobs(), workers):
+        part = parts.popleft()
+        if images is not None:
+            part["image"] = images
+        yield part
+
+
+def _check_block(job) -> list[bytes] | None:
+    if job is None:
+        return None
+    example_ids, images, resize, name = job
+    if not all(isinstance(data, bytes) for data in images):
+        return None  # not encoded images: the writer's check names the examples
+    checked = [
+        _checked(data, resize, f"dataset {name}, example {example_id}")
+        for example_id, data in zip(example_ids, images)
+    ]
+    return checked if resize else None
+
+
+def _checked(data: bytes, resize: int | None, where: str) -> bytes:
+    """The image's bytes after decoding them in full; resized and re-encoded (JPEG stays JPEG,
+    other formats become PNG) where ``resize`` asks for a shorter side smaller than it has."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as error:  # PIL raises several kinds for bad data
+        raise DatasetError(f"{where}: image does not decode ({error})") from None
+    if not resize or min(image.size) <= resize:
+        return data
+    scale = resize / min(image.size)
+    jpeg = image.format == "JPEG"
+    image = image.convert("RGB").resize(
+        (round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC
+    )
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
+    image.save(buffer, format="JPEG", quality=95) if jpeg else image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _from_hub(rest: str, name: str):
+# --- sources ------------------------------------------------------------------------------------
+
+
+def _builtin(rest: str, spec: dict, name: str, workers: int) -> Source:
+    if rest not in builtin.DEFAULT_ROWS:
+        raise DatasetError(
+            f"dataset {name}: unknown built-in dataset {rest!r}; choose one of "
+            f"{sorted(builtin.DEFAULT_ROWS)}"
+        )
+    rows = spec.get("rows") or builtin.DEFAULT_ROWS[rest]
+    columns = store.COLUMNS[dataset_kind(spec)]
+
+    def read(keep):
+        return builtin.blocks(rest, rows, spec.get("seed", 0))
+
+    return Source(rows, columns, builtin.label_names(rest), read)
+
+
+def _from_hub(rest: str, spec: dict, name: str, workers: int) -> Source:
     import datasets
 
     path, _, split = rest.partition(":")  # a repo has no ':'; a split may ('train[:100]')
     parts = path.split("/")  # <name>, <owner>/<name> or <owner>/<name>/<config>
     repo, subset = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else None)
-    data = datasets.load_dataset(repo, subset, split=split)
-    names = None
+    data = datasets.load_dataset(repo, subset, split=split)  # memory-mapped Arrow on disk
     label = data.features.get("label")
-    if label is not None and hasattr(label, "names"):
-        names = list(label.names)
-    image_columns = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
-    frame = data.to_pandas()
-    for column in image_columns:  # datasets stores images as {"bytes", "path"}
-        frame[column] = [
-            _png(store.decode_image(v["bytes"], f"dataset {name}")) for v in frame[column]
-        ]
-    if "label" in frame and (frame["label"] < 0).any():  # hub test splits mark unlabelled as -1
-        frame = frame[frame["label"] >= 0].reset_index(drop=True)
-    return frame, names
+    names = list(label.names) if label is not None and hasattr(label, "names") else None
+    images = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
+    valid = None
+    if "label" in data.column_names:  # hub test splits mark unlabelled rows -1: dropped
+        labels = data.data.column("label").to_numpy()
+        if (labels < 0).any():
+            valid = np.flatnonzero(labels >= 0)
+    rows = len(data) if valid is None else len(valid)
+
+    def read(keep):
+        chosen = valid if keep is None else (keep if valid is None else valid[keep])
+        selected = data if chosen is None else data.select(chosen)
+        positions = np.arange(rows) if keep is None else keep
+        offset = 0
+        for table in selected.with_format("arrow").iter(batch_size=BLOCK_ROWS):
+            frame = table.to_pandas()
+            for column in images:  # datasets stores images as {"bytes", "path"}
+                frame[column] = [_image_bytes(v, f"dataset {name}") for v in frame[column]]
+            yield _with_positions(frame, positions[offset : offset + len(frame)])
+            offset += len(frame)
+
+    return Source(rows, list(data.column_names), names, read)
 
 
-def _from_parquet(path: str, name: str):
+def _image_bytes(value, where: str) -> bytes | None:
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        if value.get("path"):
+            return Path(value["path"]).read_bytes()
+        raise DatasetError(f"{where}: an image with neither bytes nor a path")
+    return value
+
+
+def _from_parquet(path: str, spec: dict, name: str, workers: int) -> Source:
     import pyarrow.parquet as pq
 
     if not Path(path).is_file():
         raise DatasetError(f"dataset {name}: parquet file {path!r} does not exist")
-    parquet = pq.read_table(path)
-    metadata = parquet.schema.metadata or {}
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as error:
+        raise DatasetError(
+            f"dataset {name}: {path} is not a readable Parquet file ({error})"
+        ) from None
+    metadata = parquet.schema_arrow.metadata or {}
     names = json.loads(metadata[b"label_names"]) if b"label_names" in metadata else None
-    return parquet.to_pandas(), names
+
+    def read(keep):
+        offset = 0
+        for batch in parquet.iter_batches(batch_size=BLOCK_ROWS):
+            stop = offset + len(batch)
+            if keep is None:
+                positions = np.arange(offset, stop)
+            else:
+                positions = keep[np.searchsorted(keep, offset) : np.searchsorted(keep, stop)]
+                batch = batch.take(positions - offset)
+            offset = stop
+            if len(positions):
+                yield _with_positions(batch.to_pandas(), positions)
+
+    return Source(parquet.metadata.num_rows, parquet.schema_arrow.names, names, read)
 
 
-def _from_imagefolder(path: str, name: str):
+def _from_imagefolder(path: str, spec: dict, name: str, workers: int) -> Source:
     root = Path(path)
     if not root.is_dir():
         raise DatasetError(f"dataset {name}: image folder {path!r} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
         raise DatasetError(f"dataset {name}: image folder {path!r} has no class folders")
-    rows = []
-    for label, cls in enumerate(classes):
-        for file in sorted((root / cls).iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                image = store.decode_image(file.read_bytes(), f"dataset {name}, file {file}")
-                rows.append({"image": _png(image), "label": label})
-    if not rows:
+    # the listing (names only, about 30 bytes a file) is what a folder's order comes from
+    listing = [
+        sorted(
+            entry.name
+            for entry in os.scandir(root / cls)
+            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+        )
+        for cls in classes
+    ]
+    starts = np.concatenate([[0], np.cumsum([len(files) for files in listing])])
+    rows = int(starts[-1])
+    if rows == 0:
         raise DatasetError(f"dataset {name}: image folder {path!r} holds no images")
-    return pd.DataFrame(rows), classes
+
+    def read(keep):
+        positions = np.arange(rows) if keep is None else keep
+        order = np.random.default_rng(spec.get("seed", 0)).permutation(positions)
+
+        def jobs():
+            for start in range(0, len(order), IMAGE_BLOCK_ROWS):
+                block = order[start : start + IMAGE_BLOCK_ROWS]
+                labels = np.searchsorted(starts, block, side="right") - 1
+                files = [
+                    str(root / classes[c] / listing[c][p - starts[c]])
+                    for c, p in zip(labels, block)
+                ]
+                yield block, labels, files, spec.get("image_resize"), f"dataset {name}"
+
+        yield from ordered_map(_read_files, jobs(), workers)
+
+    return Source(rows, ["image", "label"], classes, read)
+
+
+def _read_files(job) -> pd.DataFrame:
+    positions, labels, files, resize, where = job
+    images = [_checked(Path(file).read_bytes(), resize, f"{where}, file {file}") for file in files]
+    return pd.DataFrame(
+        {"example_id": positions.astype(np.int64), "image": images, "label": labels}
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", required=True, help="the dataset's config entry, as JSON")
     parser.add_argument("--name", required=True, help="the dataset's name, for messages")
+    parser.add_argument("--threads", type=int, default=1, help="worker processes")
     parser.add_argument("--out", required=True, help="the Parquet file to write")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -155,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    prepare(json.loads(args.spec), Path(args.out), args.name)
+    prepare(json.loads(args.spec), Path(args.out), args.name, args.threads)
 
 
 if __name__ == "__main__":

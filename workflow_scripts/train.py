@@ -2,13 +2,15 @@
 
 Run kinds:
   causal_lm                a GPT-2-style model (gpt2, or gptr2 with scalar-gain RMSNorm) built from
-                           architecture settings, next-token loss on a text dataset cut into
-                           blocks of ``context`` tokens;
+                           architecture settings, next-token loss on blocks of ``context`` tokens
+                           of a token file (the tokenize rule's output);
   image_classification     a ResNet (BatchNorm or basis-independent RMSNorm over channels) built
                            from architecture settings, on an image dataset;
   sequence_classification  a stored text model (``base``) fine-tuned on sentence pairs, with a
                            new classification head.
-Batches are drawn with replacement from a generator seeded by (seed, step), and the global RNG
+Batches come through torch's DataLoader (workers: the job's threads less one), each a pure
+function of (seed, step): epochs are seeded permutations without replacement, augmentation is
+seeded per (seed, epoch, example) (see :mod:`workflow_scripts.loaders`), and the global RNG
 (dropout) is reseeded every step, so a run resumed from its checkpoint continues exactly as if it
 had not stopped, and the same config on the CPU gives identical weights.
 """
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +31,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from workflow_scripts import families
+from workflow_scripts import families, loaders
 from workflow_scripts.atomic import write_parquet, written
-from workflow_scripts.batches import autocast, pick_device, preprocess_image
-from workflow_scripts.data import store
-from workflow_scripts.data.store import DatasetError
+from workflow_scripts.batches import autocast, pick_device
+from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import family_module, load_model, save_model
 from workflow_scripts.models.store import MANIFEST, read_manifest, sha256_file
 from workflow_scripts.stage_code import code_digest, module_sources
@@ -65,76 +67,22 @@ def build(spec: dict, base_dir: str | Path | None, tokenizer_dir: str | Path | N
     return model, tokenizer, family
 
 
-def _token_blocks(tokenizer, texts, context: int, chunk: int = 10_000) -> torch.Tensor:
-    """The texts as one token stream (end-of-text between them) cut into blocks, as int32.
-    Tokenized ``chunk`` texts at a time into NumPy arrays, so a corpus of billions of tokens
-    takes 4 bytes a token, not a Python list."""
-    separator = (
-        tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    )
-    pieces = []
-    for start in tqdm(
-        range(0, len(texts), chunk),
-        desc="tokenizing",
-        unit="chunk",
-        file=sys.stderr,
-        mininterval=10,
-        disable=len(texts) <= chunk,
-    ):
-        ids = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False)["input_ids"]
-        pieces.append(np.fromiter((t for text in ids for t in (*text, separator)), np.int32))
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    blocks = len(stream) // context
-    if blocks < 2:
-        raise DatasetError(
-            f"the text holds {len(stream)} tokens: fewer than two blocks of {context}"
-        )
-    return torch.from_numpy(stream[: blocks * context].copy()).view(blocks, context)
-
-
-def make_data(spec: dict, frame: pd.DataFrame, kind: str, tokenizer) -> dict[str, torch.Tensor]:
-    """Every example as tensors: the model's inputs, and ``labels`` where the data has them."""
+def training_examples(spec: dict, kind: str, data_path, tokenizer, preprocess):
+    """How the run reads its examples: blocks of a token file, or rows of a stored dataset."""
     if kind == "text":
-        return {"input_ids": _token_blocks(tokenizer, frame["text"].to_numpy(), spec["context"])}
+        if Path(data_path).suffix != ".npy":
+            raise DatasetError(f"{data_path}: a language model trains on a token file (.npy)")
+        return loaders.TokenExamples(data_path, spec["context"])
+    if Path(data_path).suffix != ".parquet":
+        raise DatasetError(f"{data_path}: a {spec['kind']} run reads a stored dataset (.parquet)")
+    dataset = DatasetFile(data_path)
+    if dataset.kind != kind:
+        raise DatasetError(
+            f"a {spec['kind']} run needs a {kind} dataset, but {data_path} holds {dataset.kind}"
+        )
     if kind == "pairs":
-        encoded = tokenizer(
-            list(frame["premise"]),
-            list(frame["hypothesis"]),
-            truncation=True,
-            max_length=spec["max_tokens"],
-            padding="longest",
-            return_tensors="pt",
-        )
-        return {**encoded, "labels": torch.tensor(frame["label"].to_numpy())}
-    # images stay encoded and are decoded per batch (see ``on_device``): memory stays bounded
-    return {
-        "image_index": torch.arange(len(frame)),
-        "labels": torch.tensor(frame["label"].to_numpy()),
-    }
-
-
-def on_device(batch: dict[str, torch.Tensor], device, images=None, preprocess=None) -> dict:
-    """A batch on the device, its images decoded and preprocessed."""
-    batch = dict(batch)
-    if "image_index" in batch:
-        batch["pixel_values"] = torch.stack(
-            [
-                preprocess_image(store.decode_image(images[i], f"example {i}"), preprocess)
-                for i in batch.pop("image_index").tolist()
-            ]
-        )
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def split(data: dict[str, torch.Tensor], fraction: float, seed: int):
-    """A seeded held-out part for evaluation, and the rest for training."""
-    n = len(next(iter(data.values())))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held = max(1, round(n * fraction))
-    return (
-        {k: v[order[held:]] for k, v in data.items()},
-        {k: v[order[:held]] for k, v in data.items()},
-    )
+        return loaders.PairExamples(data_path, tokenizer, spec["max_tokens"])
+    return loaders.ImageExamples(data_path, preprocess, spec["seed"])
 
 
 def forward(model, kind: str, batch: dict[str, torch.Tensor]):
@@ -157,17 +105,21 @@ def forward(model, kind: str, batch: dict[str, torch.Tensor]):
     return loss, int((logits.argmax(-1) == labels).sum()), labels.numel()
 
 
-def evaluate(model, kind: str, data: dict, batch_size: int, device, precision, decode) -> float:
+def evaluate(model, kind: str, batches, device, precision, preprocess) -> float:
     model.eval()
     correct = total = 0
-    n = len(next(iter(data.values())))
     with torch.inference_mode(), autocast(device, precision):
-        for start in range(0, n, batch_size):
-            batch = decode({k: v[start : start + batch_size] for k, v in data.items()})
-            _, c, t = forward(model, kind, batch)
+        for batch in batches:
+            _, c, t = forward(model, kind, on_device(batch, device, preprocess))
             correct, total = correct + c, total + t
     model.train()
     return correct / total
+
+
+def on_device(batch: dict, device, preprocess) -> dict:
+    """A batch on the device (copied without blocking from pinned memory), images normalised."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return loaders.normalise(batch, preprocess)
 
 
 def make_optimizer(model, settings: dict):
@@ -215,31 +167,39 @@ def train(
     checkpoint_path,
     base_dir=None,
     tokenizer_dir=None,
+    workers: int = 0,
 ) -> pd.DataFrame:
-    frame, kind, label_names = store.read(data_path)
-    if kind != KINDS[spec["kind"]]:
-        raise DatasetError(
-            f"run {name}: a {spec['kind']} run needs a {KINDS[spec['kind']]} "
-            f"dataset, but {data_path} holds {kind}"
-        )
+    """Train run ``name`` on ``data_path`` (a token file for a language model, else a stored
+    dataset) with ``workers`` loader processes; write the model, metrics and loss curve."""
+    kind = KINDS[spec["kind"]]
     model, tokenizer, family = build(spec, base_dir, tokenizer_dir)
-    data = make_data(spec, frame, kind, tokenizer)
-    if "labels" in data and int(data["labels"].max()) >= spec["num_labels"]:
-        raise DatasetError(
-            f"run {name}: labels go up to {int(data['labels'].max())}, but the "
-            f"model has {spec['num_labels']} classes"
-        )
-    train_data, eval_data = split(data, spec["eval_fraction"], spec["seed"])
-    n = len(next(iter(train_data.values())))
-    if "epochs" in spec:  # steps from epochs: batches are drawn with replacement
-        spec = {**spec, "steps": math.ceil(spec["epochs"] * n / spec["batch_size"])}
+    preprocess = model.config["preprocess"] if kind == "image" else None
+    examples = training_examples(spec, kind, data_path, tokenizer, preprocess)
+    if kind != "text":
+        labels = examples.labels()
+        if int(labels.max()) >= spec["num_labels"]:
+            bad = int(np.argmax(labels >= spec["num_labels"]))
+            raise DatasetError(
+                f"run {name}: labels go up to {int(labels.max())} (first at row {bad}), but "
+                f"the model has {spec['num_labels']} classes"
+            )
+        del labels
+    row_group_rows = getattr(examples, "row_group_rows", 1)
+    held_out = loaders.held_out_rows(
+        examples.rows, spec["eval_fraction"], spec["seed"], row_group_rows
+    )
+    order = loaders.EpochOrder(
+        examples.rows,
+        held_out,
+        spec["seed"],
+        examples.group_starts,
+        loaders.window_groups(spec["batch_size"], row_group_rows),
+    )
+    steps, total = loaders.steps_for(spec, len(order))
+    spec = {**spec, "steps": steps} if "epochs" in spec else spec
     device = pick_device(spec["device"])
     precision = spec.get("mixed_precision")
-    images = frame["image"].tolist() if kind == "image" else None
-
-    def decode(batch):
-        return on_device(batch, device, images, model.config["preprocess"] if images else None)
-
+    pin = device.type == "cuda"
     model.to(device).train()
     optimizer = make_optimizer(model, spec["optimizer"])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, spec))
@@ -260,18 +220,24 @@ def train(
             log.info("resuming %s from its checkpoint at step %d", name, start)
         else:
             log.info("ignoring a checkpoint of another configuration: %s", checkpoint_path)
-    progress = tqdm(
-        range(start, spec["steps"]),
-        initial=start,
-        total=spec["steps"],
-        desc=f"train {name}",
-        file=sys.stderr,
-        mininterval=5,
+    batches = loaders.loader(
+        loaders.StepBatches(examples, order, spec["batch_size"], start, steps, total),
+        workers,
+        pin,
     )
-    for step in progress:
+    held_out_batches = loaders.loader(
+        loaders.FixedBatches(examples, held_out, spec["batch_size"]), workers, pin, persistent=True
+    )
+    progress = tqdm(
+        total=steps, initial=start, desc=f"train {name}", file=sys.stderr, mininterval=5
+    )
+    waited = busy = 0.0
+    clock = time.perf_counter()
+    for step, batch in zip(range(start, steps), batches):
+        fetched = time.perf_counter()
+        waited += fetched - clock
+        batch = on_device(batch, device, preprocess)
         torch.manual_seed(spec["seed"] * 1_000_003 + step)  # dropout, reproducible per step
-        index = torch.randint(n, (spec["batch_size"],))
-        batch = decode({k: v[index] for k, v in train_data.items()})
         with autocast(device, precision):
             loss, _, _ = forward(model, spec["kind"], batch)
         if not torch.isfinite(loss):
@@ -296,7 +262,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % spec["eval_every"] == 0 or step + 1 == spec["steps"]:
             record["eval_accuracy"] = evaluate(
-                model, spec["kind"], eval_data, spec["batch_size"], device, precision, decode
+                model, spec["kind"], held_out_batches, device, precision, preprocess
             )
             progress.set_postfix(
                 loss=f"{record['loss']:.3f}", accuracy=f"{record['eval_accuracy']:.3f}"
@@ -304,6 +270,18 @@ def train(
         records.append(record)
         if (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:
             _save_checkpoint(checkpoint_path, key, step + 1, model, optimizer, schedule, records)
+        progress.update()
+        clock = time.perf_counter()
+        busy += clock - fetched
+    progress.close()
+    if steps > start:
+        log.info(
+            "waited for data %.1f%% of the time (%.1f s of %.1f s; %d loader workers)",
+            100 * waited / max(waited + busy, 1e-9),
+            waited,
+            waited + busy,
+            workers,
+        )
     model.eval().cpu()
     save_model(model, tokenizer, family, out_model, source=f"train:{name}", training=spec)
     metrics = pd.DataFrame(records)
@@ -364,7 +342,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="the run's name")
     parser.add_argument("--spec", required=True, help="the run's settings, as JSON")
-    parser.add_argument("--data", required=True, help="dataset Parquet file")
+    parser.add_argument(
+        "--data", required=True, help="a token file (language models) or a dataset Parquet file"
+    )
     # empty where the run has none: the rule passes its (possibly empty) inputs
     parser.add_argument("--base", nargs="?", help="the model directory a fine-tune starts from")
     parser.add_argument(
@@ -392,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         args.checkpoint,
         args.base or None,
         args.tokenizer or None,
+        workers=max(0, args.threads - 1),  # the main process keeps one core
     )
     final = metrics["eval_accuracy"].dropna()
     log.info(

@@ -22,6 +22,7 @@ exactly.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -58,16 +59,27 @@ SHAPE_LABELS = [
 DEFAULT_ROWS = {"pairs": 2000, "corpus": 2000, "shapes": 2000}
 
 
+BLOCK_ROWS = 1000  # rows generated from one seeded stream: the same rows whatever the total
+
+
 def generate(name: str, rows: int | None, seed: int) -> pd.DataFrame:
     """The built-in dataset ``name`` with ``rows`` examples, identical for the same seed."""
+    return pd.concat(list(blocks(name, rows, seed)), ignore_index=True)
+
+
+def blocks(name: str, rows: int | None, seed: int) -> Iterator[pd.DataFrame]:
+    """The same rows as :func:`generate`, made ``BLOCK_ROWS`` at a time: block ``b`` comes from
+    its own generator seeded by (seed, set, b), so memory stays flat in ``rows``."""
     makers = {"pairs": _pairs, "corpus": _corpus, "shapes": _shapes}
     if name not in makers:
         raise ValueError(f"unknown built-in dataset {name!r}; choose one of {sorted(makers)}")
     rows = DEFAULT_ROWS[name] if rows is None else rows
-    rng = np.random.default_rng([seed, sorted(makers).index(name)])
-    frame = makers[name](rng, rows)
-    frame.insert(0, "example_id", np.arange(rows, dtype=np.int64))
-    return frame
+    for start in range(0, rows, BLOCK_ROWS):
+        stop = min(rows, start + BLOCK_ROWS)
+        rng = np.random.default_rng([seed, sorted(makers).index(name), start // BLOCK_ROWS])
+        frame = makers[name](rng, start, stop)
+        frame.insert(0, "example_id", np.arange(start, stop, dtype=np.int64))
+        yield frame
 
 
 def label_names(name: str) -> list[str] | None:
@@ -116,8 +128,8 @@ def _pair(rng, label: int) -> tuple[str, str]:
     return premise, hypothesis
 
 
-def _pairs(rng, rows: int) -> pd.DataFrame:
-    labels = rng.permutation(np.arange(rows) % 3)
+def _pairs(rng, start: int, stop: int) -> pd.DataFrame:
+    labels = rng.permutation(np.arange(start, stop) % 3)
     texts = [_pair(rng, int(label)) for label in labels]
     return pd.DataFrame(
         {
@@ -154,8 +166,10 @@ def _sentence(rng) -> str:
     return f"{subject} {tail} ."
 
 
-def _corpus(rng, rows: int) -> pd.DataFrame:
-    texts = [" ".join(_sentence(rng) for _ in range(rng.integers(3, 7))) for _ in range(rows)]
+def _corpus(rng, start: int, stop: int) -> pd.DataFrame:
+    texts = [
+        " ".join(_sentence(rng) for _ in range(rng.integers(3, 7))) for _ in range(start, stop)
+    ]
     return pd.DataFrame({"text": texts})
 
 
@@ -215,7 +229,7 @@ def _shape_image(rng, label: int) -> bytes:
     return buffer.getvalue()
 
 
-def _shapes(rng, rows: int) -> pd.DataFrame:
-    labels = rng.permutation(np.arange(rows) % len(SHAPE_LABELS))
+def _shapes(rng, start: int, stop: int) -> pd.DataFrame:
+    labels = rng.permutation(np.arange(start, stop) % len(SHAPE_LABELS))
     images = [_shape_image(rng, int(label)) for label in labels]
     return pd.DataFrame({"image": images, "label": labels.astype(np.int64)})

@@ -208,9 +208,9 @@ def test_a_language_model_on_labelled_pairs_is_refused_before_any_forward(
     model_dirs, tmp_path, monkeypatch
 ):
     adapter, _ = load_adapter(model_dirs["gpt2"])
-    frame, kind, names = store.read(write(tmp_path, "pairs", 6))
+    dataset = store.DatasetFile(write(tmp_path, "pairs", 6))
     with pytest.raises(DatasetError, match="head 'causal_lm'.*classification head"):
-        check_compatible(adapter, kind, frame, names, "gpt2 on pairs")
+        check_compatible(adapter, dataset, "gpt2 on pairs")
     monkeypatch.setattr("workflow_scripts.ablate.score", lambda *a: pytest.fail("forward ran"))
     with pytest.raises(DatasetError, match="classification head"):
         ablate(model_dirs["gpt2"], tmp_path / "pairs.parquet", OPTIONS)
@@ -228,11 +228,11 @@ def test_labels_outside_the_heads_classes(model_dirs, tmp_path, monkeypatch):
 
 def test_classes_in_another_order_are_matched_by_name(model_dirs, tmp_path):
     adapter, _ = load_adapter(model_dirs["roberta"])
-    frame, kind, names = store.read(write(tmp_path, "pairs", 6))
-    assert check_compatible(adapter, kind, frame, names, "x") is None  # no class names: as is
+    dataset = store.DatasetFile(write(tmp_path, "pairs", 6))
+    assert check_compatible(adapter, dataset, "x") is None  # no class names: as is
     adapter.label_names = ["CONTRADICTION", "NEUTRAL", "ENTAILMENT"]
-    order = check_compatible(adapter, kind, frame, names, "x")
+    order = check_compatible(adapter, dataset, "x")
     assert order.tolist() == [2, 1, 0]  # entailment is the model's class 2
     adapter.label_names = ["yes", "no", "maybe"]
     with pytest.raises(DatasetError, match="do not name the dataset's labels"):
-        check_compatible(adapter, kind, frame, names, "x")
+        check_compatible(adapter, dataset, "x")

@@ -306,3 +306,30 @@ def test_read_out_count_must_match_the_config(model_dirs, dataset_files, tmp_pat
             OPTIONS,
             readouts=13,
         )
+
+
+def test_a_shard_reads_only_its_row_groups_and_images_decode_in_workers(
+    model_dirs, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(store.ROW_GROUP_ROWS, "image", 5)
+    data = tmp_path / "shapes.parquet"
+    store.write(builtin.generate("shapes", 40, 0), data, "image", builtin.label_names("shapes"))
+    read = []
+    original = store.DatasetFile.read_group
+    monkeypatch.setattr(
+        store.DatasetFile,
+        "read_group",
+        lambda self, group, columns=None: read.append(group) or original(self, group, columns),
+    )
+    out = tmp_path / "s.zarr"
+    extraction.extract(
+        model_dirs["resnet"], data, 2, 4, out, {**OPTIONS, "batch_size": 4}, workers=0
+    )
+    assert sorted(set(read)) == [4, 5]  # rows 20..29 of 40, in groups of 5
+    in_workers = tmp_path / "w.zarr"
+    extraction.extract(
+        model_dirs["resnet"], data, 2, 4, in_workers, {**OPTIONS, "batch_size": 4}, workers=2
+    )
+    np.testing.assert_array_equal(open_shard(out)["example_id"][:], np.arange(20, 30))
+    for name in ("layer-0", "layer-2", "example_id"):
+        np.testing.assert_array_equal(open_shard(out)[name][:], open_shard(in_workers)[name][:])

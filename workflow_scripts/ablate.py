@@ -26,18 +26,18 @@ from tqdm import tqdm
 
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import autocast, image_batches, pick_device, text_batches
-from workflow_scripts.data import store
-from workflow_scripts.data.store import DatasetError
+from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
 from workflow_scripts.sources import ABLATION_HEADS
 
 log = logging.getLogger("ablate")
 
 
-def check_compatible(adapter, kind: str, frame: pd.DataFrame, label_names, where: str):
+def check_compatible(adapter, dataset: DatasetFile, where: str):
     """Stop before any forward pass if the model cannot be scored on this dataset. Returns the
     model's class for each dataset label where both name their classes in different orders
     (an MNLI checkpoint may order entailment/neutral/contradiction otherwise), else None."""
+    kind, label_names = dataset.kind, dataset.label_names
     needed = ABLATION_HEADS[kind]
     if adapter.head != needed:
         what = (
@@ -48,14 +48,15 @@ def check_compatible(adapter, kind: str, frame: pd.DataFrame, label_names, where
         raise DatasetError(
             f"{where}: the model has head {adapter.head!r}, but ablation needs {what} ({needed})"
         )
-    if "label" in frame:
-        labels = frame["label"].to_numpy()
+    if kind != "text":
+        labels = dataset.column("label")
         outside = (labels < 0) | (labels >= adapter.num_labels)
         if outside.any():
             raise DatasetError(
                 f"{where}: label(s) {sorted(set(labels[outside].tolist()))[:5]} outside the "
                 f"head's {adapter.num_labels} classes (examples "
-                f"{frame['example_id'][outside].head(5).tolist()}); dataset labels: {label_names}"
+                f"{dataset.column('example_id')[outside][:5].tolist()}); dataset labels: "
+                f"{label_names}"
             )
     model_names = adapter.label_names
     if kind == "text" or model_names is None or label_names is None:
@@ -99,29 +100,30 @@ def score(
     return correct1, correct5, count
 
 
-def ablate(model_dir: str | Path, data_path: str | Path, options: dict) -> pd.DataFrame:
+def ablate(
+    model_dir: str | Path, data_path: str | Path, options: dict, workers: int = 0
+) -> pd.DataFrame:
     """Long-form accuracies for every read-out point and direction."""
     adapter, _ = load_adapter(model_dir)
-    frame, kind, label_names = store.read(data_path)
-    label_order = check_compatible(adapter, kind, frame, label_names, f"{model_dir} on {data_path}")
+    dataset = DatasetFile(data_path)
+    label_order = check_compatible(adapter, dataset, f"{model_dir} on {data_path}")
     device = pick_device(options["device"])
     adapter.to(device)
-    if kind == "image":
 
-        def batches():
-            return image_batches(adapter.preprocess, frame, options["batch_size"])
-    else:
-        text = text_batches(
+    def batches():  # every pass reads the data afresh, a batch at a time
+        if dataset.kind == "image":
+            return image_batches(
+                adapter.preprocess, dataset, 0, dataset.rows, options["batch_size"], workers
+            )
+        return text_batches(
             adapter.tokenizer,
-            frame,
-            kind,
+            dataset,
+            0,
+            dataset.rows,
             options["batch_size"],
             options["max_tokens"],
             options["padding"],
         )
-
-        def batches():
-            return text
 
     classes = adapter.num_labels if adapter.head != "causal_lm" else len(adapter.tokenizer)
     top5 = classes > 5
@@ -153,7 +155,7 @@ def ablate(model_dir: str | Path, data_path: str | Path, options: dict) -> pd.Da
                     "blocks_ablated": len(ablated),
                     "metric": metric,
                     "value": correct / count,
-                    "examples": len(frame),
+                    "examples": dataset.rows,
                     "predictions": count,
                 }
             )
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     torch.set_num_threads(args.threads)
-    frame = ablate(args.model, args.data, json.loads(args.options))
+    frame = ablate(args.model, args.data, json.loads(args.options), max(0, args.threads - 1))
     frame.insert(0, "dataset", args.dataset_name)
     frame.insert(0, "model", args.model_name)
     write_parquet(frame, args.out)

@@ -1,20 +1,21 @@
 """Model inputs from a stored dataset: tokenized text or preprocessed images, in batches.
 
-Text is tokenized once up front (truncated to ``max_tokens``) and padded per batch, to the
-batch's longest example or to ``max_tokens``; images are decoded and preprocessed lazily, one
-batch at a time.
+Rows are read from the stored dataset one batch at a time (only the row groups that hold them).
+Text is tokenized per batch (truncated to ``max_tokens``) and padded to the batch's longest
+example or to ``max_tokens``; images are decoded and preprocessed in DataLoader workers.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from workflow_scripts.data import store
-from workflow_scripts.data.store import DatasetError
+from workflow_scripts.data.store import DatasetError, DatasetFile
 
 
 @dataclass
@@ -40,50 +41,63 @@ def autocast(device: torch.device, dtype: str | None):
     return torch.autocast("cuda", dtype=getattr(torch, dtype))
 
 
-def _labels(frame, start: int, stop: int) -> np.ndarray | None:
-    return frame["label"].to_numpy()[start:stop] if "label" in frame else None
+def _labels(frame) -> np.ndarray | None:
+    return frame["label"].to_numpy() if "label" in frame else None
 
 
 def text_batches(
-    tokenizer, frame, kind: str, batch_size: int, max_tokens: int, padding: str
-) -> list[Batch]:
-    """Every batch of a text frame (pairs or plain text)."""
-    if kind == "pairs":
-        encoded = tokenizer(
-            list(frame["premise"]),
-            list(frame["hypothesis"]),
+    tokenizer,
+    dataset: DatasetFile,
+    start: int,
+    stop: int,
+    batch_size: int,
+    max_tokens: int,
+    padding: str,
+) -> Iterator[Batch]:
+    """The batches of rows [start, stop) of a text dataset (pairs or plain text), tokenized
+    (truncated to ``max_tokens``) and padded one batch at a time."""
+    columns = ["example_id", "premise", "hypothesis", "label"]
+    if dataset.kind == "text":
+        columns = ["example_id", "text"]
+    for frame in dataset.batches(start, stop, batch_size, columns):
+        if dataset.kind == "text":
+            texts = [list(frame["text"])]
+        else:
+            texts = [list(frame["premise"]), list(frame["hypothesis"])]
+        inputs = tokenizer(
+            *texts,
             truncation=True,
             max_length=max_tokens,
-        )
-    else:
-        encoded = tokenizer(list(frame["text"]), truncation=True, max_length=max_tokens)
-    ids = frame["example_id"].to_numpy()
-    batches = []
-    for start in range(0, len(frame), batch_size):
-        stop = start + batch_size
-        inputs = tokenizer.pad(
-            {k: v[start:stop] for k, v in encoded.items()},
             padding=padding,
-            max_length=max_tokens,
             return_tensors="pt",
         )
-        batches.append(
-            Batch(
-                dict(inputs),
-                ids[start:stop],
-                (inputs["attention_mask"] == 0).numpy(),
-                _labels(frame, start, stop),
-            )
+        yield Batch(
+            dict(inputs),
+            frame["example_id"].to_numpy(),
+            (inputs["attention_mask"] == 0).numpy(),
+            _labels(frame),
         )
-    return batches
 
 
-def image_batches(preprocess: dict, frame, batch_size: int):
-    """Every batch of an image frame, decoded lazily (a generator)."""
-    for start in range(0, len(frame), batch_size):
-        part = frame.iloc[start : start + batch_size]
+class ImageBatches(torch.utils.data.Dataset):
+    """Item ``i``: the ``i``-th batch of rows [start, stop) of an image dataset, decoded and
+    preprocessed (read in the process that asks, so a DataLoader's workers share the work)."""
+
+    def __init__(self, path, start: int, stop: int, batch_size: int, preprocess: dict):
+        self.path, self.start, self.stop = path, start, stop
+        self.batch_size, self.preprocess = batch_size, preprocess
+        self._dataset: DatasetFile | None = None
+
+    def __len__(self) -> int:
+        return -(-(self.stop - self.start) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._dataset is None:
+            self._dataset = DatasetFile(self.path)
+        first = self.start + i * self.batch_size
+        part = self._dataset.read(first, min(self.stop, first + self.batch_size))
         pixels = [
-            preprocess_image(store.decode_image(data, f"example {i}"), preprocess)
+            preprocess_image(store.decode_image(data, f"example {i}"), self.preprocess)
             for i, data in zip(part["example_id"], part["image"])
         ]
         shapes = {tuple(p.shape) for p in pixels}
@@ -93,11 +107,38 @@ def image_batches(preprocess: dict, frame, batch_size: int):
                 "the model's preprocessing does not crop; set image_resize "
                 "on the dataset or use a model with a crop"
             )
+        batch = {
+            "pixel_values": torch.stack(pixels),
+            "example_id": part["example_id"].to_numpy(copy=True),
+        }
+        if "label" in part:
+            batch["labels"] = part["label"].to_numpy(copy=True)
+        return batch
+
+
+def image_batches(
+    preprocess: dict,
+    dataset: DatasetFile,
+    start: int,
+    stop: int,
+    batch_size: int,
+    workers: int = 0,
+) -> Iterator[Batch]:
+    """The batches of rows [start, stop) of an image dataset, decoded by ``workers`` DataLoader
+    processes (in this one with none), a few batches ahead."""
+    batches = ImageBatches(dataset.path, start, stop, batch_size, preprocess)
+    for item in torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        pin_memory=torch.cuda.is_available(),
+    ):
         yield Batch(
-            {"pixel_values": torch.stack(pixels)},
-            part["example_id"].to_numpy(),
+            {"pixel_values": item["pixel_values"]},
+            np.asarray(item["example_id"]),
             None,
-            _labels(frame, start, start + batch_size),
+            np.asarray(item["labels"]) if "labels" in item else None,
         )
 
 

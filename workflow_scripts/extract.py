@@ -1,7 +1,8 @@
 """extract: the residual stream of one model on one shard of a dataset, into a Zarr group.
 
-The shard is a contiguous block of the dataset's rows. Text is tokenized once up front (so the
-number of rows is known), then run in batches; every token position becomes a row, padding
+The shard is a contiguous block of the dataset's rows, read from the row groups that hold it a
+batch at a time. Text is tokenized twice (a first pass counts the rows to store), then run in
+batches; every token position becomes a row, padding
 included and flagged. Images give one row per image: the block output mean-pooled over space.
 The group is written under a temporary name and renamed when complete.
 """
@@ -21,8 +22,7 @@ from tqdm import tqdm
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.atomic import written
 from workflow_scripts.batches import Batch, autocast, image_batches, pick_device, text_batches
-from workflow_scripts.data import store
-from workflow_scripts.data.store import DatasetError
+from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import MANIFEST, sha256_file
 from workflow_scripts.stage_code import code_digest
@@ -73,40 +73,51 @@ def extract(
     options: dict,
     code_files: list[str] = (),
     readouts: int | None = None,
+    workers: int = 0,
 ) -> None:
-    """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``.
-    ``readouts``: the number of read-out points the config promises (checked)."""
+    """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``,
+    reading only the shard's rows. ``readouts``: the number of read-out points the config
+    promises (checked); ``workers``: processes decoding images."""
     adapter, manifest = load_adapter(model_dir, options["gpt2_final_readout"])
     if readouts is not None and readouts != len(adapter.readouts):
         raise ValueError(
             f"model {model_dir} has {len(adapter.readouts)} read-out points, but "
             f"its config entry says {readouts} (check 'blocks' in the config)"
         )
-    frame, kind, _ = store.read(data_path)
-    if (adapter.modality == "image") != (kind == "image"):
+    dataset = DatasetFile(data_path)
+    if (adapter.modality == "image") != (dataset.kind == "image"):
         raise DatasetError(
-            f"model {model_dir} reads {adapter.modality}, but {data_path} holds {kind}"
+            f"model {model_dir} reads {adapter.modality}, but {data_path} holds {dataset.kind}"
         )
-    start, stop = shard_bounds(len(frame), shards, shard)
-    part = frame.iloc[start:stop].reset_index(drop=True)
+    start, stop = shard_bounds(dataset.rows, shards, shard)
     device = pick_device(options["device"])
     adapter.to(device)
     if adapter.modality == "text":
-        batches = text_batches(
-            adapter.tokenizer,
-            part,
-            kind,
-            options["batch_size"],
-            options["max_tokens"],
-            options["padding"],
-        )
+
+        def batches():  # read and tokenized twice: once to count the rows, once to run
+            return text_batches(
+                adapter.tokenizer,
+                dataset,
+                start,
+                stop,
+                options["batch_size"],
+                options["max_tokens"],
+                options["padding"],
+            )
+
         rows = sum(
             len(_kept_positions(p, e, options))
-            for b in batches
+            for b in batches()
             for p, e in zip(b.padding, b.example_id)
         )
     else:
-        batches, rows = image_batches(adapter.preprocess, part, options["batch_size"]), len(part)
+
+        def batches():
+            return image_batches(
+                adapter.preprocess, dataset, start, stop, options["batch_size"], workers
+            )
+
+        rows = stop - start
     attributes = {
         "readouts": [r.as_dict() for r in adapter.readouts],
         "pooling": adapter.pooling,
@@ -114,7 +125,7 @@ def extract(
         "modality": adapter.modality,
         "family": manifest["family"],
         "rows": rows,
-        "examples": len(part),
+        "examples": stop - start,
         "shard": shard,
         "shards": shards,
         "example_range": [start, stop],
@@ -134,9 +145,9 @@ def extract(
             options["chunk_rows"],
             options["chunks_per_shard"],
         )
-        total = (len(part) + options["batch_size"] - 1) // options["batch_size"]
+        total = (stop - start + options["batch_size"] - 1) // options["batch_size"]
         for batch in tqdm(
-            batches,
+            batches(),
             total=total,
             desc=f"extract shard {shard}",
             unit="batch",
@@ -201,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         json.loads(args.options),
         args.code,
         args.readouts,
+        workers=max(0, args.threads - 1),  # image decoding; the main process keeps one core
     )
 
 

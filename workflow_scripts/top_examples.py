@@ -19,6 +19,7 @@ import numpy as np
 
 from workflow_scripts.activations import layer_name, open_shard, read_rows
 from workflow_scripts.data import store
+from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.figures import PALETTE, _pyplot, _style, save
 
 
@@ -198,8 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     if not features:
         raise ValueError(f"{args.stats}: no top features listed (stats.top_features is 0)")
     adapter, _ = load_adapter(args.model)
-    frame, kind, label_names = store.read(args.data)
+    dataset = DatasetFile(args.data)
     chosen = top_rows(args.shards, layer, features, options["examples"], options["include_padding"])
+    ids = {example for rows in chosen.values() for _, example, _ in rows}
+    frame, kind, label_names = dataset.find(ids), dataset.kind, dataset.label_names
     figure = draw(
         adapter, frame, kind, label_names, layer, chosen, options["max_tokens"], args.title
     )

@@ -90,17 +90,19 @@ def training(study: Study, run: str) -> dict:
     return {"flops": flops, "gpu_seconds": flops / rate}
 
 
-def training_data_bytes(study: Study, run: str) -> float:
-    """What a training job holds of its dataset: the table, with images still encoded (about
-    110 kB a PNG at ImageNet size, 3 kB at 32 x 32), and a language model's tokens as int32."""
+def loader_bytes(study: Study, run: str) -> float:
+    """What a training job's DataLoader holds, whatever the dataset's size: four batches ahead
+    per worker (images as uint8, text as int64 ids) and each worker's cached row groups (about
+    14 MB of ImageNet JPEGs or a few MB of text each), for 16 workers."""
     spec = study.runs[run].settings
-    data = study.datasets[spec["dataset"]]
-    rows = data.estimated_rows
     if spec["kind"] == "image_classification":
         small = spec.get("arch", {}).get("stem") == "cifar"
-        return rows * (3e3 if small else 1.1e5)
-    tokens = rows * data.entry.get("expected_tokens", spec["max_tokens"])
-    return tokens * (4 + 6)  # int32 ids, and the text (about 6 bytes a token) in the table
+        batch = spec["batch_size"] * 3 * (32 * 32 if small else 224 * 224)
+        cached = 2 * 14e6
+    else:
+        batch = spec["batch_size"] * spec.get("context", spec["max_tokens"]) * 8 * 3
+        cached = 4 * 4e6
+    return 16 * (4 * batch + cached)
 
 
 def job_resources(study: Study, stage: str, model: str, dataset: str | None = None) -> dict:
@@ -119,8 +121,8 @@ def job_resources(study: Study, stage: str, model: str, dataset: str | None = No
     elif stage == "ablate":
         memory = 2 * model_mb
         seconds = ablation(study, model, dataset)["gpu_seconds"]
-    else:  # train: weights, gradients, two optimizer moments, and the data it holds
-        memory = 4 * model_mb + 4096 + training_data_bytes(study, model) / 2**20
+    else:  # train: weights, gradients, two optimizer moments, and the loader's batches
+        memory = 4 * model_mb + 4096 + loader_bytes(study, model) / 2**20
         seconds = training(study, model)["gpu_seconds"]
     return {"mem_mb": int(2000 + 1.5 * memory), "runtime": max(10, math.ceil(2 * seconds / 60))}
 

@@ -38,6 +38,7 @@ class Architecture:
     blocks: int  # residual blocks
     width: int  # channels of the last block's output
     flops: float  # forward FLOPs per 224 x 224 image (2 x multiply-adds)
+    parameters: float
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,9 @@ class Family:
         arch (built here) or stated width (hub, local); ``vocabulary``: it embeds a real one."""
         if architecture is not None:
             named = self.architectures[architecture]
-            return ModelSize(self.readouts(named.blocks), named.width, named.flops / 2, named.flops)
+            return ModelSize(
+                self.readouts(named.blocks), named.width, named.parameters, named.flops
+            )
         width = width or DEFAULT_WIDTH[self.modality]
         return self.estimate(self, blocks, arch or {}, width, vocabulary)
 

@@ -21,22 +21,26 @@ def check_arch(where: str, arch: Mapping) -> str | None:
 
 
 def resnet_size(family: Family, blocks: int, arch: Mapping, width: int, vocabulary: bool):
-    """ResNet-18 (8 basic blocks, widths 64..512) does 3.6 GFLOPs per 224 x 224 image: scaled by
-    the last width squared and the depth, bottlenecks as ResNet-50 against ResNet-34, and a
-    twelfth for 32 x 32 inputs without the stride-4 stem."""
+    """ResNet-18 (8 basic blocks, widths 64..512) has 11.7M parameters and does 3.6 GFLOPs per
+    224 x 224 image: both scaled by the last width squared and the depth, bottlenecks as ResNet-50
+    against ResNet-34; a twelfth of the FLOPs for 32 x 32 inputs without the stride-4 stem."""
     widths = arch.get("widths", [64, 128, 256, 512])
     if "widths" in arch:
         width = widths[-1] * (4 if arch.get("block") == "bottleneck" else 1)
-    flops = 3.6e9 * (widths[-1] / 512) ** 2 * blocks / 8
+    scale = (widths[-1] / 512) ** 2 * blocks / 8
+    flops, parameters = 3.6e9 * scale, 11.7e6 * scale
     if arch.get("block") == "bottleneck":
-        flops *= 8.2 / 7.3
+        flops, parameters = flops * 8.2 / 7.3, parameters * 25.6 / 21.8
     if arch.get("stem") == "cifar":
         flops /= 12
-    return ModelSize(family.readouts(blocks), width, flops / 2, flops)
+    return ModelSize(family.readouts(blocks), width, parameters, flops)
 
 
-def _torchvision(blocks_per_stage: list[int], width: int, gflops: float) -> Architecture:
-    return Architecture(sum(blocks_per_stage), width, gflops * 1e9)
+def _torchvision(
+    blocks_per_stage: list[int], width: int, gflops: float, millions: float
+) -> Architecture:
+    """torchvision's figures: GFLOPs (2 x its GMACs) and millions of parameters."""
+    return Architecture(sum(blocks_per_stage), width, gflops * 1e9, millions * 1e6)
 
 
 register(
@@ -54,16 +58,16 @@ register(
         trained_by=("image_classification",),
         embedding_readout=False,
         architectures={
-            "resnet18": _torchvision([2, 2, 2, 2], 512, 3.6),
-            "resnet34": _torchvision([3, 4, 6, 3], 512, 7.3),
-            "resnet50": _torchvision([3, 4, 6, 3], 2048, 8.2),
-            "resnet101": _torchvision([3, 4, 23, 3], 2048, 15.7),
-            "resnet152": _torchvision([3, 8, 36, 3], 2048, 23.1),
-            "wide_resnet50_2": _torchvision([3, 4, 6, 3], 2048, 22.8),
-            "wide_resnet101_2": _torchvision([3, 4, 23, 3], 2048, 45.6),
-            "resnext50_32x4d": _torchvision([3, 4, 6, 3], 2048, 8.5),
-            "resnext101_32x8d": _torchvision([3, 4, 23, 3], 2048, 33.0),
-            "resnext101_64x4d": _torchvision([3, 4, 23, 3], 2048, 31.0),
+            "resnet18": _torchvision([2, 2, 2, 2], 512, 3.6, 11.7),
+            "resnet34": _torchvision([3, 4, 6, 3], 512, 7.3, 21.8),
+            "resnet50": _torchvision([3, 4, 6, 3], 2048, 8.2, 25.6),
+            "resnet101": _torchvision([3, 4, 23, 3], 2048, 15.7, 44.5),
+            "resnet152": _torchvision([3, 8, 36, 3], 2048, 23.1, 60.2),
+            "wide_resnet50_2": _torchvision([3, 4, 6, 3], 2048, 22.8, 68.9),
+            "wide_resnet101_2": _torchvision([3, 4, 23, 3], 2048, 45.6, 126.9),
+            "resnext50_32x4d": _torchvision([3, 4, 6, 3], 2048, 8.5, 25.0),
+            "resnext101_32x8d": _torchvision([3, 4, 23, 3], 2048, 33.0, 88.8),
+            "resnext101_64x4d": _torchvision([3, 4, 23, 3], 2048, 31.0, 83.5),
         },
     )
 )

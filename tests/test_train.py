@@ -424,3 +424,54 @@ def test_a_decoder_cannot_be_fine_tuned_for_pairs(default_config):
     default_config["training"]["runs"]["roberta-pairs"]["base"] = "llama-init"
     with pytest.raises(ConfigError, match="is a decoder, which has a causal_lm head only"):
         validate(default_config)
+
+
+def test_imagenet_style_batches_are_augmented_and_the_same_with_workers(tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from workflow_scripts import loaders
+    from workflow_scripts.models.resnet import imagenet_preprocess
+
+    monkeypatch.setitem(store.ROW_GROUP_ROWS, "image", 8)
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(40):
+        buffer = io.BytesIO()
+        pixels = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buffer, format="JPEG")
+        images.append(buffer.getvalue())
+    frame = pd.DataFrame({"example_id": range(40), "image": images, "label": [0, 1] * 20})
+    store.write(frame, tmp_path / "jpegs.parquet", "image", ["a", "b"])
+    examples = loaders.ImageExamples(tmp_path / "jpegs.parquet", imagenet_preprocess(40, 32), 7)
+    held = loaders.held_out_rows(40, 0.1, 0, examples.row_group_rows)
+    order = loaders.EpochOrder(40, held, 0, examples.group_starts, 2)
+
+    def batches(workers):
+        steps = loaders.StepBatches(examples, order, 12, 0, 6)
+        return list(loaders.loader(steps, workers, pin_memory=False))
+
+    alone, with_workers = batches(0), batches(2)
+    for a, b in zip(alone, with_workers):
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a["labels"], b["labels"])
+    assert alone[0]["pixel_values"].shape == (12, 3, 32, 32)
+    assert alone[0]["pixel_values"].dtype == torch.uint8  # normalised on the device
+    # the same example in two epochs gets two different crops
+    first, _ = order.positions(0, 12)
+    again = [
+        (s, i)
+        for s in range(3, 6)
+        for i, p in enumerate(order.positions(s, 12)[0])
+        if p == first[0]
+    ]
+    step, index = again[0]
+    assert not torch.equal(alone[0]["pixel_values"][0], alone[step]["pixel_values"][index])
+    held_out = list(loaders.loader(loaders.FixedBatches(examples, held, 12), 0, False))
+    centre = held_out[0]["pixel_values"][0]
+    assert torch.equal(centre, loaders.FixedBatches(examples, held, 12)[0]["pixel_values"][0])
+    normalised = loaders.normalise(
+        {"pixel_values": held_out[0]["pixel_values"]}, examples.preprocess
+    )
+    assert normalised["pixel_values"].dtype == torch.float32

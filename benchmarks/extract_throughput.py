@@ -91,14 +91,17 @@ def text_case(work: Path, examples: int):
     fetch(GPT2_SPEC, work / "gpt2")
     adapter, _ = load_adapter(work / "gpt2", OPTIONS["gpt2_final_readout"])
     store.write(builtin.generate("corpus", examples, seed=0), work / "corpus.parquet", "text", None)
-    frame, kind, _ = store.read(work / "corpus.parquet")
-    batches = text_batches(
-        adapter.tokenizer,
-        frame,
-        kind,
-        OPTIONS["batch_size"],
-        OPTIONS["max_tokens"],
-        OPTIONS["padding"],
+    dataset = store.DatasetFile(work / "corpus.parquet")
+    batches = list(
+        text_batches(
+            adapter.tokenizer,
+            dataset,
+            0,
+            dataset.rows,
+            OPTIONS["batch_size"],
+            OPTIONS["max_tokens"],
+            OPTIONS["padding"],
+        )
     )
     rows = sum(
         len(_kept_positions(p, e, OPTIONS))

@@ -63,6 +63,7 @@ EXTRACT = {
     "autocast": None,
     "chunk_rows": 4096,
     "chunks_per_shard": 4,
+    "compression": "none",
     "gpt2_final_readout": "raw",
     "seed": 0,
 }

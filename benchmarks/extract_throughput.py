@@ -61,6 +61,7 @@ OPTIONS = {
     "autocast": None,
     "chunk_rows": 1024,
     "chunks_per_shard": 8,
+    "compression": "none",
     "gpt2_final_readout": "raw",
     "seed": 0,
 }

@@ -149,6 +149,7 @@ EXTRACT_CHECK_OPTIONS = {
     "rows_per_example": None,
     "chunk_rows": 64,
     "chunks_per_shard": 4,
+    "compression": "none",
     "gpt2_final_readout": "raw",
     "seed": 0,
 }
@@ -487,6 +488,7 @@ EXTRACT_OPTIONS = {
     "rows_per_example": None,
     "chunk_rows": 1024,
     "chunks_per_shard": 8,
+    "compression": "none",
     "gpt2_final_readout": "raw",
     "seed": 0,
 }

@@ -153,6 +153,12 @@ def activation_shards(wildcards):
 # --- statistics and ablation ---
 
 
+def stats_gpus(wildcards):
+    """GPUs a layer_stats job asks for: one where stats.device is cuda (the SLURM profile passes
+    it to sbatch), none otherwise."""
+    return 1 if study.stats_options["device"] == "cuda" else 0
+
+
 def stats_options(wildcards):
     return as_json(study.stats_options)
 

@@ -14,6 +14,8 @@ rule layer_stats:
     conda:
         "../envs/workflow.yaml"
     threads: 1
+    resources:
+        gpu=stats_gpus,
     params:
         layer="{layer}",
         thresholds=thresholds,

@@ -44,6 +44,7 @@ EXTRACT = {
     "autocast": None,
     "chunk_rows": 16,
     "chunks_per_shard": 4,
+    "compression": "none",
     "gpt2_final_readout": "raw",
     "seed": 0,
 }

@@ -35,6 +35,7 @@ OPTIONS = {
     "autocast": None,
     "chunk_rows": 16,
     "chunks_per_shard": 4,
+    "compression": "none",
     "gpt2_final_readout": "raw",
     "seed": 0,
 }
@@ -116,6 +117,9 @@ def test_layout_attributes_and_codecs(model_dirs, dataset_files, tmp_path):
         assert array.shape == (rows, 32) and array.dtype == np.float16
         assert array.chunks == (16, 32) and array.shards == (64, 32)
         assert isinstance(array.metadata.codecs[0], ShardingCodec)
+        inner = [type(c).__name__ for c in array.metadata.codecs[0].codecs]
+        assert inner == ["BytesCodec", "Crc32cCodec"]  # no compression by default, a checksum
+    assert attrs["options"]["compression"] == "none"
     assert (
         group["example_id"].shape == group["position"].shape == group["is_padding"].shape == (rows,)
     )
@@ -333,3 +337,42 @@ def test_a_shard_reads_only_its_row_groups_and_images_decode_in_workers(
     np.testing.assert_array_equal(open_shard(out)["example_id"][:], np.arange(20, 30))
     for name in ("layer-0", "layer-2", "example_id"):
         np.testing.assert_array_equal(open_shard(out)[name][:], open_shard(in_workers)[name][:])
+
+
+def test_zstd_on_request_gives_the_same_values(model_dirs, dataset_files, tmp_path):
+    plain = run(model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "p.zarr")
+    packed = run(
+        model_dirs["gpt2"], dataset_files["corpus"], tmp_path / "z.zarr", compression="zstd"
+    )
+    inner = [type(c).__name__ for c in packed["layer-1"].metadata.codecs[0].codecs]
+    assert inner == ["BytesCodec", "ZstdCodec", "Crc32cCodec"]
+    assert packed.attrs["options"]["compression"] == "zstd"
+    for name in ("layer-0", "layer-2", "example_id", "is_padding"):
+        np.testing.assert_array_equal(plain[name][:], packed[name][:])
+
+
+def test_a_failing_writer_stops_the_job_with_its_cause_and_leaves_nothing(
+    model_dirs, dataset_files, tmp_path, monkeypatch
+):
+    from workflow_scripts.activations import ShardWriter
+
+    def full_disk(self):
+        if self.filled:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardWriter, "_flush", full_disk)
+    forwards = []
+    original = extraction._write_batch
+    monkeypatch.setattr(extraction, "_write_batch", lambda *a: forwards.append(1) or original(*a))
+    with pytest.raises(RuntimeError, match="No space left on device"):
+        run(
+            model_dirs["gpt2"],
+            dataset_files["corpus"],
+            tmp_path / "s.zarr",
+            chunk_rows=8,
+            chunks_per_shard=1,
+            batch_size=2,
+        )
+    assert not list(tmp_path.iterdir())  # no shard, no temporary directory
+    batches = -(-24 // 2)
+    assert len(forwards) < batches  # stopped early, not at the end

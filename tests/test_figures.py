@@ -168,6 +168,7 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
         "autocast": None,
         "chunk_rows": 8,
         "chunks_per_shard": 2,
+        "compression": "none",
         "gpt2_final_readout": "raw",
         "seed": 0,
     }

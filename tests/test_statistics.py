@@ -267,3 +267,22 @@ def test_rows_with_zero_median_are_counted_apart(tmp_path):
     ratio = (kept.max(axis=1) / np.median(kept, axis=1)).mean()
     row = value(frame, "max_over_median", "row mean")
     assert row["value"] == pytest.approx(ratio, rel=1e-6) and row["rows"] == 9
+
+
+@pytest.mark.parametrize("width", [7, 8])
+def test_the_gpu_code_path_gives_the_cpu_numbers(width):
+    """LayerStatistics on a device sorts with torch and reduces with torch: run that path on the
+    CPU against the numpy path, which is the reference."""
+    rng = np.random.default_rng(5)
+    rotations = [random_rotation(width, 0, 1, r) for r in range(2)]
+    reference = LayerStatistics(width, rotations)
+    device_path = LayerStatistics(width, rotations, "cpu", sort_on_device=True)
+    for start in range(0, 300, 64):
+        chunk = heavy_tailed(rng, 64, width, outliers=(1,)).astype(np.float16)
+        chunk[::9, :] = np.abs(chunk[::9, :])  # repeated values for the k-th value
+        ids = np.arange(start, start + 64) // 3
+        reference.update(chunk, ids)
+        device_path.update(chunk, ids)
+    expected = pd.DataFrame(reference.results([1.0, 5.0], 3))
+    got = pd.DataFrame(device_path.results([1.0, 5.0], 3))
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-12)

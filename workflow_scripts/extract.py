@@ -38,6 +38,7 @@ CONTENT_OPTIONS = (
     "seed",
     "batch_size",
     "autocast",
+    "compression",
 )
 
 
@@ -144,44 +145,66 @@ def extract(
             options["dtype"],
             options["chunk_rows"],
             options["chunks_per_shard"],
+            options["compression"],
         )
         total = (stop - start + options["batch_size"] - 1) // options["batch_size"]
-        for batch in tqdm(
-            batches(),
-            total=total,
-            desc=f"extract shard {shard}",
-            unit="batch",
-            file=sys.stderr,
-            mininterval=5,
-        ):
-            _write_batch(adapter, batch, writer, device, options)
-        writer.close(attributes)
+        try:
+            for batch in tqdm(
+                batches(),
+                total=total,
+                desc=f"extract shard {shard}",
+                unit="batch",
+                file=sys.stderr,
+                mininterval=5,
+            ):
+                _write_batch(adapter, batch, writer, device, options)
+            writer.close(attributes)
+        except BaseException:
+            writer.abort()  # nothing writes into the shard while it is removed
+            raise
     log.info("wrote %s: %d rows x %d read-outs", out, rows, len(adapter.readouts))
 
 
+def _to_host(tensors: list[torch.Tensor], device) -> tuple[list[torch.Tensor], object]:
+    """The tensors on the host: from a GPU, copied without blocking into pinned memory, with the
+    CUDA event that marks the copies done (the writer thread waits on it)."""
+    if device.type != "cuda":
+        return [t.cpu() for t in tensors], None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for target, tensor in zip(host, tensors):
+        target.copy_(tensor, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 def _write_batch(adapter, batch: Batch, writer: ShardWriter, device, options) -> None:
-    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
     store_dtype = getattr(torch, options["dtype"])
     with torch.inference_mode(), autocast(device, options["autocast"]):
         streams = adapter.streams(inputs)
     if batch.padding is None:  # images: one row per example
-        arrays = [s.to(store_dtype).cpu().numpy() for s in streams]
+        host, ready = _to_host([s.to(store_dtype) for s in streams], device)
         n = len(batch.example_id)
-        writer.append(arrays, batch.example_id, np.zeros(n, np.int32), np.zeros(n, bool))
+        writer.append(host, batch.example_id, np.zeros(n, np.int32), np.zeros(n, bool), ready)
         return
     examples, tokens = batch.padding.shape
     keep = [_kept_positions(p, e, options) for p, e in zip(batch.padding, batch.example_id)]
     rows = np.concatenate([i * tokens + k for i, k in enumerate(keep)])
     flat_rows = torch.from_numpy(rows).to(device)
-    arrays = [
-        s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype).cpu().numpy()
-        for s in streams
-    ]
+    host, ready = _to_host(
+        [
+            s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype)
+            for s in streams
+        ],
+        device,
+    )
     writer.append(
-        arrays,
+        host,
         np.repeat(batch.example_id, [len(k) for k in keep]),
         (rows % tokens).astype(np.int32),
         batch.padding.reshape(-1)[rows],
+        ready,
     )
 
 

@@ -1,7 +1,9 @@
 """layer_stats: the statistics of one read-out point over every shard of a model and dataset.
 
 Reads ``layer-{k}`` of each shard in blocks of rows (one pass, memory bounded by the block),
-drops padding rows unless asked not to, and writes one Parquet file in long form.
+drops padding rows unless asked not to, and writes one Parquet file in long form. The arithmetic
+runs on ``stats.device`` (a GPU where there is one, with ``auto``), giving the CPU's numbers:
+float32 moments and rotations (no TF32), float64 sums on the host.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm import tqdm
 
 from workflow_scripts.activations import layer_name, open_shard, read_rows
 from workflow_scripts.atomic import write_parquet
+from workflow_scripts.batches import pick_device
 from workflow_scripts.streaming_stats import LayerStatistics, StatisticsError, random_rotation
 
 log = logging.getLogger("layer_stats")
@@ -93,7 +96,9 @@ def compute(
     rotations = [
         random_rotation(width, options["seed"], layer, r) for r in range(options["rotations"])
     ]
-    stats = LayerStatistics(width, rotations)
+    device = pick_device(options.get("device", "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = False  # rotations in full float32, as on the CPU
+    stats = LayerStatistics(width, rotations, device)
     total = sum(a.shape[0] for a, _, _ in arrays)
     with tqdm(
         total=total, desc=f"layer {layer}", unit="row", file=sys.stderr, mininterval=5

@@ -80,6 +80,16 @@ def row_median_and_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return both[:, 0], both[:, 1]
 
 
+def row_median_and_max_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as :func:`row_median_and_max` with torch (on any device): the k-th values of
+    each row, in float32 (exact for float16 input)."""
+    x = x.float()
+    width = x.shape[1]
+    lower = x.kthvalue((width - 1) // 2 + 1, dim=1).values
+    upper = x.kthvalue(width // 2 + 1, dim=1).values if width % 2 == 0 else lower
+    return (lower + upper) / 2, x.amax(dim=1)
+
+
 class ClusterMeans:
     """Means of several per-row values, with standard errors over clusters of rows (examples).
 
@@ -140,9 +150,22 @@ class ClusterMeans:
 class LayerStatistics:
     """Accumulates the statistics of one read-out point over chunks of rows."""
 
-    def __init__(self, width: int, rotations: list[np.ndarray]):
+    def __init__(
+        self,
+        width: int,
+        rotations: list[np.ndarray],
+        device: str | torch.device = "cpu",
+        sort_on_device: bool | None = None,
+    ):
+        """``device``: where the moments, rotations and extremes are computed (the sums are
+        kept in float64 on the host); ``sort_on_device``: the median and maximum of |x| with
+        torch on ``device`` rather than numpy's partition (default: on a GPU)."""
         self.width = width
-        self.rotations = [torch.from_numpy(q) for q in rotations]
+        self.device = torch.device(device)
+        self.sort_on_device = (
+            self.device.type != "cpu" if sort_on_device is None else sort_on_device
+        )
+        self.rotations = [torch.from_numpy(q).to(self.device) for q in rotations]
         self.feature_max = np.full(width, -np.inf, np.float32)
         self.feature_min = np.full(width, np.inf, np.float32)
         # per-row values: kurtosis, rotation-averaged kurtosis, rms, then each rotation
@@ -156,18 +179,19 @@ class LayerStatistics:
         if len(chunk) == 0:
             return
         chunk = np.ascontiguousarray(chunk)
-        x = torch.from_numpy(chunk).to(torch.float32)
+        stored = torch.from_numpy(chunk).to(self.device)
+        x = stored.to(torch.float32)
         mean, m2, kurtosis = row_moments(x)
         if not torch.isfinite(kurtosis).all():
-            bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0]
+            bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0].cpu()
             first = int(example_id[int(bad[0])])
-            if not torch.isfinite(x[bad]).all():
-                bad = (~torch.isfinite(x)).any(dim=1).nonzero()[:, 0]
+            if not torch.isfinite(x[bad.to(self.device)]).all():
+                bad = (~torch.isfinite(x)).any(dim=1).nonzero()[:, 0].cpu()
                 raise StatisticsError(
                     f"{len(bad)} row(s) hold NaN or inf (first of example "
                     f"{int(example_id[int(bad[0])])}); statistics refused"
                 )
-            if (m2[bad] == 0).any():
+            if (m2[bad.to(self.device)] == 0).any():
                 raise StatisticsError(
                     f"{int((m2 == 0).sum())} row(s) are constant across "
                     f"features (first of example {first}): kurtosis undefined"
@@ -180,18 +204,25 @@ class LayerStatistics:
         values = torch.cat(
             [torch.stack([kurtosis, rotated.mean(dim=1), rms], dim=1), rotated], dim=1
         )
-        self.means.update(values.double().numpy(), example_id)
+        self.means.update(values.double().cpu().numpy(), example_id)
         # |x| in the stored dtype: exact, and float16 halves the work of the partial sort
-        median, largest = row_median_and_max(np.abs(chunk))
+        if self.sort_on_device:
+            median, largest = (t.cpu().numpy() for t in row_median_and_max_torch(stored.abs()))
+        else:
+            median, largest = row_median_and_max(np.abs(chunk))
         has_ratio = median > 0
         ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
         self.ratio.update(ratio[:, None], example_id[has_ratio])
         self.zero_median_rows += int((~has_ratio).sum())
         if len(ratio):
             self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
-        values = x.numpy()  # numpy reduces over rows much faster than torch here
-        self.feature_max = np.maximum(self.feature_max, values.max(axis=0))
-        self.feature_min = np.minimum(self.feature_min, values.min(axis=0))
+        if self.device.type == "cpu":
+            values = x.numpy()  # numpy reduces over rows much faster than torch here
+            block_max, block_min = values.max(axis=0), values.min(axis=0)
+        else:
+            block_max, block_min = (t.cpu().numpy() for t in (x.amax(dim=0), x.amin(dim=0)))
+        self.feature_max = np.maximum(self.feature_max, block_max)
+        self.feature_min = np.minimum(self.feature_min, block_min)
 
     def results(self, thresholds: list[float], top_features: int) -> list[dict]:
         """Long-form records: metric, setting, value, spread, rows (and feature, for the top

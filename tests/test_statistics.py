@@ -286,3 +286,29 @@ def test_the_gpu_code_path_gives_the_cpu_numbers(width):
     expected = pd.DataFrame(reference.results([1.0, 5.0], 3))
     got = pd.DataFrame(device_path.results([1.0, 5.0], 3))
     pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [130, 256])
+def test_uncompressed_shards_read_back_through_zarr_and_corruption_is_refused(tmp_path, rows):
+    from workflow_scripts.activations import ShardError, open_shard, read_rows
+
+    rng = np.random.default_rng(2)
+    layer = rng.standard_normal((rows, 12)).astype(np.float16)
+    ids = np.arange(rows) // 4
+    padding = rng.random(rows) < 0.3
+    path = write_shard(
+        tmp_path / "s.zarr", [layer], ids, padding, chunk_rows=16, chunks_per_shard=4
+    )
+    group = open_shard(path)
+    np.testing.assert_array_equal(group["layer-0"][:], layer)
+    np.testing.assert_array_equal(group["example_id"][:], ids)
+    np.testing.assert_array_equal(group["is_padding"][:], padding)
+    files = sorted((path / "layer-0" / "c").rglob("*"))
+    assert len([f for f in files if f.is_file()]) == -(-rows // 64)  # one file per shard
+    last = path / "layer-0" / "c" / "0" / "0"
+    data = bytearray(last.read_bytes())
+    data[40] ^= 0xFF  # inside the first chunk
+    last.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="corrupted on disk"):
+        read_rows(group, "layer-0", 0, 16, path)
+    np.testing.assert_array_equal(read_rows(group, "layer-0", 16, 32, path), layer[16:32])

@@ -57,15 +57,26 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads)
 
 
+@functools.cache
+def _background() -> ThreadPoolExecutor:
+    """A thread of its own for work that overlaps torch's (never the pool that work uses)."""
+    return ThreadPoolExecutor(1)
+
+
 def row_median_and_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Median (the mean of the two middle values for an even width, as numpy's) and maximum of
-    every row, in float32, from one partial sort. numpy's partition releases the GIL, so blocks of
+    every row of ``x`` >= 0, in float32. float16 rows are sorted as their bit patterns (uint16:
+    the same order for values >= 0), which numpy radix-sorts about five times faster than it
+    partitions float16; other dtypes are partially sorted. Both release the GIL, so blocks of
     rows run in parallel."""
     width = x.shape[1]
     middle = sorted({(width - 1) // 2, width // 2})
 
     def median_and_max(rows: np.ndarray) -> np.ndarray:
-        parted = np.partition(rows, [*middle, width - 1], axis=1)
+        if rows.dtype == np.float16:
+            parted = np.sort(rows.view(np.uint16), axis=1, kind="stable").view(np.float16)
+        else:
+            parted = np.partition(rows, [*middle, width - 1], axis=1)
         return np.stack(
             [
                 parted[:, middle].astype(np.float32).mean(axis=1),
@@ -181,6 +192,8 @@ class LayerStatistics:
         chunk = np.ascontiguousarray(chunk)
         stored = torch.from_numpy(chunk).to(self.device)
         x = stored.to(torch.float32)
+        if not self.sort_on_device:  # numpy sorts in a thread while torch computes the moments
+            sorting = _background().submit(row_median_and_max, np.abs(chunk))
         mean, m2, kurtosis = row_moments(x)
         if not torch.isfinite(kurtosis).all():
             bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0].cpu()
@@ -209,18 +222,14 @@ class LayerStatistics:
         if self.sort_on_device:
             median, largest = (t.cpu().numpy() for t in row_median_and_max_torch(stored.abs()))
         else:
-            median, largest = row_median_and_max(np.abs(chunk))
+            median, largest = sorting.result()
         has_ratio = median > 0
         ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
         self.ratio.update(ratio[:, None], example_id[has_ratio])
         self.zero_median_rows += int((~has_ratio).sum())
         if len(ratio):
             self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
-        if self.device.type == "cpu":
-            values = x.numpy()  # numpy reduces over rows much faster than torch here
-            block_max, block_min = values.max(axis=0), values.min(axis=0)
-        else:
-            block_max, block_min = (t.cpu().numpy() for t in (x.amax(dim=0), x.amin(dim=0)))
+        block_max, block_min = (t.cpu().numpy() for t in (x.amax(dim=0), x.amin(dim=0)))
         self.feature_max = np.maximum(self.feature_max, block_max)
         self.feature_min = np.minimum(self.feature_min, block_min)
 

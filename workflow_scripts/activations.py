@@ -188,6 +188,10 @@ class ShardWriter:
     def _buffer(self, columns: list[np.ndarray]) -> None:
         n, offset = len(columns[-1]), 0
         while offset < n:
+            if self.filled == 0 and n - offset >= self.block:  # a whole shard: no copy
+                self._write([c[offset : offset + self.block] for c in columns], self.block)
+                offset += self.block
+                continue
             take = min(n - offset, self.block - self.filled)
             for buffer, column in zip(self.buffers, columns):
                 buffer[self.filled : self.filled + take] = column[offset : offset + take]
@@ -197,22 +201,25 @@ class ShardWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        if self.filled == 0:
-            return
-        start, end = self.written, self.written + self.filled
+        if self.filled:
+            self._write(self.buffers, self.filled)
+            self.filled = 0
 
-        def write(name, array, buffer):
+    def _write(self, sources: list[np.ndarray], rows: int) -> None:
+        """The next shard of rows, from ``sources`` (whole-shard buffers or views of a batch)
+        of which the first ``rows`` rows count, one read-out point per thread."""
+        start, end = self.written, self.written + rows
+
+        def write(name, array, source):
             if self.compression == "none":  # the shard's bytes, laid out as Zarr reads them
-                write_raw_shard(
-                    self.path / name, start // self.block, buffer, end - start, self.chunk
-                )
+                write_raw_shard(self.path / name, start // self.block, source, rows, self.chunk)
             else:
-                array[start:end] = buffer[: end - start]
+                array[start:end] = source[:rows]
 
-        jobs = zip(self.names, self.arrays, self.buffers)
+        jobs = zip(self.names, self.arrays, sources)
         for done in [self.pool.submit(write, *job) for job in jobs]:
             done.result()
-        self.written, self.filled = end, 0
+        self.written = end
 
     def _raise(self) -> None:
         if self.error is not None:

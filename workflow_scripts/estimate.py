@@ -13,7 +13,7 @@ named architectures, ``blocks`` and ``width`` for hf: and local: ones), a datase
   seen; an ablation sweep = about as many forward passes as there are blocks (head and tail at
   every k, each running about half the model, top-1 and top-5 from the same pass);
 * GPU hours = FLOPs / the throughput measured on one H100 (benchmarks/gpu_stages.py), and
-  for extraction the Zarr writer's rate where that is slower (it compresses on the CPU).
+  for extraction the shard writer's rate where that is slower.
 
 Run ``python -m workflow_scripts.estimate configs/full.yaml`` for the table.
 """
@@ -28,7 +28,9 @@ from workflow_scripts.plan import Study, resolve
 # measured on one H100 (benchmarks/gpu_stages.py, bfloat16 autocast): effective FLOP/s
 TRANSFORMER_FLOPS_PER_S = 1.0e14  # GPT-2-medium shape: 1.4e14 forward, 1.05e14 training
 RESNET_FLOPS_PER_S = {"forward": 4.4e13, "train": 2.2e13}  # ResNet-50 shape
-ZARR_BYTES_PER_S = 3.0e8  # the writer (zstd, crc32c on the CPU): 400 MiB a batch in 1.4 s
+# the uncompressed shard writer on 2 CPU cores, to the disk (benchmarks/extract_throughput.py:
+# 1.9 to 2.1 GiB/s; zstd would be 0.4): a GPU node's disk may be slower
+ZARR_BYTES_PER_S = 1.5e9
 
 
 def _image(study: Study, model: str) -> bool:

@@ -312,3 +312,28 @@ def test_uncompressed_shards_read_back_through_zarr_and_corruption_is_refused(tm
     with pytest.raises(ShardError, match="corrupted on disk"):
         read_rows(group, "layer-0", 0, 16, path)
     np.testing.assert_array_equal(read_rows(group, "layer-0", 16, 32, path), layer[16:32])
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_missing_or_empty_shard_file_is_named_not_read_as_zeros(tmp_path, compression):
+    from workflow_scripts.activations import ShardError
+
+    rng = np.random.default_rng(3)
+    rows = 300
+    layer = rng.standard_normal((rows, 16)).astype(np.float16)
+    readouts = [Readout(0, 0, 0, "block.0", 16)]
+    path = tmp_path / "s.zarr"
+    writer = ShardWriter(path, readouts, rows, "float16", 32, 2, compression)
+    padding = np.zeros(rows, bool)  # all False: the fill value
+    writer.append([layer], np.arange(rows) // 3, np.zeros(rows, np.int32), padding)
+    writer.close({"readouts": [r.as_dict() for r in readouts]})
+    assert compute([path], 0, [1.0], OPTIONS)["rows"].iloc[0] == rows  # complete: it reads
+    (path / "is_padding" / "c" / "1").unlink()
+    with pytest.raises(ShardError, match=r"is_padding/c/1 is missing"):
+        compute([path], 0, [1.0], OPTIONS)
+    writer = ShardWriter(path, readouts, rows, "float16", 32, 2, compression)
+    writer.append([layer], np.arange(rows) // 3, np.zeros(rows, np.int32), padding)
+    writer.close({"readouts": [r.as_dict() for r in readouts]})
+    (path / "layer-0" / "c" / "2" / "0").write_bytes(b"")
+    with pytest.raises(ShardError, match=r"layer-0/c/2/0 is empty"):
+        compute([path], 0, [1.0], OPTIONS)

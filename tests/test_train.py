@@ -475,3 +475,24 @@ def test_imagenet_style_batches_are_augmented_and_the_same_with_workers(tmp_path
         {"pixel_values": held_out[0]["pixel_values"]}, examples.preprocess
     )
     assert normalised["pixel_values"].dtype == torch.float32
+
+
+def test_the_jobs_cores_do_not_change_the_weights(tmp_path, data):
+    """--threads (the job's cores) sets loader workers only; the arithmetic's threads are a
+    setting of the run, so a shared cache serves the same weights whoever computed them."""
+    from workflow_scripts.train import main
+
+    spec = {**RESNET, "steps": 12, "batch_size": 32}
+    files = []
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}"
+        main(
+            [
+                *("--name", "r", "--spec", json.dumps(spec), "--data", str(data["shapes"])),
+                *("--checkpoint", str(out / "c.pt"), "--metrics", str(out / "m.parquet")),
+                *("--plot", str(out / "l.png"), "--threads", str(threads)),
+                *("--out", str(out / "model")),
+            ]
+        )
+        files.append(read_manifest(out / "model")["files"])
+    assert files[0] == files[1]

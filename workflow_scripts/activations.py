@@ -109,7 +109,11 @@ class ShardWriter:
         self.block = chunk * min(chunks_per_shard, math.ceil(rows / chunk))
         self.group = zarr.open_group(self.path, mode="w", zarr_format=3)
         self.compression, self.chunk = compression, chunk
-        codecs = dict(compressors=[*COMPRESSORS[compression], Crc32cCodec()])
+        # every chunk written, even one of zeros, so that a missing file is always an error
+        codecs = dict(
+            compressors=[*COMPRESSORS[compression], Crc32cCodec()],
+            config={"write_empty_chunks": True},
+        )
         self.arrays, self.buffers, self.names = [], [], []
         for readout in readouts:
             self.names.append(layer_name(readout.index))
@@ -272,7 +276,24 @@ def open_shard(path: str | Path) -> zarr.Group:
         ) from None
     if not finished:
         raise ShardError(f"{path}: not a finished activation shard (no read-out attributes)")
+    _check_files(group, Path(path))
     return group
+
+
+def _check_files(group: zarr.Group, path: Path) -> None:
+    """Every shard file of every array is there and not empty: the writer writes them all, and
+    Zarr would read a missing one as zeros (its fill value) without a word."""
+    for name, array in group.arrays():
+        rows = array.shards[0] if array.shards else array.chunks[0]
+        for index in range(math.ceil(array.shape[0] / rows)):
+            key = Path(name, "c", str(index), *(["0"] if array.ndim == 2 else []))
+            file = path / key
+            if not file.is_file() or file.stat().st_size == 0:
+                state = "is missing" if not file.exists() else "is empty"
+                raise ShardError(
+                    f"{path}: {key} {state}; a finished shard has every file, so this one was "
+                    f"deleted or truncated{provenance(file)}"
+                )
 
 
 def read_rows(group: zarr.Group, name: str, start: int, stop: int, shard: str | Path) -> np.ndarray:

@@ -172,6 +172,9 @@ def train(
     """Train run ``name`` on ``data_path`` (a token file for a language model, else a stored
     dataset) with ``workers`` loader processes; write the model, metrics and loss curve."""
     kind = KINDS[spec["kind"]]
+    # the arithmetic's threads come from the run, not the job's cores: float sums split over
+    # another number of threads round differently, and the cache key holds the run's settings
+    torch.set_num_threads(spec.get("cpu_threads", 1))
     model, tokenizer, family = build(spec, base_dir, tokenizer_dir)
     preprocess = model.config["preprocess"] if kind == "image" else None
     examples = training_examples(spec, kind, data_path, tokenizer, preprocess)
@@ -353,7 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="where to keep the checkpoint")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--plot", required=True)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the job's cores: one for the model, the rest loader workers",
+    )
     parser.add_argument("--out", required=True, help="the model directory to write")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -361,7 +369,6 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    torch.set_num_threads(args.threads)
     metrics = train(
         args.name,
         json.loads(args.spec),

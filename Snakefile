@@ -4,6 +4,7 @@
 # The rules run `python -m workflow_scripts.<stage>`: install the package (`make install`) and
 # run Snakemake from its environment.
 import os
+import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
@@ -35,6 +36,11 @@ except ConfigError as error:
 # checkouts share. Every rule may use it: each declares the code it runs as inputs and takes
 # every config value and wildcard it uses as params, which is what the cache keys on.
 os.environ.setdefault(output_cache.VARIABLE, str(output_cache.default_location()))
+# A result whose cache entry was deleted (the way to recompute it) is removed here, before the
+# DAG is built, and becomes a target of `all`, so that its job runs again (and what reads it).
+recompute = [str(path) for path in output_cache.remove_dangling_links("results")]
+for path in recompute:
+    print(f"{path}: its cache entry was deleted; it will be recomputed", file=sys.stderr)
 
 
 onstart:
@@ -57,3 +63,4 @@ rule all:
         all_stats(),
         all_ablations(),
         all_figures(),
+        recompute,

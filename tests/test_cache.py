@@ -244,6 +244,27 @@ def test_a_warm_cache_brings_back_deleted_results_without_running_jobs(workflow)
     )
 
 
+def test_deleting_a_cache_entry_recomputes_it(workflow):
+    config = workflow.changed()
+    gpt2 = next(name for name in config["models"] if name.startswith("gpt2"))  # maybe renamed
+    data = workflow.result("data/pairs.parquet")  # a file entry
+    shard = workflow.result(f"activations/{gpt2}/pairs/shard-0.zarr")  # a folder entry
+    expected = {
+        path: pd.read_parquet(path)
+        for path in (data, workflow.result(f"stats/{gpt2}/pairs.parquet"))
+    }
+    shutil.rmtree(cache_entry(shard))
+    cache_entry(data).unlink()
+    jobs = workflow.run(config)
+    assert ("prepare_data", {"dataset": "pairs"}) in jobs
+    assert ("extract", {"model": gpt2, "dataset": "pairs", "shard": "0"}) in jobs
+    assert ran(workflow.result("logs/prepare_data/pairs.log"))  # computed, not linked
+    assert ran(workflow.result(f"logs/extract/{gpt2}/pairs/shard-0.log"))
+    assert cache_entry(shard).exists() and cache_entry(data).exists()  # stored again
+    for path, frame in expected.items():  # the same numbers
+        pd.testing.assert_frame_equal(pd.read_parquet(path), frame)
+
+
 def corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -9,6 +9,7 @@ of running the job.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 VARIABLE = "SNAKEMAKE_OUTPUT_CACHE"
@@ -45,3 +46,31 @@ def provenance(path: str | Path) -> str:
     return (
         f" (from the output cache entry {entry}: delete it and rerun to recompute)" if entry else ""
     )
+
+
+TIMESTAMP = ".snakemake_timestamp"  # what Snakemake adds to a folder output
+
+
+def remove_dangling_links(root: str | Path = "results") -> list[Path]:
+    """Remove the results that link to a cache entry that was deleted, so that a rerun computes
+    them again (Snakemake would fail on a dangling link, or take a folder output whose files
+    link nowhere as done). A file result is its link; a folder result taken from the cache is a
+    folder of links (with Snakemake's timestamp file) and goes as a whole. Returns what went."""
+    removed = []
+    for folder, subfolders, files in os.walk(root):
+        here = Path(folder)
+        dangling = [
+            here / name
+            for name in (*subfolders, *files)
+            if (here / name).is_symlink() and not (here / name).exists()
+        ]
+        if (here / TIMESTAMP).exists():  # a folder output: its files are not walked further
+            subfolders.clear()
+            if dangling:
+                shutil.rmtree(here)
+                removed.append(here)
+            continue
+        for link in dangling:
+            link.unlink()
+            removed.append(link)
+    return removed

@@ -258,3 +258,27 @@ def test_token_lengths_beyond_a_models_context(default_config):
     default_config["models"]["gpt2-init"]["arch"]["context"] = 32
     message = error_for(default_config)
     assert "extract.max_tokens" in message and "'gpt2-init' takes at most 32" in message
+
+
+def test_an_architecture_in_fractions_is_refused(default_config):
+    default_config["models"]["gpt2-init"]["arch"]["width"] = 64.0
+    with pytest.raises(
+        ConfigError, match=r"models.gpt2-init.arch.width: 64.0; needs whole numbers"
+    ):
+        validate(default_config)
+    default_config["models"]["gpt2-init"]["arch"]["width"] = 64
+    default_config["models"]["resnet-init"]["arch"]["widths"] = [16, 32.5, 64, 128]
+    with pytest.raises(ConfigError, match=r"resnet-init.arch.widths.1: 32.5 .*integer"):
+        validate(default_config)
+
+
+@pytest.mark.parametrize("where", ["stats", "model"])
+def test_a_threshold_that_is_not_a_number_is_refused(default_config, where):
+    if where == "stats":
+        default_config.setdefault("stats", {})["thresholds"] = {"gpt2": [10, float("nan")]}
+        place = "stats.thresholds.gpt2"
+    else:
+        default_config["models"]["gpt2-init"]["thresholds"] = float("inf")
+        place = "models.gpt2-init.thresholds"
+    with pytest.raises(ConfigError, match=rf"{place}: .*thresholds must be finite numbers"):
+        validate(default_config)

@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from support import REPO
@@ -376,3 +377,11 @@ def test_a_failing_writer_stops_the_job_with_its_cause_and_leaves_nothing(
     assert not list(tmp_path.iterdir())  # no shard, no temporary directory
     batches = -(-24 // 2)
     assert len(forwards) < batches  # stopped early, not at the end
+
+
+def test_texts_that_give_no_tokens_are_named(model_dirs, tmp_path):
+    data = tmp_path / "empty.parquet"
+    store.write(pd.DataFrame({"example_id": [0, 1, 2], "text": ["", "", ""]}), data, "text", None)
+    with pytest.raises(DatasetError, match=r"empty.parquet: examples 0 to 2 \(shard 0\) give no"):
+        run(model_dirs["gpt2"], data, tmp_path / "s.zarr")
+    assert not list(tmp_path.glob("*.zarr*")) and not list(tmp_path.glob(".s.zarr*"))

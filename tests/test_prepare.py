@@ -246,3 +246,14 @@ def test_a_bad_image_among_many_is_named_with_workers(tmp_path):
             {"source": f"parquet:{source}", "kind": "image"}, tmp_path / "out.parquet", workers=2
         )
     assert not list(tmp_path.glob("*out.parquet*"))
+
+
+def test_an_empty_parquet_file_is_named(tmp_path):
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"empty.parquet is not a readable Parquet file"):
+        prepare(
+            {"source": f"parquet:{tmp_path / 'empty.parquet'}", "kind": "text"},
+            tmp_path / "o.parquet",
+        )
+    with pytest.raises(DatasetError, match=r"empty.parquet: not a readable Parquet file"):
+        store.DatasetFile(tmp_path / "empty.parquet")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -122,8 +123,17 @@ def family_of(where: str, name: str) -> families.Family:
 def _check_families(config: dict) -> None:
     for name, spec in config["models"].items():
         family_of(f"models.{name}.family", spec["family"])
-    for name in config["stats"]["thresholds"]:
+        _check_thresholds(f"models.{name}.thresholds", spec.get("thresholds", []))
+    for name, thresholds in config["stats"]["thresholds"].items():
         family_of(f"stats.thresholds.{name}", name)
+        _check_thresholds(f"stats.thresholds.{name}", thresholds)
+
+
+def _check_thresholds(where: str, thresholds) -> None:
+    """A threshold must be a finite number: NaN would make every outlier fraction 0."""
+    values = thresholds if isinstance(thresholds, list) else [thresholds]
+    if any(not math.isfinite(t) for t in values):
+        fail(where, f"{thresholds!r}: thresholds must be finite numbers")
 
 
 def _merge(base: dict, overrides: dict) -> dict:

@@ -111,6 +111,11 @@ def extract(
             for b in batches()
             for p, e in zip(b.padding, b.example_id)
         )
+        if rows == 0:
+            raise DatasetError(
+                f"{data_path}: examples {start} to {stop - 1} (shard {shard}) give no tokens "
+                "to store: are their texts empty?"
+            )
     else:
 
         def batches():

@@ -112,9 +112,22 @@ class Family:
         return self.estimate(self, blocks, arch or {}, width, vocabulary)
 
 
+def not_whole(where: str, arch: Mapping) -> str | None:
+    """The first architecture setting that should be a whole number (or a list of them) and is
+    not: 32.0 passes a YAML number check and fails deep inside a model's constructor."""
+    for key, value in arch.items():
+        values = value if isinstance(value, list) else [value]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if any(not isinstance(v, int) for v in numbers):
+            return f"{where}.{key}: {value!r}; needs whole numbers (write 32, not 32.0)"
+    return None
+
+
 def check_transformer_arch(where: str, arch: Mapping) -> str | None:
     if not isinstance(arch.get("layers"), int):
         return f"{where}.layers: {arch.get('layers')!r}; a transformer needs a number of blocks"
+    if problem := not_whole(where, arch):
+        return problem
     if "width" in arch and "heads" in arch and arch["width"] % arch["heads"]:
         return f"{where}.width: {arch['width']} is not divisible by heads ({arch['heads']})"
     return None

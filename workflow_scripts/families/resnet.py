@@ -3,7 +3,7 @@ blocks per stage, stage widths, stem and norm. Read-outs: every block's output, 
 
 from collections.abc import Mapping
 
-from workflow_scripts.families import Architecture, Family, ModelSize, register
+from workflow_scripts.families import Architecture, Family, ModelSize, not_whole, register
 
 
 def check_arch(where: str, arch: Mapping) -> str | None:
@@ -12,6 +12,8 @@ def check_arch(where: str, arch: Mapping) -> str | None:
             f"{where}.layers: {arch.get('layers')!r}; a ResNet needs a list of blocks per "
             "stage, e.g. [2, 2, 2, 2]"
         )
+    if problem := not_whole(where, arch):
+        return problem
     if len(arch.get("widths", [])) != len(arch["layers"]):
         return (
             f"{where}.widths: {arch.get('widths')!r}; needs one width per stage "

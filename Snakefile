@@ -10,15 +10,16 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from workflow_scripts import output_cache
-from workflow_scripts.config import ConfigError
+from workflow_scripts.config import ConfigError, with_overrides
 from workflow_scripts.plan import resolve
 
 min_version("9.27")
 
-# The default config, unless --configfile (or --config) gives one: that one then replaces it
-# whole, where Snakemake would merge the two key by key (a full config would inherit the tiny
-# models). `config` holds what the command line gave before this directive.
-if not config:
+# The default config, unless --configfile gives one: that one then replaces it whole, where
+# Snakemake would merge the two key by key (a full config would inherit the tiny models).
+# --config values are merged over whichever config is used, nested keys included
+# (`--config 'extract={batch_size: 8}'` changes that one setting).
+if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
 
@@ -27,7 +28,7 @@ report: "report/workflow.rst"
 
 
 try:
-    study = resolve(config)
+    study = resolve(with_overrides(config, workflow.config_settings.config))
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 

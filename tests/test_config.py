@@ -282,3 +282,53 @@ def test_a_threshold_that_is_not_a_number_is_refused(default_config, where):
         place = "models.gpt2-init.thresholds"
     with pytest.raises(ConfigError, match=rf"{place}: .*thresholds must be finite numbers"):
         validate(default_config)
+
+
+def test_config_on_the_command_line_changes_nested_settings_of_the_default():
+    """`--config 'extract={batch_size: 8}'` changes that setting of config.yaml and keeps the
+    rest; Snakemake hands nested values over as strings."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from support import REPO
+
+    target = "results/activations/gpt2-init/corpus/shard-0.zarr"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "-p",
+            target,  # before --config, which takes every word after it
+            "--config",
+            "extract={batch_size: 8, autocast: null}",
+            "stats={include_padding: true}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    options = json.loads(re.search(r"--options '(\{[^']*\})'", result.stdout).group(1))
+    assert options["batch_size"] == 8 and options["autocast"] is None
+    assert options["max_tokens"] == 128  # config.yaml's, kept
+
+
+def test_nested_command_line_values_are_typed():
+    from workflow_scripts.config import with_overrides
+
+    merged = with_overrides(
+        {"extract": {"batch_size": 32, "dtype": "float16"}, "models": {"a": {}}},
+        {"extract": {"batch_size": "8", "device": "cpu", "rows_per_example": "null"}},
+    )
+    assert merged["extract"] == {
+        "batch_size": 8,
+        "dtype": "float16",
+        "device": "cpu",
+        "rows_per_example": None,
+    }
+    assert merged["models"] == {"a": {}}

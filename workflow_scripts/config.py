@@ -136,6 +136,24 @@ def _check_thresholds(where: str, thresholds) -> None:
         fail(where, f"{thresholds!r}: thresholds must be finite numbers")
 
 
+def with_overrides(config: Mapping, overrides: Mapping) -> dict:
+    """``config`` with the ``--config`` values merged over it, nested keys included. Snakemake
+    parses a nested value (``extract={batch_size: 8}``) with every scalar as a string; here each
+    becomes what YAML makes of it (8 an integer, true a boolean, 0.5 a number)."""
+    return _merge(dict(config), _typed(dict(overrides)))
+
+
+def _typed(value):
+    if isinstance(value, Mapping):
+        return {key: _typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_typed(item) for item in value]
+    if isinstance(value, str):
+        parsed = yaml.safe_load(value) if value.strip() else value
+        return parsed if isinstance(parsed, (bool, int, float, type(None))) else value
+    return value
+
+
 def _merge(base: dict, overrides: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in overrides.items():

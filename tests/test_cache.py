@@ -309,6 +309,7 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
     assert result.returncode != 0
     log = workflow.result("logs/extract/roberta-tiny/pairs/shard-0.log").read_text()
     assert "model.safetensors does not match its sha256" in log
+    assert f"from the output cache entry {model}" in log  # named, to be deleted
     assert not workflow.result("activations/roberta-tiny/pairs/shard-0.zarr").exists()
 
 

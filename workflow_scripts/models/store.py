@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from workflow_scripts.output_cache import provenance
+
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -73,5 +75,5 @@ def verify_files(directory: str | os.PathLike, expected: dict[str, str]) -> None
         if sha256_file(path) != digest:
             raise ModelDirError(
                 f"model directory {str(root)!r}: {name} does not match its "
-                f"sha256 in {MANIFEST} (file changed or corrupted)"
+                f"sha256 in {MANIFEST} (file changed or corrupted){provenance(path)}"
             )

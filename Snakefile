@@ -37,6 +37,7 @@ except ConfigError as error:
 # checkouts share. Every rule may use it: each declares the code it runs as inputs and takes
 # every config value and wildcard it uses as params, which is what the cache keys on.
 os.environ.setdefault(output_cache.VARIABLE, str(output_cache.default_location()))
+output_cache.guard_concurrent_stores()
 # A result whose cache entry was deleted (the way to recompute it) is removed here, before the
 # DAG is built, and becomes a target of `all`, so that its job runs again (and what reads it).
 recompute = [str(path) for path in output_cache.remove_dangling_links("results")]

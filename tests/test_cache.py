@@ -371,3 +371,32 @@ def test_jobs_killed_midway_are_redone_and_give_the_same_results(tmp_path):
         pd.testing.assert_frame_equal(
             pd.read_parquet(flow.result(path)), pd.read_parquet(reference.result(path))
         )
+
+
+def test_two_checkouts_storing_the_same_entries_at_once(tmp_path):
+    """Both runs compute the same jobs and store them in one cache at about the same time:
+    each entry is stored once, never a copy nested inside another."""
+    cache = tmp_path / "cache"
+    flows = [Workflow(tmp_path / name, cache) for name in ("a", "b")]
+    processes = [
+        subprocess.Popen(
+            flow.command(CONFIG),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=flow.environment(),
+            cwd=flow.workdir,
+        )
+        for flow in flows
+    ]
+    for process in processes:
+        _, log = process.communicate(timeout=600)
+        assert process.returncode == 0, log[-3000:]
+    folders = [entry for entry in cache.iterdir() if entry.is_dir()]
+    assert folders  # models and shards are folder entries
+    nested = [entry for entry in folders if (entry / entry.name).exists()]
+    assert not nested, nested
+    a, b = (
+        flow.result(f"stats/{model}/pairs.parquet") for flow in flows for model in ["roberta-tiny"]
+    )
+    pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))

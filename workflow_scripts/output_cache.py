@@ -74,3 +74,34 @@ def remove_dangling_links(root: str | Path = "results") -> list[Path]:
             link.unlink()
             removed.append(link)
     return removed
+
+
+class _EntryMoves:
+    """Stands in for ``shutil`` in Snakemake's local output cache (9.x): its store moves a
+    finished entry from a temporary folder to its place, and a folder moved onto one that
+    exists lands *inside* it. When two runs sharing a cache store the same entry at once, the
+    second would nest a copy in the first's. Here the second keeps the first's (same key, so the
+    same content) and drops its own; every other call is shutil's."""
+
+    def __getattr__(self, name):
+        return getattr(shutil, name)
+
+    @staticmethod
+    def move(source, destination, copy_function=shutil.copy2):
+        source, destination = Path(source), Path(destination)
+        if (
+            destination.is_dir()
+            and not destination.is_symlink()
+            and source.name == destination.name
+        ):
+            shutil.rmtree(source)  # another run stored this entry first
+            return str(destination)
+        return shutil.move(source, destination, copy_function=copy_function)
+
+
+def guard_concurrent_stores() -> None:
+    """Make Snakemake's store of a folder entry safe against a concurrent store of the same."""
+    from snakemake.caching import local
+
+    if getattr(local, "shutil", None) is shutil:
+        local.shutil = _EntryMoves()

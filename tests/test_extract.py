@@ -385,3 +385,31 @@ def test_texts_that_give_no_tokens_are_named(model_dirs, tmp_path):
     with pytest.raises(DatasetError, match=r"empty.parquet: examples 0 to 2 \(shard 0\) give no"):
         run(model_dirs["gpt2"], data, tmp_path / "s.zarr")
     assert not list(tmp_path.glob("*.zarr*")) and not list(tmp_path.glob(".s.zarr*"))
+
+
+def test_interrupted_extraction_stops_its_writer_and_leaves_nothing(model_dirs, tmp_path):
+    """SIGINT (Ctrl-C, or Snakemake stopping a job) while chunks are written: the writer thread
+    stops before the cleanup, nothing is left, and the log ends with the interruption."""
+    data = tmp_path / "corpus.parquet"
+    store.write(builtin.generate("corpus", 400, 0), data, "text", None)
+    out = tmp_path / "shard-0.zarr"
+    options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
+    command = [sys.executable, "-m", "workflow_scripts.extract", "--model", str(model_dirs["gpt2"])]
+    command += ["--data", str(data), "--shard", "0", "--shards", "1", "--out", str(out)]
+    command += ["--options", __import__("json").dumps(options)]
+    log = tmp_path / "extract.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(
+            command, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=handle
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(
+            tmp_path.glob(".shard-0.zarr.tmp-*/layer-0/c/*")
+        ):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert process.returncode != 0
+    assert not out.exists() and not list(tmp_path.glob(".shard-0.zarr.tmp-*"))
+    text = log.read_text()
+    assert "KeyboardInterrupt" in text and "Directory not empty" not in text

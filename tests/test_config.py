@@ -332,3 +332,18 @@ def test_nested_command_line_values_are_typed():
         "rows_per_example": None,
     }
     assert merged["models"] == {"a": {}}
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    from workflow_scripts.config import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  a: {family: gpt2\n  b: 3\n")
+    good = tmp_path / "good.yaml"
+    good.write_text((REPO / "config.yaml").read_text())
+    with pytest.raises(SystemExit) as exit:
+        main([str(good), str(bad)])
+    assert exit.value.code == 1
+    out, err = capsys.readouterr()
+    assert f"{good}: valid" in out
+    assert f"{bad}, line 3, column" in err and "not valid YAML" in err

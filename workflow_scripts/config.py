@@ -492,3 +492,41 @@ def _check_figures(config: dict) -> None:
                         f"on dataset {dataset!r} for the {figure} figure; add the pair to "
                         f"{'ablation.analyses' if needs_ablation else 'analyses'}",
                     )
+
+
+def load(path: str | os.PathLike) -> dict:
+    """A config file, read as YAML; a syntax error names the file, line and column (Snakemake's
+    own message for a --configfile that does not parse names neither)."""
+    try:
+        with open(path) as handle:
+            loaded = yaml.safe_load(handle)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({error.problem or error.context})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections, not {type(loaded).__name__}")
+    return loaded
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check config files without Snakemake: YAML syntax (with the line), schema and keys."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("configfiles", nargs="+")
+    args = parser.parse_args(argv)
+    failed = False
+    for path in args.configfiles:
+        try:
+            validate(load(path))
+            print(f"{path}: valid")
+        except ConfigError as error:
+            print(error, file=sys.stderr)
+            failed = True
+    raise SystemExit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -337,3 +337,28 @@ def test_a_missing_or_empty_shard_file_is_named_not_read_as_zeros(tmp_path, comp
     (path / "layer-0" / "c" / "2" / "0").write_bytes(b"")
     with pytest.raises(ShardError, match=r"layer-0/c/2/0 is empty"):
         compute([path], 0, [1.0], OPTIONS)
+
+
+def test_the_studys_example_averages_against_numpy_float64(tmp_path):
+    """average: examples and rms: root_mean_square give the study's definitions: kurtosis over
+    each example's rows then over examples; RMS the root of the mean over examples of each
+    example's mean x^2. Examples of different lengths, so row and example means differ."""
+    rng = np.random.default_rng(11)
+    lengths = rng.integers(1, 40, size=60)
+    ids = np.repeat(np.arange(60), lengths)
+    x = heavy_tailed(rng, len(ids), 24, outliers=(2,), scale=20.0).astype(np.float16)
+    x[ids % 3 == 0] *= 3  # examples of different scales
+    path = write_shard(tmp_path / "s.zarr", [x], ids)
+    options = {**OPTIONS, "average": "examples", "rms": "root_mean_square"}
+    frame = compute([path], 0, [5.0], options)
+    values = x.astype(np.float64)
+    kurtosis = scipy.stats.kurtosis(values, axis=1, fisher=True, bias=True) + 3
+    per_example = [kurtosis[ids == e].mean() for e in range(60)]
+    mean_square = [np.mean(values[ids == e] ** 2) for e in range(60)]
+    assert value(frame, "kurtosis")["value"] == pytest.approx(np.mean(per_example), rel=1e-6)
+    assert value(frame, "rms")["value"] == pytest.approx(np.sqrt(np.mean(mean_square)), rel=1e-6)
+    spread = np.std(per_example, ddof=1) / np.sqrt(60)
+    assert value(frame, "kurtosis")["spread"] == pytest.approx(spread, rel=1e-5)
+    by_rows = compute([path], 0, [5.0], OPTIONS)  # the default: over rows
+    assert value(by_rows, "kurtosis")["value"] == pytest.approx(kurtosis.mean(), rel=1e-6)
+    assert abs(value(by_rows, "kurtosis")["value"] - np.mean(per_example)) > 1e-3

@@ -98,7 +98,13 @@ def compute(
     ]
     device = pick_device(options.get("device", "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = False  # rotations in full float32, as on the CPU
-    stats = LayerStatistics(width, rotations, device)
+    stats = LayerStatistics(
+        width,
+        rotations,
+        device,
+        average=options.get("average", "rows"),
+        rms=options.get("rms", "row_mean"),
+    )
     total = sum(a.shape[0] for a, _, _ in arrays)
     with tqdm(
         total=total, desc=f"layer {layer}", unit="row", file=sys.stderr, mininterval=5

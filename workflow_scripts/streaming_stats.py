@@ -23,7 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-ROW_METRICS = ("kurtosis", "rotated_kurtosis", "rms")
+ROW_METRICS = ("kurtosis", "rotated_kurtosis", "rms", "mean_square")
+AVERAGES = ("rows", "examples")  # over rows; or over each example's rows, then over examples
+RMS_DEFINITIONS = ("row_mean", "root_mean_square")
+
+
+def _of(average: str) -> str:
+    """How a per-row value was averaged, for a setting's name (nothing for the default)."""
+    return ", example mean" if average == "examples" else ""
 
 
 class StatisticsError(ValueError):
@@ -112,6 +119,8 @@ class ClusterMeans:
         self.sum_sq = np.zeros(metrics)  # sum over clusters of (cluster sum)^2
         self.sum_cross = np.zeros(metrics)  # sum over clusters of cluster sum * cluster rows
         self.rows_sq = 0.0  # sum over clusters of (cluster rows)^2
+        self.mean_sum = np.zeros(metrics)  # sum over clusters of the cluster's mean
+        self.mean_sq = np.zeros(metrics)  # sum over clusters of the cluster's mean squared
         self.rows = 0
         self.clusters = 0
         self.open_id, self.open_sum, self.open_rows = None, np.zeros(metrics), 0
@@ -136,6 +145,9 @@ class ClusterMeans:
         self.sum += sums.sum(axis=0)
         self.sum_sq += (sums * sums).sum(axis=0)
         self.sum_cross += (sums * counts[:, None]).sum(axis=0)
+        means = sums / counts[:, None]
+        self.mean_sum += means.sum(axis=0)
+        self.mean_sq += (means * means).sum(axis=0)
         self.rows_sq += float((counts.astype(np.float64) ** 2).sum())
         self.rows += int(counts.sum())
         self.clusters += len(counts)
@@ -144,13 +156,21 @@ class ClusterMeans:
     def total_rows(self) -> int:
         return self.rows + self.open_rows
 
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
-        """Means and their standard errors (NaN with fewer than two clusters)."""
+    def finish(self, average: str = "rows") -> tuple[np.ndarray, np.ndarray]:
+        """Means and their standard errors (NaN with fewer than two clusters): over rows (the
+        error cluster-robust), or with ``average="examples"`` the mean over clusters of each
+        cluster's mean (the error: their spread over the square root of their number)."""
         if self.open_id is not None:
             self._close(self.open_sum[None], np.array([self.open_rows]))
             self.open_id, self.open_rows = None, 0
-        mean = self.sum / self.rows
         g = self.clusters
+        if average == "examples":
+            mean = self.mean_sum / g
+            if g < 2:
+                return mean, np.full_like(mean, np.nan)
+            variance = np.maximum(self.mean_sq - g * mean * mean, 0) / (g - 1)
+            return mean, np.sqrt(variance / g)
+        mean = self.sum / self.rows
         if g < 2:
             return mean, np.full_like(mean, np.nan)
         residual = self.sum_sq - 2 * mean * self.sum_cross + mean * mean * self.rows_sq
@@ -167,11 +187,15 @@ class LayerStatistics:
         rotations: list[np.ndarray],
         device: str | torch.device = "cpu",
         sort_on_device: bool | None = None,
+        average: str = "rows",
+        rms: str = "row_mean",
     ):
         """``device``: where the moments, rotations and extremes are computed (the sums are
         kept in float64 on the host); ``sort_on_device``: the median and maximum of |x| with
         torch on ``device`` rather than numpy's partition (default: on a GPU)."""
-        self.width = width
+        if average not in AVERAGES or rms not in RMS_DEFINITIONS:
+            raise ValueError(f"average {average!r}, rms {rms!r}: see AVERAGES, RMS_DEFINITIONS")
+        self.width, self.average, self.rms = width, average, rms
         self.device = torch.device(device)
         self.sort_on_device = (
             self.device.type != "cpu" if sort_on_device is None else sort_on_device
@@ -213,9 +237,13 @@ class LayerStatistics:
                 f"kurtosis overflows float32 in {len(bad)} row(s) (first of example {first})"
             )
         rotated = torch.stack([row_kurtosis(x @ q) for q in self.rotations], dim=1)
-        rms = (m2 + mean.square()).sqrt()
+        mean_square = m2 + mean.square()
         values = torch.cat(
-            [torch.stack([kurtosis, rotated.mean(dim=1), rms], dim=1), rotated], dim=1
+            [
+                torch.stack([kurtosis, rotated.mean(dim=1), mean_square.sqrt(), mean_square], 1),
+                rotated,
+            ],
+            dim=1,
         )
         self.means.update(values.double().cpu().numpy(), example_id)
         # |x| in the stored dtype: exact, and float16 halves the work of the partial sort
@@ -239,7 +267,8 @@ class LayerStatistics:
         rows = self.means.total_rows
         if rows == 0:
             raise StatisticsError("no rows to compute statistics from")
-        mean, error = self.means.finish()
+        mean, error = self.means.finish(self.average)
+        per = "example mean" if self.average == "examples" else "row mean"
         records = []
 
         def add(metric, setting, value, spread=math.nan, feature=None, rows=rows):
@@ -255,19 +284,28 @@ class LayerStatistics:
             )
 
         n_rot = len(self.rotations)
-        add("kurtosis", "standard basis", mean[0], error[0])
-        add("rotated_kurtosis", f"mean of {n_rot} rotation(s)", mean[1], error[1])
+        add("kurtosis", "standard basis" + _of(self.average), mean[0], error[0])
+        add(
+            "rotated_kurtosis",
+            f"mean of {n_rot} rotation(s)" + _of(self.average),
+            mean[1],
+            error[1],
+        )
         per_rotation = mean[len(ROW_METRICS) :]
         add(
             "rotated_kurtosis_sd",
             f"sd over {n_rot} rotation(s)",
             per_rotation.std(ddof=1) if n_rot > 1 else math.nan,
         )
-        add("rms", "row mean", mean[2], error[2])
+        if self.rms == "row_mean":  # the mean of each row's RMS
+            add("rms", per, mean[2], error[2])
+        else:  # the square root of the mean of the rows' (or examples') mean x^2
+            root = math.sqrt(mean[3])
+            add("rms", f"root of the {per} square", root, error[3] / (2 * root) if root else 0)
         ratio_rows = rows - self.zero_median_rows
         if ratio_rows:
-            ratio_mean, ratio_error = self.ratio.finish()
-            add("max_over_median", "row mean", ratio_mean[0], ratio_error[0], rows=ratio_rows)
+            ratio_mean, ratio_error = self.ratio.finish(self.average)
+            add("max_over_median", per, ratio_mean[0], ratio_error[0], rows=ratio_rows)
             add("max_over_median", "row max", self.largest_ratio, rows=ratio_rows)
         add("max_over_median", "rows with median |x| = 0", self.zero_median_rows)
         magnitude = np.maximum(self.feature_max, -self.feature_min)

@@ -132,3 +132,16 @@ def test_hub_commit_is_kept_without_asking():
 def test_hub_answer_that_is_not_a_commit_is_refused():
     with pytest.raises(ValueError, match="not a commit"):
         resolve_revision("gpt2", "main", FakeHub(None))
+
+
+def test_a_local_checkpoint_of_another_model_type_is_refused(model_dirs, tmp_path):
+    source = tmp_path / "bert-like"
+    shutil.copytree(model_dirs["bert"], source)
+    (source / MANIFEST).unlink()  # a plain save_pretrained directory: only config.json says
+    for family in ("gpt2", "roberta"):
+        with pytest.raises(
+            ValueError, match=rf"local model .* is a 'bert' model, not family '{family}'"
+        ):
+            fetch({"family": family, "source": f"local:{source}"}, tmp_path / f"out-{family}")
+        assert not (tmp_path / f"out-{family}").exists()
+    fetch({"family": "bert", "source": f"local:{source}"}, tmp_path / "out-bert")

@@ -84,11 +84,24 @@ def _local(spec: dict, path: str, tmp: Path) -> dict:
         fields = {"revision": manifest.get("revision"), "origin": manifest["source"]}
     else:
         verify_files(source, {})
+        config = json.loads((source / "config.json").read_text())
+        check_model_type(f"local model {path!r}", config.get("model_type"), spec["family"])
     for item in sorted(source.iterdir()):
         if item.name == MANIFEST:
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
     return fields
+
+
+def check_model_type(where: str, model_type: str | None, family: str) -> None:
+    """A Hugging Face checkpoint's ``model_type`` against the family the config names (families
+    without Hugging Face model types, the ResNets, have nothing to check)."""
+    expected = families.get(family).model_types
+    if expected and model_type not in expected:
+        raise ValueError(
+            f"{where} is a {model_type!r} model, not family {family!r} "
+            f"(model_type {' or '.join(map(repr, expected))})"
+        )
 
 
 def resolve_revision(repo: str, revision: str, api) -> str:
@@ -111,12 +124,7 @@ def _hub(spec: dict, repo_and_revision: str, tmp: Path) -> dict:
     commit = resolve_revision(repo, revision or "main", HfApi())
     log.info("hf:%s at %s is commit %s", repo, revision or "main", commit)
     config = transformers.AutoConfig.from_pretrained(repo, revision=commit)
-    expected = families.get(spec["family"]).model_types
-    if config.model_type not in expected:
-        raise ValueError(
-            f"hf:{repo} is a {config.model_type!r} model, not family "
-            f"{spec['family']!r} (model_type {' or '.join(map(repr, expected))})"
-        )
+    check_model_type(f"hf:{repo}", config.model_type, spec["family"])
     model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
     model = model_class.from_pretrained(repo, revision=commit)
     model.save_pretrained(tmp)

@@ -39,10 +39,9 @@ except ConfigError as error:
 os.environ.setdefault(output_cache.VARIABLE, str(output_cache.default_location()))
 output_cache.guard_concurrent_stores()
 # A result whose cache entry was deleted (the way to recompute it) is removed here, before the
-# DAG is built, and becomes a target of `all`, so that its job runs again (and what reads it).
-recompute = [str(path) for path in output_cache.remove_dangling_links("results")]
-for path in recompute:
-    print(f"{path}: its cache entry was deleted; it will be recomputed", file=sys.stderr)
+# DAG is built; if this config makes it, it becomes a target of `all` (below), so that its job
+# runs again, and what reads it.
+deleted_entries = output_cache.remove_dangling_links("results")
 
 
 onstart:
@@ -57,6 +56,12 @@ include: "rules/extract.smk"
 include: "rules/stats.smk"
 include: "rules/ablate.smk"
 include: "rules/figures.smk"
+
+
+recompute = [str(path) for path in deleted_entries if made_by_this_config(path)]
+for path in deleted_entries:
+    again = "it will be recomputed" if str(path) in recompute else "this config does not make it"
+    print(f"{path}: its cache entry was deleted; {again}", file=sys.stderr)
 
 
 rule all:

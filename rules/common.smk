@@ -52,6 +52,24 @@ def job_resource(stage, key):
 # --- models and training runs ---
 
 
+def made_by_this_config(path):
+    """Whether a path under results/ names models and datasets of this config (a result of an
+    earlier config may be there too): results/<stage>/<model>[/<dataset>...], data/<dataset>,
+    tokens/<dataset>/..."""
+    parts = Path(path).parts[1:]
+    if len(parts) < 2:
+        return False
+    stage, name = parts[0], Path(parts[1]).name.removesuffix(".parquet")
+    if stage in ("data", "tokens"):
+        return name in study.datasets
+    if stage in ("models", "train"):
+        return name in study.models
+    if stage in ("activations", "stats", "ablation") and len(parts) > 2:
+        dataset = Path(parts[2]).name.removesuffix(".parquet")
+        return name in study.models and dataset in study.datasets
+    return False
+
+
 def fetched_model_names():
     return names_pattern(study.fetched_models())
 

@@ -400,3 +400,23 @@ def test_two_checkouts_storing_the_same_entries_at_once(tmp_path):
         flow.result(f"stats/{model}/pairs.parquet") for flow in flows for model in ["roberta-tiny"]
     )
     pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
+
+
+def test_a_deleted_entry_of_another_config_is_removed_not_built(tmp_path):
+    """A dangling link left by an earlier config (a model this config does not have) goes, and
+    the run does not try to build it."""
+    flow = Workflow(tmp_path)
+    ghost = flow.workdir / "results/stats/ghost/pairs/layer-0.parquet"
+    ghost.parent.mkdir(parents=True)
+    ghost.symlink_to(tmp_path / "cache" / "deleted-entry.parquet")
+    result = subprocess.run(
+        flow.command(CONFIG, "-n"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=flow.environment(),
+        cwd=flow.workdir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "this config does not make it" in result.stderr
+    assert not ghost.is_symlink()

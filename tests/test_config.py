@@ -323,7 +323,10 @@ def test_nested_command_line_values_are_typed():
 
     merged = with_overrides(
         {"extract": {"batch_size": 32, "dtype": "float16"}, "models": {"a": {}}},
-        {"extract": {"batch_size": "8", "device": "cpu", "rows_per_example": "null"}},
+        {
+            "extract": {"batch_size": "8", "device": "cpu", "rows_per_example": "null"},
+            "other": {"a": "0x10", "b": "yes", "c": "1:2", "d": "1e-3", "e": "*x", "f": "True"},
+        },
     )
     assert merged["extract"] == {
         "batch_size": 8,
@@ -331,6 +334,8 @@ def test_nested_command_line_values_are_typed():
         "device": "cpu",
         "rows_per_example": None,
     }
+    # YAML 1.2's core scalars only; anything else stays the string it was
+    assert merged["other"] == {"a": "0x10", "b": "yes", "c": "1:2", "d": 1e-3, "e": "*x", "f": True}
     assert merged["models"] == {"a": {}}
 
 

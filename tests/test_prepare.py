@@ -257,3 +257,28 @@ def test_an_empty_parquet_file_is_named(tmp_path):
         )
     with pytest.raises(DatasetError, match=r"empty.parquet: not a readable Parquet file"):
         store.DatasetFile(tmp_path / "empty.parquet")
+
+
+def test_hub_labels_under_another_column_name(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_dict(
+        {"first": ["a", "b", "c", "d"], "second": list("efgh"), "labels": [0, 1, -1, 2]},
+        features=datasets.Features(
+            {
+                "first": datasets.Value("string"),
+                "second": datasets.Value("string"),
+                "labels": datasets.ClassLabel(names=["x", "y", "z"]),
+            }
+        ),
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, subset, split: data)
+    spec = {
+        "source": "hf:owner/set:test",
+        "kind": "pairs",
+        "columns": {"premise": "first", "hypothesis": "second", "label": "labels"},
+    }
+    prepare(spec, tmp_path / "out.parquet")
+    frame, _, names = store.read(tmp_path / "out.parquet")
+    assert names == ["x", "y", "z"]  # the mapped column's class names
+    assert frame["label"].tolist() == [0, 1, 2]  # its unlabelled row dropped
+    assert store.DatasetFile(tmp_path / "out.parquet").take([]).empty

@@ -362,3 +362,23 @@ def test_the_studys_example_averages_against_numpy_float64(tmp_path):
     by_rows = compute([path], 0, [5.0], OPTIONS)  # the default: over rows
     assert value(by_rows, "kurtosis")["value"] == pytest.approx(kurtosis.mean(), rel=1e-6)
     assert abs(value(by_rows, "kurtosis")["value"] - np.mean(per_example)) > 1e-3
+
+
+def test_a_batch_of_a_whole_shard_in_other_dtypes_is_cast_like_any_other():
+    import tempfile
+    from pathlib import Path
+
+    from workflow_scripts.activations import open_shard
+
+    rng = np.random.default_rng(4)
+    layer = rng.standard_normal((32, 8)).astype(np.float32)  # stored as float16
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.zarr"
+        readouts = [Readout(0, 0, 0, "block.0", 8)]
+        writer = ShardWriter(path, readouts, 32, "float16", 8, 4)  # one shard of 32 rows
+        ids = np.arange(32, dtype=np.int32)  # stored as int64
+        writer.append([layer], ids, np.zeros(32, np.int64), np.zeros(32, np.uint8))
+        writer.close({"readouts": [r.as_dict() for r in readouts]})
+        group = open_shard(path)
+        np.testing.assert_array_equal(group["layer-0"][:], layer.astype(np.float16))
+        np.testing.assert_array_equal(group["example_id"][:], np.arange(32))

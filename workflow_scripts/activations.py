@@ -193,7 +193,11 @@ class ShardWriter:
         n, offset = len(columns[-1]), 0
         while offset < n:
             if self.filled == 0 and n - offset >= self.block:  # a whole shard: no copy
-                self._write([c[offset : offset + self.block] for c in columns], self.block)
+                whole = [
+                    np.asarray(c[offset : offset + self.block], b.dtype)  # a copy only to cast
+                    for c, b in zip(columns, self.buffers)
+                ]
+                self._write(whole, self.block)
                 offset += self.block
                 continue
             take = min(n - offset, self.block - self.filled)

@@ -14,6 +14,7 @@ import copy
 import itertools
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -138,8 +139,9 @@ def _check_thresholds(where: str, thresholds) -> None:
 
 def with_overrides(config: Mapping, overrides: Mapping) -> dict:
     """``config`` with the ``--config`` values merged over it, nested keys included. Snakemake
-    parses a nested value (``extract={batch_size: 8}``) with every scalar as a string; here each
-    becomes what YAML makes of it (8 an integer, true a boolean, 0.5 a number)."""
+    parses a nested value (``extract={batch_size: 8}``) with every scalar as a string; here the
+    scalars of YAML 1.2's core schema are typed (8, 0.5, 1e-3, true, false, null) and every
+    other string stays a string (0x10, yes, 1:2)."""
     return _merge(dict(config), _typed(dict(overrides)))
 
 
@@ -148,9 +150,13 @@ def _typed(value):
         return {key: _typed(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_typed(item) for item in value]
-    if isinstance(value, str):
-        parsed = yaml.safe_load(value) if value.strip() else value
-        return parsed if isinstance(parsed, (bool, int, float, type(None))) else value
+    if isinstance(value, str):  # YAML 1.2's core scalars only: no 0x10, yes/no, 1:2 or ~
+        text = value.strip()
+        if re.fullmatch(r"[-+]?[0-9]+", text):
+            return int(text)
+        if re.fullmatch(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?", text):
+            return float(text)
+        return {"true": True, "false": False, "null": None}.get(text.lower(), value)
     return value
 
 

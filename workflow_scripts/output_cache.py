@@ -8,6 +8,7 @@ of running the job.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -89,14 +90,15 @@ class _EntryMoves:
     @staticmethod
     def move(source, destination, copy_function=shutil.copy2):
         source, destination = Path(source), Path(destination)
-        if (
-            destination.is_dir()
-            and not destination.is_symlink()
-            and source.name == destination.name
-        ):
+        if not (source.is_dir() and source.name == destination.name):
+            return shutil.move(source, destination, copy_function=copy_function)
+        try:  # an entry's last move, within the cache folder: one atomic rename
+            os.rename(source, destination)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not destination.is_dir():
+                raise
             shutil.rmtree(source)  # another run stored this entry first
-            return str(destination)
-        return shutil.move(source, destination, copy_function=copy_function)
+        return str(destination)
 
 
 def guard_concurrent_stores() -> None:

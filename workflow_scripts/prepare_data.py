@@ -195,12 +195,13 @@ def _from_hub(rest: str, spec: dict, name: str, workers: int) -> Source:
     parts = path.split("/")  # <name>, <owner>/<name> or <owner>/<name>/<config>
     repo, subset = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else None)
     data = datasets.load_dataset(repo, subset, split=split)  # memory-mapped Arrow on disk
-    label = data.features.get("label")
+    label_column = spec.get("columns", {}).get("label", "label")  # the source's label column
+    label = data.features.get(label_column)
     names = list(label.names) if label is not None and hasattr(label, "names") else None
     images = [c for c, f in data.features.items() if isinstance(f, datasets.Image)]
     valid = None
-    if "label" in data.column_names:  # hub test splits mark unlabelled rows -1: dropped
-        labels = data.data.column("label").to_numpy()
+    if label_column in data.column_names:  # hub test splits mark unlabelled rows -1: dropped
+        labels = data.data.column(label_column).to_numpy()
         if (labels < 0).any():
             valid = np.flatnonzero(labels >= 0)
     rows = len(data) if valid is None else len(valid)
@@ -255,7 +256,11 @@ def _from_parquet(path: str, spec: dict, name: str, workers: int) -> Source:
                 batch = batch.take(positions - offset)
             offset = stop
             if len(positions):
-                yield _with_positions(batch.to_pandas(), positions)
+                frame = batch.to_pandas()
+                for column in frame.columns:  # Hugging Face exports images as {bytes, path}
+                    if len(frame) and isinstance(frame[column].iloc[0], dict):
+                        frame[column] = [_image_bytes(v, f"dataset {name}") for v in frame[column]]
+                yield _with_positions(frame, positions)
 
     return Source(parquet.metadata.num_rows, parquet.schema_arrow.names, names, read)
 
@@ -264,7 +269,11 @@ def _from_imagefolder(path: str, spec: dict, name: str, workers: int) -> Source:
     root = Path(path)
     if not root.is_dir():
         raise DatasetError(f"dataset {name}: image folder {path!r} does not exist")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(
+        entry.name
+        for entry in os.scandir(root)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
     if not classes:
         raise DatasetError(f"dataset {name}: image folder {path!r} has no class folders")
     # the listing (names only, about 30 bytes a file) is what a folder's order comes from

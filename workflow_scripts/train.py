@@ -219,6 +219,7 @@ def train(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
+            scaler.load_state_dict(state["scaler"])
             records, start = state["records"], state["step"]
             log.info("resuming %s from its checkpoint at step %d", name, start)
         else:
@@ -272,7 +273,9 @@ def train(
             )
         records.append(record)
         if (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:
-            _save_checkpoint(checkpoint_path, key, step + 1, model, optimizer, schedule, records)
+            _save_checkpoint(
+                checkpoint_path, key, step + 1, model, optimizer, schedule, scaler, records
+            )
         progress.update()
         clock = time.perf_counter()
         busy += clock - fetched
@@ -294,7 +297,7 @@ def train(
     return metrics
 
 
-def _save_checkpoint(path: Path, key, step, model, optimizer, schedule, records) -> None:
+def _save_checkpoint(path: Path, key, step, model, optimizer, schedule, scaler, records) -> None:
     with written(path) as tmp:
         torch.save(
             {
@@ -303,6 +306,7 @@ def _save_checkpoint(path: Path, key, step, model, optimizer, schedule, records)
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(),  # float16's loss scale, so a resume is exact
                 "records": records,
             },
             tmp,

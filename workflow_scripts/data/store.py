@@ -255,6 +255,8 @@ class DatasetFile:
     def take(self, positions: np.ndarray, columns: list[str] | None = None) -> pd.DataFrame:
         """The rows at ``positions``, in that order, reading each row group they touch once."""
         positions = np.asarray(positions, np.int64)
+        if len(positions) == 0:
+            return self.read_group(0, columns).slice(0, 0).to_pandas()
         groups = self.group_of(positions)
         parts, order = [], []
         for group in np.unique(groups):

@@ -31,6 +31,7 @@ try:
     study = resolve(with_overrides(config, workflow.config_settings.config))
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
+config["summary"] = study.summary()  # for the report's front page (report/workflow.rst)
 
 # The between-workflow output cache, on with `--cache` (profiles/default turns it on): a folder
 # in the working directory unless SNAKEMAKE_OUTPUT_CACHE names another, e.g. one that several

@@ -157,6 +157,8 @@ def test_figures_and_the_report(finished_run):
     assert "kurtosis-resnets.png" in html and "ablation-resnets.png" in html
     assert "Ablating a block removes its residual branch" in html  # a caption
     assert "statistics.csv" in html and "ablation.csv" in html  # the tables
+    assert "resnet-tiny (resnet, " in html and "averaged over rows" in html  # the front page
+    assert "{'models'" not in html
     import pandas as pd
 
     table = pd.read_csv(finished_run / "results/tables/statistics.csv")

@@ -167,6 +167,39 @@ class Study:
     def run_of(self, model: str) -> Run:
         return self.runs[self.models[model].run]
 
+    def summary(self) -> dict[str, str]:
+        """The study in a few readable lines (the report's front page): its models, datasets,
+        analyses, and the settings that shape the numbers."""
+        pairs: dict[str, list[str]] = {}
+        for model, dataset in self.statistics:
+            pairs.setdefault(dataset, []).append(model)
+        stats = self.stats_options
+        extract_settings = sorted(
+            {
+                f"padding {m.extract['padding']}, at most {m.extract['max_tokens']} tokens, "
+                f"stored as {m.extract['dtype']}"
+                for m in self.models.values()
+            }
+        )
+        return {
+            "models": "; ".join(
+                f"{name} ({model.family.name}, {model.source})"
+                for name, model in self.models.items()
+            ),
+            "datasets": "; ".join(
+                f"{name} ({data.source})" for name, data in self.datasets.items()
+            ),
+            "analyses": "; ".join(
+                f"{', '.join(models)} on {dataset}" for dataset, models in pairs.items()
+            ),
+            "settings": (
+                f"extraction {' / '.join(extract_settings)}; padding rows "
+                f"{'counted' if stats['include_padding'] else 'excluded'}; per-row values "
+                f"averaged over {stats['average']}; RMS as {stats['rms'].replace('_', ' ')}; "
+                f"{stats['rotations']} random rotation(s) per layer, seed {stats['seed']}"
+            ),
+        }
+
 
 def resolve(config: Mapping) -> Study:
     """The plan of the study ``config`` describes; raises ConfigError for a bad config."""

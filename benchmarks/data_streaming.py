@@ -292,6 +292,7 @@ def prepare_folder(folder: Path, out: Path, workers: int) -> float:
 def loader_rate(data: Path, workers: int, batches: int, batch_size: int = 64) -> float:
     """Images per second through the training loader (decode, RandomResizedCrop, flip)."""
     from workflow_scripts import loaders
+    from workflow_scripts.batches import loader
     from workflow_scripts.models.resnet import imagenet_preprocess
 
     examples = loaders.ImageExamples(data, imagenet_preprocess(256, 224), seed=0)
@@ -303,7 +304,7 @@ def loader_rate(data: Path, workers: int, batches: int, batch_size: int = 64) ->
         examples.group_starts,
         loaders.window_groups(batch_size, examples.row_group_rows),
     )
-    source = loaders.loader(
+    source = loader(
         loaders.StepBatches(examples, order, batch_size, 0, batches + 2), workers, False
     )
     iterator = iter(source)

@@ -432,6 +432,7 @@ def test_imagenet_style_batches_are_augmented_and_the_same_with_workers(tmp_path
     from PIL import Image
 
     from workflow_scripts import loaders
+    from workflow_scripts.batches import loader
     from workflow_scripts.models.resnet import imagenet_preprocess
 
     monkeypatch.setitem(store.ROW_GROUP_ROWS, "image", 8)
@@ -450,7 +451,7 @@ def test_imagenet_style_batches_are_augmented_and_the_same_with_workers(tmp_path
 
     def batches(workers):
         steps = loaders.StepBatches(examples, order, 12, 0, 6)
-        return list(loaders.loader(steps, workers, pin_memory=False))
+        return list(loader(steps, workers, pin_memory=False))
 
     alone, with_workers = batches(0), batches(2)
     for a, b in zip(alone, with_workers):
@@ -468,7 +469,7 @@ def test_imagenet_style_batches_are_augmented_and_the_same_with_workers(tmp_path
     ]
     step, index = again[0]
     assert not torch.equal(alone[0]["pixel_values"][0], alone[step]["pixel_values"][index])
-    held_out = list(loaders.loader(loaders.FixedBatches(examples, held, 12), 0, False))
+    held_out = list(loader(loaders.FixedBatches(examples, held, 12), 0, False))
     centre = held_out[0]["pixel_values"][0]
     assert torch.equal(centre, loaders.FixedBatches(examples, held, 12)[0]["pixel_values"][0])
     normalised = loaders.normalise(

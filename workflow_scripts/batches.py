@@ -100,20 +100,38 @@ class ImageBatches(torch.utils.data.Dataset):
             preprocess_image(store.decode_image(data, f"example {i}"), self.preprocess)
             for i, data in zip(part["example_id"], part["image"])
         ]
-        shapes = {tuple(p.shape) for p in pixels}
-        if len(shapes) > 1:
-            raise DatasetError(
-                f"images of different sizes {sorted(shapes)} in one batch and "
-                "the model's preprocessing does not crop; set image_resize "
-                "on the dataset or use a model with a crop"
-            )
         batch = {
-            "pixel_values": torch.stack(pixels),
+            "pixel_values": stack_images(pixels, self.path),
             "example_id": part["example_id"].to_numpy(copy=True),
         }
         if "label" in part:
             batch["labels"] = part["label"].to_numpy(copy=True)
         return batch
+
+
+def loader(batches, workers: int, pin_memory: bool, persistent: bool = False):
+    """A DataLoader over a dataset whose items are whole batches: ``workers`` processes (none:
+    this one), each four batches ahead; the order is the items' whatever the workers."""
+    return torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=persistent and workers > 0,
+    )
+
+
+def stack_images(pixels: list[torch.Tensor], where) -> torch.Tensor:
+    """One batch tensor of preprocessed images, which must have one size."""
+    shapes = {tuple(p.shape) for p in pixels}
+    if len(shapes) > 1:
+        raise DatasetError(
+            f"{where}: images of different sizes {sorted(shapes)} in one batch and the "
+            "model's preprocessing does not crop; set image_resize on the dataset or use a "
+            "model with a crop"
+        )
+    return torch.stack(pixels)
 
 
 def image_batches(
@@ -127,13 +145,7 @@ def image_batches(
     """The batches of rows [start, stop) of an image dataset, decoded by ``workers`` DataLoader
     processes (in this one with none), a few batches ahead."""
     batches = ImageBatches(dataset.path, start, stop, batch_size, preprocess)
-    for item in torch.utils.data.DataLoader(
-        batches,
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=4 if workers else None,
-        pin_memory=torch.cuda.is_available(),
-    ):
+    for item in loader(batches, workers, pin_memory=torch.cuda.is_available()):
         yield Batch(
             {"pixel_values": item["pixel_values"]},
             np.asarray(item["example_id"]),

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from workflow_scripts.batches import stack_images
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetError, DatasetFile
 
@@ -149,7 +150,7 @@ class ParquetExamples:
         self.path = str(path)
         dataset = DatasetFile(path)
         if dataset.kind != kind:
-            raise DatasetError(f"{path} holds {dataset.kind}; the run needs {kind}")
+            raise DatasetError(f"{path} holds {dataset.kind}: this run needs a {kind} dataset")
         self.rows, self.group_starts = dataset.rows, dataset.group_starts
         self.row_group_rows, self.label_names = dataset.row_group_rows, dataset.label_names
         self._dataset: DatasetFile | None = None
@@ -216,13 +217,10 @@ class ImageExamples(ParquetExamples):
             if train and epochs is not None:
                 torch.manual_seed(example_seed(self.seed, epochs[i], example_id))
             pixels.append(self.transform(image, train))
-        shapes = {tuple(p.shape) for p in pixels}
-        if len(shapes) > 1:
-            raise DatasetError(
-                f"{self.path}: images of different sizes {sorted(shapes)} in one batch and the "
-                "model's preprocessing does not crop; set image_resize on the dataset"
-            )
-        return {"pixel_values": torch.stack(pixels), "labels": torch.tensor(rows["label"])}
+        return {
+            "pixel_values": stack_images(pixels, self.path),
+            "labels": torch.tensor(rows["label"]),
+        }
 
     def transform(self, image: torch.Tensor, train: bool) -> torch.Tensor:
         from torchvision.transforms import v2
@@ -282,18 +280,6 @@ class FixedBatches(Dataset):
     def __getitem__(self, i: int) -> dict:
         part = self.positions[i * self.batch_size : (i + 1) * self.batch_size]
         return self.examples(part, None, train=False)
-
-
-def loader(batches: Dataset, workers: int, pin_memory: bool, persistent: bool = False):
-    """A DataLoader over whole batches: ``workers`` processes, each a few batches ahead."""
-    return DataLoader(
-        batches,
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        prefetch_factor=4 if workers else None,
-        persistent_workers=persistent and workers > 0,
-    )
 
 
 def window_groups(batch_size: int, row_group_rows: int) -> int:

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from workflow_scripts import families, loaders
 from workflow_scripts.atomic import write_parquet, written
-from workflow_scripts.batches import autocast, pick_device
-from workflow_scripts.data.store import DatasetError, DatasetFile
+from workflow_scripts.batches import autocast, loader, pick_device
+from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import family_module, load_model, save_model
 from workflow_scripts.models.store import MANIFEST, read_manifest, sha256_file
 from workflow_scripts.stage_code import code_digest, module_sources
@@ -75,12 +75,7 @@ def training_examples(spec: dict, kind: str, data_path, tokenizer, preprocess):
         return loaders.TokenExamples(data_path, spec["context"])
     if Path(data_path).suffix != ".parquet":
         raise DatasetError(f"{data_path}: a {spec['kind']} run reads a stored dataset (.parquet)")
-    dataset = DatasetFile(data_path)
-    if dataset.kind != kind:
-        raise DatasetError(
-            f"a {spec['kind']} run needs a {kind} dataset, but {data_path} holds {dataset.kind}"
-        )
-    if kind == "pairs":
+    if kind == "pairs":  # each checks the file holds its kind
         return loaders.PairExamples(data_path, tokenizer, spec["max_tokens"])
     return loaders.ImageExamples(data_path, preprocess, spec["seed"])
 
@@ -224,12 +219,12 @@ def train(
             log.info("resuming %s from its checkpoint at step %d", name, start)
         else:
             log.info("ignoring a checkpoint of another configuration: %s", checkpoint_path)
-    batches = loaders.loader(
+    batches = loader(
         loaders.StepBatches(examples, order, spec["batch_size"], start, steps, total),
         workers,
         pin,
     )
-    held_out_batches = loaders.loader(
+    held_out_batches = loader(
         loaders.FixedBatches(examples, held_out, spec["batch_size"]), workers, pin, persistent=True
     )
     progress = tqdm(

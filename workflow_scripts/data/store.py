@@ -57,8 +57,9 @@ def schema(kind: str, label_names: list[str] | None, row_group_rows: int) -> pa.
 
 
 def check(frame: pd.DataFrame, kind: str, label_names: list[str] | None, name: str) -> pd.DataFrame:
-    """A block of rows with exactly the kind's columns, after checking them (images are checked
-    apart, see :func:`check_images`); raises DatasetError naming the examples at fault."""
+    """A block of rows with exactly the kind's columns, after checking them (that images decode
+    is checked apart, in prepare_data's workers); raises DatasetError naming the examples at
+    fault."""
     expected = COLUMNS[kind]
     missing = [c for c in expected if c not in frame.columns]
     if missing:
@@ -94,12 +95,6 @@ def check(frame: pd.DataFrame, kind: str, label_names: list[str] | None, name: s
                     f"({label_names}) in example(s) {outside.head(5).tolist()}"
                 )
     return frame
-
-
-def check_images(example_ids, images, where: str) -> None:
-    """Decode every image (raises DatasetError naming the first that does not decode)."""
-    for example_id, data in zip(example_ids, images):
-        decode_image(data, f"{where}, example {example_id}")
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:

@@ -54,3 +54,20 @@ def job_counts(output: str) -> dict[str, int]:
         return {}
     table = output[output.index("Job stats") :]
     return {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+# extraction options of the tests: small batches, chunks and shards
+EXTRACT_OPTIONS = {
+    "dtype": "float16",
+    "batch_size": 5,
+    "max_tokens": 40,
+    "padding": "longest",
+    "rows_per_example": None,
+    "device": "cpu",
+    "autocast": None,
+    "chunk_rows": 16,
+    "chunks_per_shard": 4,
+    "compression": "none",
+    "gpt2_final_readout": "raw",
+    "seed": 0,
+}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from support import EXTRACT_OPTIONS
 from torch import nn
 
 from workflow_scripts import extract as extraction
@@ -34,20 +35,7 @@ CLASSES = {
 ARCH = {"layers": 2, "width": 32, "heads": 2, "context": 64}
 PREMISES = ["the tall teacher carried the book in the park .", "the old pilot found the map ."]
 HYPOTHESES = ["a person carried the book .", "nobody found the map in the office ."]
-EXTRACT = {
-    "dtype": "float32",
-    "batch_size": 5,
-    "max_tokens": 40,
-    "padding": "longest",
-    "rows_per_example": None,
-    "device": "cpu",
-    "autocast": None,
-    "chunk_rows": 16,
-    "chunks_per_shard": 4,
-    "compression": "none",
-    "gpt2_final_readout": "raw",
-    "seed": 0,
-}
+EXTRACT = {**EXTRACT_OPTIONS, "dtype": "float32"}
 ABLATE = {
     "batch_size": 8,
     "max_tokens": 48,

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from support import REPO
+from support import EXTRACT_OPTIONS, REPO
 from zarr.codecs import ShardingCodec
 
 from workflow_scripts import extract as extraction
@@ -26,20 +26,7 @@ from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import ModelDirError
 from workflow_scripts.stage_code import code_digest, module_sources
 
-OPTIONS = {
-    "dtype": "float16",
-    "batch_size": 5,
-    "max_tokens": 40,
-    "padding": "longest",
-    "rows_per_example": None,
-    "device": "cpu",
-    "autocast": None,
-    "chunk_rows": 16,
-    "chunks_per_shard": 4,
-    "compression": "none",
-    "gpt2_final_readout": "raw",
-    "seed": 0,
-}
+OPTIONS = EXTRACT_OPTIONS
 
 
 def run(model_dir, data, out, shard=0, shards=1, **changes):

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from support import EXTRACT_OPTIONS
 
 from workflow_scripts.config import ConfigError, validate
 from workflow_scripts.figures import FigureError, blocks_applied, main
@@ -159,18 +160,11 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
     from workflow_scripts.top_examples import draw, top_rows
 
     options = {
+        **EXTRACT_OPTIONS,
         "dtype": "float32",
         "batch_size": 4,
-        "max_tokens": 40,
-        "padding": "longest",
-        "rows_per_example": None,
-        "device": "cpu",
-        "autocast": None,
         "chunk_rows": 8,
         "chunks_per_shard": 2,
-        "compression": "none",
-        "gpt2_final_readout": "raw",
-        "seed": 0,
     }
     for family, dataset in (("resnet", "shapes"), ("gpt2", "corpus")):
         shards = []

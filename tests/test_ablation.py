@@ -19,6 +19,8 @@ OPTIONS = {
     "padding": "longest",
     "device": "cpu",
     "autocast": None,
+    "final_norm": True,
+    "shortcut_relu": True,
 }
 
 
@@ -236,3 +238,68 @@ def test_classes_in_another_order_are_matched_by_name(model_dirs, tmp_path):
     adapter.label_names = ["yes", "no", "maybe"]
     with pytest.raises(DatasetError, match="do not name the dataset's labels"):
         check_compatible(adapter, dataset, "x")
+
+
+def test_the_studys_gpt2_variant_scores_intermediate_streams_without_the_final_norm(tmp_path):
+    """final_norm: false: the tail accuracy at read-out k is that of GPT-2's classifier applied
+    to Hugging Face's hidden_states[k] at each example's last token (before ln_f for every k but
+    the last), as the study computed it."""
+    import copy
+
+    from support import TINY_SPECS
+
+    from workflow_scripts.fetch_model import fetch
+
+    spec = {**copy.deepcopy(TINY_SPECS["gpt2"]), "head": "sequence_classification"}
+    spec.update(num_labels=3, seed=1)
+    fetch(spec, tmp_path / "gpt2-classifier")
+    data_path = write(tmp_path, "pairs", 60)
+    options = {**OPTIONS, "padding": "max_length", "final_norm": False}
+    frame = ablate(tmp_path / "gpt2-classifier", data_path, options)
+
+    adapter, _ = load_adapter(tmp_path / "gpt2-classifier")
+    model = adapter.model
+    data = builtin.generate("pairs", 60, 0)
+    inputs = adapter.tokenizer(
+        list(data["premise"]),
+        list(data["hypothesis"]),
+        padding="max_length",
+        max_length=48,
+        truncation=True,
+        return_tensors="pt",
+    )
+    last = inputs["attention_mask"].sum(dim=1) - 1
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+        expected = {
+            k: (model.score(h[torch.arange(60), last]).argmax(-1).numpy() == data["label"]).mean()
+            for k, h in enumerate(hidden)
+        }
+    tail = frame[frame["direction"] == "tail"].set_index("layer")["value"].to_dict()
+    assert tail == pytest.approx(expected)
+    # the logits themselves: the classifier on the raw stream, ln_f only after the last block
+    n = len(adapter.block_slots)
+    with torch.no_grad():
+        for k, h in enumerate(hidden):
+            with adapter.ablated(set(range(k, n)), final_norm=k == n):
+                logits = adapter.logits(dict(inputs))
+            torch.testing.assert_close(logits, model.score(h[torch.arange(60), last]))
+            if k < n:
+                with adapter.ablated(set(range(k, n))):
+                    normed = adapter.logits(dict(inputs))
+                assert not torch.allclose(normed, logits)
+
+
+def test_the_studys_resnet_variant_passes_the_shortcut_without_relu():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    adapter = ResNetAdapter(model, preprocess={})
+    x = torch.randn(2, 64, 16, 16)
+    with torch.no_grad():
+        with adapter.ablated({2}, shortcut_relu=False):
+            downsampled = model.layer2[0](x)
+        with adapter.ablated({1}, shortcut_relu=False):
+            identity = model.layer1[1](x)
+    torch.testing.assert_close(downsampled, model.layer2[0].downsample(x))
+    assert (downsampled < 0).any()  # no ReLU after it
+    assert torch.equal(identity, x)

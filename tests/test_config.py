@@ -14,7 +14,7 @@ import pytest
 import yaml
 from support import REPO, environment
 
-from workflow_scripts.config import ConfigError, validate
+from workflow_scripts.config import STUDY_SETTINGS, ConfigError, validate
 from workflow_scripts.plan import resolve
 
 
@@ -64,6 +64,37 @@ def test_model_extract_options_override_the_global_ones(default_config):
     study = resolve(default_config)
     assert study.models["gpt2-init"].extract["dtype"] == "float32"
     assert study.models["roberta-init"].extract["dtype"] == "float16"
+
+
+def test_study_compatible_sets_the_studys_defaults_under_the_configs_own_keys(default_config):
+    del default_config["extract"]
+    corrected = resolve(default_config)
+    study = resolve({**default_config, "study_compatible": True})
+    for model in ("gpt2-init", "roberta-init"):
+        assert corrected.models[model].extract["padding"] == "longest"
+        assert {k: study.models[model].extract[k] for k in STUDY_SETTINGS["extract"]} == (
+            STUDY_SETTINGS["extract"]
+        )
+    assert corrected.stats_options["average"] == "rows"
+    assert study.stats_options == {
+        **corrected.stats_options,
+        **{k: v for k, v in STUDY_SETTINGS["stats"].items() if k != "thresholds"},
+    }
+    assert study.ablation_options == {**corrected.ablation_options, **STUDY_SETTINGS["ablation"]}
+    assert study.models["gptr2-init"].thresholds == (6.0,)  # the study's script's, not GPT-2's
+    assert corrected.models["gptr2-init"].thresholds == (10.0,)
+    # a key the config sets wins, in its section and in a model's own extract options
+    default_config["extract"] = {"max_tokens": 64}
+    default_config["stats"] = {"average": "rows", "thresholds": {"gpt2": 12}}
+    default_config["models"]["roberta-init"]["extract"] = {"padding": "longest"}
+    study = resolve({**default_config, "study_compatible": True})
+    assert study.models["gpt2-init"].extract["max_tokens"] == 64
+    assert study.models["gpt2-init"].extract["padding"] == "max_length"
+    assert study.models["roberta-init"].extract["padding"] == "longest"
+    assert study.stats_options["average"] == "rows"
+    assert study.stats_options["rms"] == "root_mean_square"
+    assert study.models["gpt2-init"].thresholds == (12.0,)
+    assert study.models["resnet-init"].thresholds == (6.0,)
 
 
 def error_for(config) -> str:

@@ -42,6 +42,8 @@ ABLATE = {
     "padding": "longest",
     "device": "cpu",
     "autocast": None,
+    "final_norm": True,
+    "shortcut_relu": True,
 }
 
 

@@ -1,5 +1,5 @@
-"""configs/full.yaml: the whole study's DAG builds offline, in seconds, with the jobs it should
-have; its cost estimate follows the formulas."""
+"""configs/full.yaml and configs/study.yaml: each whole study's DAG builds offline, in seconds,
+with the jobs it should have; the cost estimate follows the formulas."""
 
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ from workflow_scripts.estimate import table
 from workflow_scripts.plan import resolve
 
 FULL = REPO / "configs/full.yaml"
+STUDY = REPO / "configs/study.yaml"
 
 
 def pairs(analyses):
     return {(m, d) for a in analyses for m in a["models"] for d in a["datasets"]}
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("full")
+@pytest.fixture(scope="module", params=[FULL, STUDY], ids=["full", "study"])
+def dry_run(request, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp(request.param.stem)
     offline = environment(
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
@@ -42,7 +43,7 @@ def dry_run(tmp_path_factory):
             "--directory",
             str(workdir),
             "--configfile",
-            str(FULL),
+            str(request.param),
             "-n",
             "--quiet",
             "rules",
@@ -58,29 +59,32 @@ def dry_run(tmp_path_factory):
         rule: int(n)
         for rule, n in re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M)
     }
-    return counts, seconds
+    return request.param, counts, seconds
 
 
 @pytest.mark.workflow
 def test_the_whole_study_builds_offline_with_the_expected_jobs(dry_run):
-    counts, seconds = dry_run
-    config = yaml.safe_load(FULL.read_text())
+    path, counts, seconds = dry_run
+    config = yaml.safe_load(path.read_text())
     study = resolve(config)
-    runs = config["training"]["runs"]
-    grid = runs["gptr2-nano"]["grid"]
-    trained = len(runs) - 1 + len(grid["momentum"]) * len(grid["decay"])
+    trained = 0
+    for run in config.get("training", {}).get("runs", {}).values():
+        combinations = 1
+        for axis in run.get("grid", {}).values():
+            combinations *= len(axis)
+        trained += combinations
     analysed = pairs(config["analyses"])
     figures = sum(len(g["figures"]) for g in config["figures"]["groups"].values())
     expected = {
         "fetch_model": len(config["models"]),
         "prepare_data": len(config["datasets"]),
-        "train": trained,
+        "train": trained or None,
         "extract": sum(config["datasets"][d]["shards"] for _, d in analysed),
         "layer_stats": sum(study.models[m].readouts for m, _ in analysed),
         "merge_stats": len(analysed),
         "ablate": len(pairs(config["ablation"]["analyses"])),
         "figure_top_examples": len(config["figures"]["top_examples"]),
-        "figure_training": 1,
+        "figure_training": 1 if trained else None,
         "table_statistics": 1,
         "table_ablation": 1,
     }
@@ -95,6 +99,34 @@ def test_the_whole_study_builds_offline_with_the_expected_jobs(dry_run):
     )
     assert counts["total"] == sum(n for rule, n in counts.items() if rule != "total")
     assert seconds < 60
+
+
+def test_the_study_config_is_the_study():
+    """configs/study.yaml: the study's mode, every text model on both MNLI validation sets, the
+    ResNets on ImageNet validation, the author's checkpoints pinned by name."""
+    config = yaml.safe_load(STUDY.read_text())
+    study = resolve(config)
+    assert config["study_compatible"] is True
+    text = [name for name, m in study.models.items() if m.family.name != "resnet"]
+    assert {(m, d) for m in text for d in ("mnli-matched", "mnli-mismatched")} | {
+        (m, "imagenet-val") for m in study.models if m not in text
+    } == set(study.statistics)
+    for name in text:
+        assert study.models[name].extract["padding"] == "max_length"
+        assert study.models[name].extract["max_tokens"] == 128
+    assert study.stats_options["average"] == "examples"
+    assert not study.ablation_options["final_norm"] and not study.ablation_options["shortcut_relu"]
+    assert {m.source for m in study.models.values() if "George-Ogden" in m.source} == {
+        f"hf:George-Ogden/{name}"
+        for name in (
+            "roberta-base-cased-finetuned-mnli",
+            "roberta-large-cased-finetuned-mnli",
+            "gpt2-finetuned-mnli",
+            "gpt2-medium-finetuned-mnli",
+            "gptr2-nano-with-momentum",
+            "gptr2-nano-without-momentum",
+        )
+    }
 
 
 def test_the_full_study_estimate_is_computed_from_the_config():

@@ -6,6 +6,10 @@ For every read-out point k, whose stream comes from the first b(k) blocks:
   head  every block before b(k) is ablated.
 Ablating a block removes its residual branch and keeps its shortcut (the identity in a
 transformer; the identity or the downsample projection, then the block's ReLU, in a ResNet).
+The study's variants: ``final_norm: false`` scores a tail-ablated stream without the model's
+final norm (the study applied GPT-2's classifier to ``hidden_states[k]``, which is before ln_f
+for every k but the last), and ``shortcut_relu: false`` passes an ablated ResNet block's
+``downsample(x)`` (or x) without the ReLU.
 Accuracy is top-1 and, with more than five classes, top-5: of the label for classifiers, of the
 next token for causal language models. One forward pass over the dataset per distinct set of
 ablated blocks.
@@ -128,22 +132,25 @@ def ablate(
     classes = adapter.num_labels if adapter.head != "causal_lm" else len(adapter.tokenizer)
     top5 = classes > 5
     n_blocks = len(adapter.block_slots)
-    plans = []
+    plans = []  # (read-out, direction, ablated blocks, through the final norm)
     for readout in adapter.readouts:
         b = adapter.blocks_applied(readout.index)
+        tail = frozenset(range(b, n_blocks))
         plans += [
-            (readout, "tail", frozenset(range(b, n_blocks))),
-            (readout, "head", frozenset(range(b))),
+            (readout, "tail", tail, options["final_norm"] or not tail),
+            (readout, "head", frozenset(range(b)), True),
         ]
-    results = {}  # one pass per distinct set of ablated blocks
-    for ablated in tqdm(dict.fromkeys(p[2] for p in plans), desc="ablations", file=sys.stderr):
-        with adapter.ablated(set(ablated)):
-            results[ablated] = score(
+    results = {}  # one pass per distinct ablation
+    for ablated, final_norm in tqdm(
+        dict.fromkeys(p[2:] for p in plans), desc="ablations", file=sys.stderr
+    ):
+        with adapter.ablated(set(ablated), final_norm, options["shortcut_relu"]):
+            results[ablated, final_norm] = score(
                 adapter, batches(), device, options["autocast"], top5, label_order
             )
     records = []
-    for readout, direction, ablated in plans:
-        correct1, correct5, count = results[ablated]
+    for readout, direction, ablated, final_norm in plans:
+        correct1, correct5, count = results[ablated, final_norm]
         for metric, correct in (("top1", correct1), ("top5", correct5))[: 1 + top5]:
             records.append(
                 {

@@ -34,6 +34,32 @@ RUN_NEEDS = {
 }
 
 
+# ``study_compatible: true``: the defaults the study had (George Ogden's "Residual Streams"
+# scripts), under any key the config sets itself. Thresholds: the study's scripts pass RoBERTa 4,
+# GPT-2 10, ResNet 6 and gptr2-nano 6 (its published results hold no outlier fractions for gptr2).
+STUDY_SETTINGS = {
+    "extract": {
+        "padding": "max_length",
+        "max_tokens": 128,
+        "gpt2_final_readout": "final_norm",
+        "dtype": "float32",
+    },
+    "stats": {
+        "include_padding": True,
+        "average": "examples",
+        "rms": "root_mean_square",
+        "rotations": 1,
+        "thresholds": {"roberta": 4, "gpt2": 10, "gptr2": 6, "resnet": 6},
+    },
+    "ablation": {
+        "padding": "max_length",
+        "max_tokens": 128,
+        "final_norm": False,
+        "shortcut_relu": False,
+    },
+}
+
+
 class ConfigError(ValueError):
     """A configuration problem, with a message naming the key, the value and what is allowed."""
 
@@ -58,6 +84,8 @@ def checked(config: Mapping) -> dict:
         raise ConfigError(describe(error))
     for section in SECTIONS:
         full.setdefault(section, {})
+    if full.get("study_compatible"):
+        full = _merge(STUDY_SETTINGS, full)
     fill_defaults(full, str(SCHEMA_PATH), set_default=True)
     _check_families(full)
     full["stats"]["thresholds"] = {

@@ -157,6 +157,7 @@ class Study:
     top_examples: tuple[TopExamples, ...]
     dpi: int
     training_figure: bool  # draw the loss curves of every run
+    study_compatible: bool = False  # the study's defaults (config.STUDY_SETTINGS)
 
     def trained_models(self) -> list[str]:
         return [name for name, model in self.models.items() if model.run is not None]
@@ -181,6 +182,23 @@ class Study:
                 for m in self.models.values()
             }
         )
+        ablation = self.ablation_options
+        settings = (
+            f"extraction {' / '.join(extract_settings)}; padding rows "
+            f"{'counted' if stats['include_padding'] else 'excluded'}; per-row values "
+            f"averaged over {stats['average']}; RMS as {stats['rms'].replace('_', ' ')}; "
+            f"{stats['rotations']} random rotation(s) per layer, seed {stats['seed']}"
+        )
+        if self.ablations:
+            settings += (
+                f"; ablated streams scored {'through' if ablation['final_norm'] else 'without'}"
+                f" the final norm, ablated ResNet blocks pass their shortcut "
+                f"{'with' if ablation['shortcut_relu'] else 'without'} ReLU"
+            )
+        if self.study_compatible:
+            settings = "study-compatible (the study's defaults where the config sets none): " + (
+                settings
+            )
         return {
             "models": "; ".join(
                 f"{name} ({model.family.name}, {model.source})"
@@ -192,12 +210,7 @@ class Study:
             "analyses": "; ".join(
                 f"{', '.join(models)} on {dataset}" for dataset, models in pairs.items()
             ),
-            "settings": (
-                f"extraction {' / '.join(extract_settings)}; padding rows "
-                f"{'counted' if stats['include_padding'] else 'excluded'}; per-row values "
-                f"averaged over {stats['average']}; RMS as {stats['rms'].replace('_', ' ')}; "
-                f"{stats['rotations']} random rotation(s) per layer, seed {stats['seed']}"
-            ),
+            "settings": settings,
         }
 
 
@@ -242,6 +255,7 @@ def resolve(config: Mapping) -> Study:
         ),
         dpi=figures["dpi"],
         training_figure=figures["training"] and bool(runs),
+        study_compatible=full["study_compatible"],
     )
 
 

@@ -44,6 +44,7 @@ class Adapter:
     head: str
     num_labels: int | None
     label_names: list[str] | None = None  # the head's class names, where the model has them
+    final_norm: nn.Module | None = None  # the norm between the last block and the head, if any
     block_slots: list[tuple[nn.Module, int]]
 
     def __init__(self, model: torch.nn.Module):
@@ -73,8 +74,9 @@ class Adapter:
         next-token logits ``[batch, tokens, vocabulary]``."""
         raise NotImplementedError
 
-    def without_branch(self, block: nn.Module) -> nn.Module:
-        """What stands in for ``block`` when it is ablated: its shortcut alone."""
+    def without_branch(self, block: nn.Module, shortcut_relu: bool = True) -> nn.Module:
+        """What stands in for ``block`` when it is ablated: its shortcut alone (``shortcut_relu``:
+        followed by the activation that ends the block, where a block ends with one)."""
         raise NotImplementedError
 
     def blocks_applied(self, readout: int) -> int:
@@ -82,16 +84,23 @@ class Adapter:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def ablated(self, blocks: set[int]):
-        """Run the model with the residual branch of every block in ``blocks`` removed."""
+    def ablated(self, blocks: set[int], final_norm: bool = True, shortcut_relu: bool = True):
+        """Run the model with the residual branch of every block in ``blocks`` removed;
+        ``final_norm=False`` also passes the stream through the final norm unchanged (the head
+        reads the raw stream), ``shortcut_relu``: see :meth:`without_branch`."""
         originals = {}
+        bypass = None
         try:
             for i in sorted(blocks):
                 container, index = self.block_slots[i]
                 originals[i] = container[index]
-                container[index] = self.without_branch(container[index])
+                container[index] = self.without_branch(container[index], shortcut_relu)
+            if not final_norm and self.final_norm is not None:
+                bypass = self.final_norm.register_forward_hook(lambda m, args, out: args[0])
             yield self
         finally:
+            if bypass is not None:
+                bypass.remove()
             for i, block in originals.items():
                 container, index = self.block_slots[i]
                 container[index] = block

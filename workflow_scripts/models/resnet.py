@@ -202,15 +202,17 @@ def adapter(model: nn.Module, tokenizer, family: str, final_readout: str) -> Res
 
 class ShortcutOnly(nn.Module):
     """A residual block with its branch removed: ``relu(shortcut(x))``, where the shortcut is
-    the identity or the block's downsample projection. (The block computes
-    ``relu(branch(x) + shortcut(x))``.)"""
+    the identity or the block's downsample projection (the block computes
+    ``relu(branch(x) + shortcut(x))``); ``relu=False``: ``shortcut(x)`` alone, as the study."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, relu: bool = True):
         super().__init__()
         self.downsample = block.downsample
+        self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x if self.downsample is None else self.downsample(x))
+        x = x if self.downsample is None else self.downsample(x)
+        return torch.relu(x) if self.relu else x
 
 
 class ResNetAdapter(Adapter):
@@ -250,8 +252,8 @@ class ResNetAdapter(Adapter):
     def logits(self, inputs):
         return self.model(inputs["pixel_values"])
 
-    def without_branch(self, block):
-        return ShortcutOnly(block)
+    def without_branch(self, block, shortcut_relu=True):
+        return ShortcutOnly(block, shortcut_relu)
 
     def blocks_applied(self, readout: int) -> int:
         return readout + 1

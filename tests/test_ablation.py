@@ -303,3 +303,11 @@ def test_the_studys_resnet_variant_passes_the_shortcut_without_relu():
     torch.testing.assert_close(downsampled, model.layer2[0].downsample(x))
     assert (downsampled < 0).any()  # no ReLU after it
     assert torch.equal(identity, x)
+
+
+def test_a_headless_checkpoint_is_named_as_one(model_dirs, tmp_path):
+    adapter, _ = load_adapter(model_dirs["roberta"])
+    adapter.head = "none"  # what a bare RobertaModel checkpoint loads as
+    dataset = store.DatasetFile(write(tmp_path, "pairs", 6))
+    with pytest.raises(DatasetError, match=r"checkpoint has no head \(a bare base model\)"):
+        check_compatible(adapter, dataset, "roberta on pairs")

@@ -97,6 +97,19 @@ def test_study_compatible_sets_the_studys_defaults_under_the_configs_own_keys(de
     assert study.models["resnet-init"].thresholds == (6.0,)
 
 
+def test_ablating_a_model_without_a_declared_head_says_the_head_is_assumed(default_config):
+    default_config["models"]["gpt2-hub"] = {
+        "family": "gpt2",
+        "source": "hf:openai-community/gpt2",
+        "blocks": 12,
+    }
+    default_config["ablation"]["analyses"].append({"models": ["gpt2-hub"], "datasets": ["pairs"]})
+    message = error_for(default_config)
+    assert "declares no head, so family gpt2's default 'causal_lm' is assumed" in message
+    default_config["models"]["gpt2-hub"]["head"] = "causal_lm"
+    assert "is declared with head 'causal_lm'" in error_for(default_config)
+
+
 def error_for(config) -> str:
     with pytest.raises(ConfigError) as caught:
         validate(config)

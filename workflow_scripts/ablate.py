@@ -49,8 +49,9 @@ def check_compatible(adapter, dataset: DatasetFile, where: str):
             if kind != "text"
             else "a causal language-model head for a text dataset (next-token accuracy)"
         )
+        has = "no head (a bare base model)" if adapter.head == "none" else f"head {adapter.head!r}"
         raise DatasetError(
-            f"{where}: the model has head {adapter.head!r}, but ablation needs {what} ({needed})"
+            f"{where}: the checkpoint has {has}, but ablation needs {what} ({needed})"
         )
     if kind != "text":
         labels = dataset.column("label")

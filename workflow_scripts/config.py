@@ -454,12 +454,20 @@ def _check_analyses(config: dict) -> None:
                         where,
                         f"model {model!r} reads {modality} but dataset {dataset!r} holds {kind}",
                     )
-                head, needed = model_head(config["models"][model]), ABLATION_HEADS[kind]
+                spec = config["models"][model]
+                head, needed = model_head(spec), ABLATION_HEADS[kind]
                 if section == "ablation.analyses" and head != needed:
+                    declared = (
+                        f"is declared with head {head!r}"
+                        if "head" in spec
+                        else f"declares no head, so family {spec['family']}'s default "
+                        f"{head!r} is assumed (a checkpoint's own head is known only once "
+                        "fetched)"
+                    )
                     fail(
                         where,
-                        f"model {model!r} has head {head!r}; ablation on {kind} dataset "
-                        f"{dataset!r} needs {needed}",
+                        f"model {model!r} {declared}; ablation on {kind} dataset {dataset!r} "
+                        f"needs {needed}: set its head: if the checkpoint has one",
                     )
 
 

@@ -1,6 +1,6 @@
 # One rule per figure: results/figures/{figure}-{group}.png and .pdf, drawn for the groups of
 # models in figures.groups; the training loss curves as results/figures/training.png and .pdf;
-# the top-example figures; the statistics and ablation tables of the report.
+# the top-example figures and feature pages; the statistics and ablation tables of the report.
 
 
 for figure_name, figure_inputs in (
@@ -96,6 +96,37 @@ rule figure_top_examples:
         "python -m workflow_scripts.top_examples --model {input.model:q} --data {input.data:q} "
         "--shards {input.shards:q} --stats {input.stats:q} --options {params.options:q} "
         "--title {params.title:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+
+
+# A page per top-examples entry on which a reader picks any feature of the read-out point: its top
+# examples and its weights to the outputs, one self-contained HTML file.
+rule feature_page:
+    input:
+        model="results/models/{model}",
+        data="results/data/{dataset}.parquet",
+        shards=activation_shards,
+        code=model_code_files("workflow_scripts.feature_page"),
+    output:
+        report(
+            "results/figures/features-{model}-{dataset}-layer{layer}.html",
+            caption="../report/feature_page.rst",
+            category="top examples",
+        ),
+    log:
+        "results/logs/figures/features-{model}-{dataset}-layer{layer}.log",
+    wildcard_constraints:
+        model=names_pattern(study.models),
+        dataset=names_pattern(study.datasets),
+    cache: True
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        options=feature_page_options,
+        title="{model} on {dataset}, read-out point {layer}: the top examples of every feature",
+    shell:
+        "python -m workflow_scripts.feature_page --model {input.model:q} --data {input.data:q} "
+        "--shards {input.shards:q} --options {params.options:q} --title {params.title:q} "
+        "--out {output:q} 2> {log:q}"
 
 
 rule table_statistics:

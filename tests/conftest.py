@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,30 @@ def dataset_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def default_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium driven through Selenium, with the system's chromium and chromedriver
+    (Debian's chromium and chromium-driver, installed with apt-get when absent: no browser is
+    downloaded from anywhere else). A failed install fails the test."""
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        sudo = ["sudo"] if os.geteuid() != 0 and shutil.which("sudo") else []
+        environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"],
+        ):
+            result = subprocess.run(sudo + command, capture_output=True, text=True, env=environment)
+            if result.returncode != 0:
+                pytest.fail(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    yield driver
+    driver.quit()

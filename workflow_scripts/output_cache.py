@@ -101,6 +101,65 @@ class _EntryMoves:
         return str(destination)
 
 
+def entry_hash(path: str | Path) -> str | None:
+    """The provenance hash a result's cache entry is named by (the entry is ``<hash><ext>``), or
+    None when ``path`` does not come from the cache. A folder taken from the cache may be a
+    folder of links: its files name the entry."""
+    path = Path(path)
+    entry = cache_entry(path)
+    if entry is None and path.is_dir() and not path.is_symlink():
+        link = next((p for p in path.iterdir() if p.is_symlink()), None)
+        entry = None if link is None else link.resolve().parent
+    if entry is None or len(entry.name) < 64:
+        return None
+    name = entry.name[:64]
+    return name if all(c in "0123456789abcdef" for c in name) else None
+
+
+def _cached_inputs_as_upstream(original):
+    """Wraps Snakemake's provenance hash of a job. Snakemake hashes an input made by another job
+    through that job's own provenance hash, but a cluster job's Snakemake knows only its own job:
+    it would hash such an input by its content (and fail on a folder), so its cache key would
+    not be the one the submitting Snakemake computes. Here an input that no job of the DAG makes
+    but that links to a cache entry counts as made by an upstream job whose hash is the entry's
+    name: the key a cluster job computes is then the submitting host's."""
+
+    class Upstream(str):
+        """Stands in for the job that made a cached input."""
+
+    async def provenance_hash(self, job):
+        if job in self._hashes:  # an upstream stand-in, or a job already hashed
+            return self._hashes[job]
+        dependencies = job.dag.dependencies[job]
+        made_upstream = set().union(*dependencies.values()) if dependencies else set()
+        added = []
+        for file in job.input:
+            digest = None if file in made_upstream else entry_hash(file)
+            if digest is not None:
+                upstream = Upstream(digest)
+                self._hashes[upstream] = digest
+                dependencies.setdefault(upstream, set()).add(file)
+                added.append(upstream)
+        try:
+            return await original(self, job)
+        finally:
+            for upstream in added:
+                dependencies.pop(upstream, None)
+
+    provenance_hash.wrapped = original
+    return provenance_hash
+
+
+def guard_cluster_jobs() -> None:
+    """Give a cluster job's Snakemake the cache keys of the submitting one (see
+    ``_cached_inputs_as_upstream``)."""
+    from snakemake.caching.hash import ProvenanceHashMap
+
+    method = ProvenanceHashMap._get_provenance_hash
+    if not hasattr(method, "wrapped"):
+        ProvenanceHashMap._get_provenance_hash = _cached_inputs_as_upstream(method)
+
+
 def guard_concurrent_stores() -> None:
     """Make Snakemake's store of a folder entry safe against a concurrent store of the same."""
     from snakemake.caching import local

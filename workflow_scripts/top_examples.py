@@ -59,20 +59,32 @@ def top_rows(
     return result
 
 
+def output_weights(adapter, layer: int):
+    """("class" or "token", the matrix [outputs, features] through which the head reads this
+    read-out point directly), or None where it does not: a ResNet's classifier (fc) after its last
+    block, a causal language model's unembedding."""
+    if adapter.modality == "image" and layer == len(adapter.readouts) - 1:
+        return "class", adapter.model.fc.weight.detach()
+    if adapter.modality == "text" and adapter.head == "causal_lm":
+        return "token", adapter.model.get_output_embeddings().weight.detach()
+    return None
+
+
 def class_weights(adapter, layer: int, feature: int, names: list[str] | None):
     """(labels, weights) of a feature to the outputs, or None where the head does not read it
     directly."""
     import torch
 
-    if adapter.modality == "image" and layer == len(adapter.readouts) - 1:
-        weights = adapter.model.fc.weight[:, feature].detach().numpy()
+    found = output_weights(adapter, layer)
+    if found is None:
+        return None
+    rows, matrix = found
+    weights = matrix[:, feature]
+    if rows == "class":
         labels = names or [str(i) for i in range(len(weights))]
-        return labels, weights
-    if adapter.modality == "text" and adapter.head == "causal_lm":
-        weights = adapter.model.get_output_embeddings().weight[:, feature].detach()
-        top = torch.topk(weights, 8).indices.tolist()
-        return adapter.tokenizer.convert_ids_to_tokens(top), weights[top].numpy()
-    return None
+        return labels, weights.numpy()
+    top = torch.topk(weights, 8).indices.tolist()
+    return adapter.tokenizer.convert_ids_to_tokens(top), weights[top].numpy()
 
 
 def draw(
@@ -159,20 +171,36 @@ def draw(
     return figure
 
 
-def _in_context(adapter, row, kind: str, position: int, max_tokens: int, window: int = 8) -> str:
-    """The example's tokens around ``position``, the token itself in brackets."""
+def example_tokens(adapter, row, kind: str, max_tokens: int) -> list[str]:
+    """The tokens of an example as the model read it (positions index them)."""
     if kind == "pairs":
         ids = adapter.tokenizer(
             row["premise"], row["hypothesis"], truncation=True, max_length=max_tokens
         )["input_ids"]
     else:
         ids = adapter.tokenizer(row["text"], truncation=True, max_length=max_tokens)["input_ids"]
-    tokens = adapter.tokenizer.convert_ids_to_tokens(ids)
+    return adapter.tokenizer.convert_ids_to_tokens(ids)
+
+
+def context(tokens: list[str], position: int, window: int = 8):
+    """(tokens before, the token, tokens after) ``position``, ``window`` each side; None for a
+    position past the tokens (padding)."""
     if position >= len(tokens):
+        return None
+    return (
+        tokens[max(0, position - window) : position],
+        tokens[position],
+        tokens[position + 1 : position + 1 + window],
+    )
+
+
+def _in_context(adapter, row, kind: str, position: int, max_tokens: int, window: int = 8) -> str:
+    """The example's tokens around ``position``, the token itself in brackets."""
+    around = context(example_tokens(adapter, row, kind, max_tokens), position, window)
+    if around is None:
         return "(padding)"
-    left = " ".join(tokens[max(0, position - window) : position])
-    right = " ".join(tokens[position + 1 : position + 1 + window])
-    return f"{left} [{tokens[position]}] {right}".strip()
+    left, token, right = around
+    return f"{' '.join(left)} [{token}] {' '.join(right)}".strip()
 
 
 def main(argv: list[str] | None = None) -> None:

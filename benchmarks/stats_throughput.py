@@ -3,9 +3,13 @@
 Measured side by side in one run, on a synthetic layer (Gaussian with a few outlier features,
 128 rows per example, written with the extraction's default chunking):
 
-  ours   workflow_scripts.layer_stats.compute: every statistic, one pass, one fixed rotation;
-  floor  reading and decoding the same array block by block plus one matrix product of each block
-         by the rotation (nothing less can give a rotated kurtosis);
+  ours       workflow_scripts.layer_stats.compute: every statistic, one pass, one fixed dense
+             (Haar) rotation;
+  ours_fast  the same with stats.rotation: structured (permutations, signs and Hadamard
+             transforms instead of the dense matrix product);
+  floor      reading and decoding the same array block by block plus one matrix product of each
+             block by the rotation (nothing less can give a dense rotated kurtosis);
+  floor_no_rotation  reading and decoding only;
   study  the study's own algorithm (its src/metrics: outliers, kurtosis, rotated-kurtosis, rms):
          one rotation for the layer drawn once (torch QR of a Gaussian matrix), batches of 128
          examples in float32, scipy.stats.kurtosis in float32 per token then averaged, the
@@ -40,6 +44,7 @@ from workflow_scripts.streaming_stats import random_rotation  # noqa: E402
 
 OPTIONS = {
     "include_padding": True,
+    "rotation": "haar",
     "rotations": 1,
     "seed": 0,
     "top_features": 5,
@@ -64,7 +69,7 @@ def write_layer(path: Path, rows: int, width: int) -> Path:
     return path
 
 
-def floor(path: Path, width: int) -> None:
+def floor(path: Path, width: int, rotate: bool = True) -> None:
     import zarr
 
     array = zarr.open_group(path, mode="r")["layer-0"]
@@ -72,7 +77,7 @@ def floor(path: Path, width: int) -> None:
     block = 64 * 1024 * 1024 // (4 * width) // 1024 * 1024
     for start in range(0, array.shape[0], block):
         x = torch.from_numpy(array[start : start + block].astype(np.float32))
-        (x @ q).sum()
+        (x @ q if rotate else x).sum()
 
 
 def study(path: Path, width: int, examples: int = 128) -> None:
@@ -134,17 +139,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_layer(Path(tmp) / "layer.zarr", args.rows, args.width)
         print(f"layer: {args.rows} rows x {args.width} float16, {TOKENS} rows per example")
-        ours, low, theirs = [], [], []
-        for _ in range(args.repeats):  # interleaved, so machine noise hits all three alike
+        fast = {**OPTIONS, "rotation": "structured"}
+        ours, ours_fast, low, lowest, theirs = [], [], [], [], []
+        for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
+            lowest.append(timed(floor, path, args.width, False))
             low.append(timed(floor, path, args.width))
             ours.append(timed(compute, [path], 0, [10.0], OPTIONS))
+            ours_fast.append(timed(compute, [path], 0, [10.0], fast))
             theirs.append(timed(study, path, args.width, args.study_examples))
-        o, f, s = min(ours), min(low), min(theirs)
-        print(f"floor (read + decode + one rotation): {f:7.2f} s")
-        print(f"layer_stats (every statistic):        {o:7.2f} s   {o / f:.2f}x the floor")
+        o, of, f, f0, s = (min(t) for t in (ours, ours_fast, low, lowest, theirs))
+        print(f"floor_no_rotation (read + decode):     {f0:7.2f} s")
+        print(f"floor (read + decode + one rotation):  {f:7.2f} s")
+        print(f"layer_stats (every statistic, haar):   {o:7.2f} s   {o / f:.2f}x the floor")
+        print(
+            f"layer_stats (every statistic, structured): {of:7.2f} s   "
+            f"{of / f0:.2f}x floor_no_rotation"
+        )
         print(
             f"study's algorithm (batches of {args.study_examples} examples): {s:7.2f} s   "
-            f"layer_stats is {s / o:.2f}x faster"
+            f"layer_stats is {s / o:.2f}x faster (haar), {s / of:.2f}x (structured)"
         )
         small = write_layer(Path(tmp) / "small.zarr", args.rows // 10, args.width)
         (base, rss_small), (_, rss_large) = peak_rss_mb(small), peak_rss_mb(path)
@@ -158,10 +171,14 @@ def main() -> None:
             json.dumps(
                 {
                     "floor_s": f,
+                    "floor_no_rotation_s": f0,
                     "ours_s": o,
+                    "ours_fast_s": of,
                     "study_s": s,
                     "ours_over_floor": o / f,
                     "study_over_ours": s / o,
+                    "study_over_ours_fast": s / of,
+                    "ours_fast_over_floor_no_rotation": of / f0,
                     "rss_ratio": rss_large / rss_small,
                 }
             )

@@ -163,3 +163,4 @@ use rule table_statistics as table_ablation with:
         ),
     log:
         "results/logs/tables/ablation.log",
+    cache: True  # not inherited by `use rule`

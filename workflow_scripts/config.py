@@ -49,6 +49,7 @@ STUDY_SETTINGS = {
         "average": "examples",
         "rms": "root_mean_square",
         "rotations": 1,
+        "rotation": "haar",
         "thresholds": {"roberta": 4, "gpt2": 10, "gptr2": 6, "resnet": 6},
     },
     "ablation": {

@@ -3,7 +3,8 @@
 Reads ``layer-{k}`` of each shard in blocks of rows (one pass, memory bounded by the block),
 drops padding rows unless asked not to, and writes one Parquet file in long form. The arithmetic
 runs on ``stats.device`` (a GPU where there is one, with ``auto``), giving the CPU's numbers:
-float32 moments and rotations (no TF32), float64 sums on the host.
+float32 moments and rotations (no TF32), float64 sums on the host. The rotations are dense
+Haar-random or structured (``stats.rotation``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from workflow_scripts.activations import layer_name, open_shard, read_rows
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import pick_device
-from workflow_scripts.streaming_stats import LayerStatistics, StatisticsError, random_rotation
+from workflow_scripts.streaming_stats import LayerStatistics, StatisticsError, make_rotation
 
 log = logging.getLogger("layer_stats")
 BLOCK_BYTES = 16 << 20  # float32 bytes of one block of rows
@@ -93,8 +94,9 @@ def compute(
         raise StatisticsError("no shards given")
     arrays, readout = _layer_arrays(shards, layer)
     width = readout["width"]
+    kind = options.get("rotation", "haar")
     rotations = [
-        random_rotation(width, options["seed"], layer, r) for r in range(options["rotations"])
+        make_rotation(kind, width, options["seed"], layer, r) for r in range(options["rotations"])
     ]
     device = pick_device(options.get("device", "cpu"))
     torch.backends.cuda.matmul.allow_tf32 = False  # rotations in full float32, as on the CPU

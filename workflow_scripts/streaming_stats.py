@@ -16,6 +16,7 @@ example are contiguous, as extraction writes them).
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,115 @@ def random_rotation(width: int, seed: int, layer: int, index: int) -> np.ndarray
     rng = np.random.default_rng([seed, layer, index])
     q, r = np.linalg.qr(rng.standard_normal((width, width)))
     return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+class DenseRotation:
+    """An orthogonal matrix applied to rows: ``x @ q`` (2 width^2 multiply-adds a row)."""
+
+    def __init__(self, matrix: np.ndarray | torch.Tensor):
+        self.matrix = torch.as_tensor(matrix)
+
+    def to(self, device: str | torch.device) -> DenseRotation:
+        return DenseRotation(self.matrix.to(device))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The normalised Walsh-Hadamard matrix of order ``n`` (a power of two), symmetric and
+    orthogonal, in float32."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while len(h) < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return (h / math.sqrt(n)).to(torch.float32)
+
+
+class StructuredRotation:
+    """A random orthogonal transform of rows of ``width`` features in O(width log width) work
+    a row, fixed by (seed, layer, index).
+
+    ``ROUNDS`` rounds, each: a random permutation of the features, random signs, the normalised
+    Hadamard transform H_p of the first p features (p the largest power of two <= width), random
+    signs on the last p features and H_p of them. The two windows overlap (p > width / 2) and
+    are one window when width is a power of two. Every step is orthogonal. The signs before the
+    second window and the permutations keep the windows from undoing each other's mixing (a
+    one-hot row becomes a sum of random signs in every feature).
+
+    The rows are transformed features-first ([width, rows]): a window is then a contiguous
+    block, a permutation moves whole rows of memory, and H_p is the Kronecker product of
+    Hadamard factors of at most ``FACTOR`` (H_p = H_a (x) H_b (x) ..., a * b * ... = p), applied
+    one factor at a time as a matrix product over its axis: O(p log p) multiply-adds a row, like
+    the butterflies of a fast Walsh-Hadamard transform, in two or three passes over memory
+    rather than log2(p).
+    """
+
+    ROUNDS = 2
+    FACTOR = 32  # the largest Hadamard factor
+
+    def __init__(self, width: int, seed: int, layer: int, index: int):
+        rng = np.random.default_rng([seed, layer, index])
+        self.width = width
+        self.p = 1 << (width.bit_length() - 1)
+        stages = self.p.bit_length() - 1  # log2(p), shared out evenly over the factors
+        count = max(1, -(-stages // (self.FACTOR.bit_length() - 1)))
+        self.factors = [
+            hadamard(1 << (stages // count + (i < stages % count))) for i in range(count)
+        ]
+        self.starts = (0,) if self.p == width else (0, width - self.p)
+        self.rounds = []
+        for _ in range(self.ROUNDS):
+            permutation = torch.from_numpy(rng.permutation(width))
+            signs = [rng.choice(np.float32([-1, 1]), (size, 1)) for size in (width, self.p)]
+            self.rounds.append((permutation, *(torch.from_numpy(s) for s in signs)))
+
+    def to(self, device: str | torch.device) -> StructuredRotation:
+        moved = copy.copy(self)
+        moved.factors = [h.to(device) for h in self.factors]
+        moved.rounds = [tuple(t.to(device) for t in r) for r in self.rounds]
+        return moved
+
+    def _hadamard_(self, window: torch.Tensor) -> None:
+        """H_p of every column of ``window`` ([p, rows], contiguous), in place: each factor over
+        its axis of the [f1, f2, ..., rows] view, the last one written into ``window``."""
+        y, left, *_, last = window, 1, *self.factors
+        for h in self.factors:
+            f = len(h)
+            shape = (left, f, self.p // (left * f) * window.shape[1])
+            if h is last and y is not window:
+                torch.matmul(h, y.reshape(shape), out=window.view(shape))
+            elif h is last:  # one factor: the product may not be written over its input
+                window.copy_(torch.matmul(h, y.reshape(shape)).view_as(window))
+            else:
+                y = torch.matmul(h, y.reshape(shape))
+            left *= f
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [rows, width] -> the transformed rows, [rows, width] (a view of a
+        features-first tensor; ``x`` is kept)."""
+        y = x.t().contiguous()
+        for permutation, signs, window_signs in self.rounds:
+            y = y.index_select(0, permutation).mul_(signs)
+            for k, start in enumerate(self.starts):
+                window = y[start : start + self.p]
+                if k:
+                    window.mul_(window_signs)
+                self._hadamard_(window)
+        return y.t()
+
+
+ROTATIONS = {
+    "haar": lambda *key: DenseRotation(random_rotation(*key)),
+    "structured": StructuredRotation,
+}
+
+
+def make_rotation(kind: str, width: int, seed: int, layer: int, index: int):
+    """The rotation ``kind`` (haar: dense Haar-random; structured: :class:`StructuredRotation`)
+    of ``width`` features, fixed by (seed, layer, index)."""
+    if kind not in ROTATIONS:
+        raise ValueError(f"rotation {kind!r}: one of {', '.join(ROTATIONS)}")
+    return ROTATIONS[kind](width, seed, layer, index)
 
 
 def row_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,13 +294,15 @@ class LayerStatistics:
     def __init__(
         self,
         width: int,
-        rotations: list[np.ndarray],
+        rotations: list,
         device: str | torch.device = "cpu",
         sort_on_device: bool | None = None,
         average: str = "rows",
         rms: str = "row_mean",
     ):
-        """``device``: where the moments, rotations and extremes are computed (the sums are
+        """``rotations``: callables on a [rows, width] float32 tensor with a ``.to(device)``
+        (:func:`make_rotation`), or orthogonal matrices (applied as ``x @ q``);
+        ``device``: where the moments, rotations and extremes are computed (the sums are
         kept in float64 on the host); ``sort_on_device``: the median and maximum of |x| with
         torch on ``device`` rather than numpy's partition (default: on a GPU)."""
         if average not in AVERAGES or rms not in RMS_DEFINITIONS:
@@ -200,7 +312,10 @@ class LayerStatistics:
         self.sort_on_device = (
             self.device.type != "cpu" if sort_on_device is None else sort_on_device
         )
-        self.rotations = [torch.from_numpy(q).to(self.device) for q in rotations]
+        self.rotations = [
+            (DenseRotation(q) if isinstance(q, np.ndarray) else q).to(self.device)
+            for q in rotations
+        ]
         self.feature_max = np.full(width, -np.inf, np.float32)
         self.feature_min = np.full(width, np.inf, np.float32)
         # per-row values: kurtosis, rotation-averaged kurtosis, rms, then each rotation
@@ -236,7 +351,7 @@ class LayerStatistics:
             raise StatisticsError(
                 f"kurtosis overflows float32 in {len(bad)} row(s) (first of example {first})"
             )
-        rotated = torch.stack([row_kurtosis(x @ q) for q in self.rotations], dim=1)
+        rotated = torch.stack([row_kurtosis(rotate(x)) for rotate in self.rotations], dim=1)
         mean_square = m2 + mean.square()
         values = torch.cat(
             [

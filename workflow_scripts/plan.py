@@ -187,7 +187,8 @@ class Study:
             f"extraction {' / '.join(extract_settings)}; padding rows "
             f"{'counted' if stats['include_padding'] else 'excluded'}; per-row values "
             f"averaged over {stats['average']}; RMS as {stats['rms'].replace('_', ' ')}; "
-            f"{stats['rotations']} random rotation(s) per layer, seed {stats['seed']}"
+            f"{stats['rotations']} random rotation(s) per layer ({stats['rotation']}), "
+            f"seed {stats['seed']}"
         )
         if self.ablations:
             settings += (

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +43,9 @@ LOCAL_RULES = {"fetch_model", "all"}
 SLURM_OVERRIDES = [
     # the plugin's first status check comes 40 s after a submission; tiny jobs take seconds
     "--slurm-init-seconds-before-status-checks",
+    "2",
+    # and polls every 10 s after that
+    "--seconds-between-status-checks",
     "2",
     # the node has 2 CPUs: 1-CPU jobs run two at a time (the profile gives layer_stats 4 threads,
     # which this node could not run at all); it also keeps the thread counts of the local run
@@ -305,14 +309,19 @@ def interrupt(workdir, how: str, processes: list, **options) -> None:
 
 @pytest.fixture(scope="module")
 def preempted(slurm, tmp_path_factory):
-    """A training run through SLURM stopped midway, cancelled or requeued, beside an unbroken
-    local run of the same config."""
+    """A training run through SLURM stopped midway, cancelled or requeued (the two at once, in
+    two checkouts), beside an unbroken local run of the same config."""
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("unbroken", "cancelled", "requeued")}
     options = {"timeout": 600, "config": TRAINING_CONFIG}
     processes = [start_snakemake(dirs["unbroken"], "--cores", "1", *TRAINED, **options)]
     try:
-        for how in ("cancelled", "requeued"):
-            interrupt(dirs[how], how, processes, **options)
+        with ThreadPoolExecutor(2) as pool:
+            stopped = [
+                pool.submit(interrupt, dirs[how], how, processes, **options)
+                for how in ("cancelled", "requeued")
+            ]
+            for future in stopped:
+                future.result()
         finish(processes[0], dirs["unbroken"])
     finally:
         stop(processes)

@@ -45,6 +45,7 @@ class Adapter:
     num_labels: int | None
     label_names: list[str] | None = None  # the head's class names, where the model has them
     final_norm: nn.Module | None = None  # the norm between the last block and the head, if any
+    shortcut_relu: bool = True  # an ablated block ends with its activation (see ``ablated``)
     block_slots: list[tuple[nn.Module, int]]
 
     def __init__(self, model: torch.nn.Module):
@@ -74,9 +75,9 @@ class Adapter:
         next-token logits ``[batch, tokens, vocabulary]``."""
         raise NotImplementedError
 
-    def without_branch(self, block: nn.Module, shortcut_relu: bool = True) -> nn.Module:
-        """What stands in for ``block`` when it is ablated: its shortcut alone (``shortcut_relu``:
-        followed by the activation that ends the block, where a block ends with one)."""
+    def without_branch(self, block: nn.Module) -> nn.Module:
+        """What stands in for ``block`` when it is ablated: its shortcut alone (where a block
+        ends with an activation, followed by it unless ``self.shortcut_relu`` is false)."""
         raise NotImplementedError
 
     def blocks_applied(self, readout: int) -> int:
@@ -87,18 +88,21 @@ class Adapter:
     def ablated(self, blocks: set[int], final_norm: bool = True, shortcut_relu: bool = True):
         """Run the model with the residual branch of every block in ``blocks`` removed;
         ``final_norm=False`` also passes the stream through the final norm unchanged (the head
-        reads the raw stream), ``shortcut_relu``: see :meth:`without_branch`."""
+        reads the raw stream), ``shortcut_relu=False`` drops the activation that ends an ablated
+        block (see :meth:`without_branch`)."""
         originals = {}
         bypass = None
+        self.shortcut_relu = shortcut_relu
         try:
             for i in sorted(blocks):
                 container, index = self.block_slots[i]
                 originals[i] = container[index]
-                container[index] = self.without_branch(container[index], shortcut_relu)
+                container[index] = self.without_branch(container[index])
             if not final_norm and self.final_norm is not None:
                 bypass = self.final_norm.register_forward_hook(lambda m, args, out: args[0])
             yield self
         finally:
+            del self.shortcut_relu  # back to the class's default
             if bypass is not None:
                 bypass.remove()
             for i, block in originals.items():

@@ -145,7 +145,7 @@ class HookedTransformer(Adapter):
     def logits(self, inputs):
         return self.model(**inputs, use_cache=False).logits
 
-    def without_branch(self, block, shortcut_relu=True):
+    def without_branch(self, block):
         return SkippedBlock(block, self._skip_form)
 
     def blocks_applied(self, readout: int) -> int:

@@ -252,8 +252,8 @@ class ResNetAdapter(Adapter):
     def logits(self, inputs):
         return self.model(inputs["pixel_values"])
 
-    def without_branch(self, block, shortcut_relu=True):
-        return ShortcutOnly(block, shortcut_relu)
+    def without_branch(self, block):
+        return ShortcutOnly(block, self.shortcut_relu)
 
     def blocks_applied(self, readout: int) -> int:
         return readout + 1

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+SUB_BYTES = 4 << 20  # float32 rows computed at once on the CPU
 ROW_METRICS = ("kurtosis", "rotated_kurtosis", "rms", "mean_square")
 AVERAGES = ("rows", "examples")  # over rows; or over each example's rows, then over examples
 RMS_DEFINITIONS = ("row_mean", "root_mean_square")
@@ -330,9 +331,34 @@ class LayerStatistics:
             return
         chunk = np.ascontiguousarray(chunk)
         stored = torch.from_numpy(chunk).to(self.device)
-        x = stored.to(torch.float32)
         if not self.sort_on_device:  # numpy sorts in a thread while torch computes the moments
             sorting = _background().submit(row_median_and_max, np.abs(chunk))
+        # on the CPU a few MB of rows at a time, so that the many passes over them stay in the
+        # cache (2 to 3 times faster than passes over a whole block); on a GPU the whole block
+        step = max(1, SUB_BYTES // (4 * self.width)) if self.device.type == "cpu" else len(chunk)
+        values = torch.cat(
+            [
+                self._row_values(stored[i : i + step], example_id[i : i + step])
+                for i in range(0, len(chunk), step)
+            ]
+        )
+        self.means.update(values.double().cpu().numpy(), example_id)
+        # |x| in the stored dtype: exact, and float16 halves the work of the partial sort
+        if self.sort_on_device:
+            median, largest = (t.cpu().numpy() for t in row_median_and_max_torch(stored.abs()))
+        else:
+            median, largest = sorting.result()
+        has_ratio = median > 0
+        ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
+        self.ratio.update(ratio[:, None], example_id[has_ratio])
+        self.zero_median_rows += int((~has_ratio).sum())
+        if len(ratio):
+            self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
+
+    def _row_values(self, stored: torch.Tensor, example_id: np.ndarray) -> torch.Tensor:
+        """The per-row values of some rows ([rows, metrics], see ``self.means``); the
+        per-feature extremes updated with them."""
+        x = stored.to(torch.float32)
         mean, m2, kurtosis = row_moments(x)
         if not torch.isfinite(kurtosis).all():
             bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0].cpu()
@@ -353,28 +379,16 @@ class LayerStatistics:
             )
         rotated = torch.stack([row_kurtosis(rotate(x)) for rotate in self.rotations], dim=1)
         mean_square = m2 + mean.square()
-        values = torch.cat(
+        block_max, block_min = (t.cpu().numpy() for t in (x.amax(dim=0), x.amin(dim=0)))
+        self.feature_max = np.maximum(self.feature_max, block_max)
+        self.feature_min = np.minimum(self.feature_min, block_min)
+        return torch.cat(
             [
                 torch.stack([kurtosis, rotated.mean(dim=1), mean_square.sqrt(), mean_square], 1),
                 rotated,
             ],
             dim=1,
         )
-        self.means.update(values.double().cpu().numpy(), example_id)
-        # |x| in the stored dtype: exact, and float16 halves the work of the partial sort
-        if self.sort_on_device:
-            median, largest = (t.cpu().numpy() for t in row_median_and_max_torch(stored.abs()))
-        else:
-            median, largest = sorting.result()
-        has_ratio = median > 0
-        ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
-        self.ratio.update(ratio[:, None], example_id[has_ratio])
-        self.zero_median_rows += int((~has_ratio).sum())
-        if len(ratio):
-            self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
-        block_max, block_min = (t.cpu().numpy() for t in (x.amax(dim=0), x.amin(dim=0)))
-        self.feature_max = np.maximum(self.feature_max, block_max)
-        self.feature_min = np.minimum(self.feature_min, block_min)
 
     def results(self, thresholds: list[float], top_features: int) -> list[dict]:
         """Long-form records: metric, setting, value, spread, rows (and feature, for the top

@@ -378,7 +378,7 @@ def test_interrupted_extraction_stops_its_writer_and_leaves_nothing(model_dirs, 
     """SIGINT (Ctrl-C, or Snakemake stopping a job) while chunks are written: the writer thread
     stops before the cleanup, nothing is left, and the log ends with the interruption."""
     data = tmp_path / "corpus.parquet"
-    store.write(builtin.generate("corpus", 400, 0), data, "text", None)
+    store.write(builtin.generate("corpus", 2000, 0), data, "text", None)  # a run of minutes
     out = tmp_path / "shard-0.zarr"
     options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
     command = [sys.executable, "-m", "workflow_scripts.extract", "--model", str(model_dirs["gpt2"])]
@@ -389,14 +389,14 @@ def test_interrupted_extraction_stops_its_writer_and_leaves_nothing(model_dirs, 
         process = subprocess.Popen(
             command, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=handle
         )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not list(
-            tmp_path.glob(".shard-0.zarr.tmp-*/layer-0/c/*")
-        ):
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".shard-0.zarr.tmp-*/layer-0/c/*")):
+            assert process.poll() is None, f"ended before any chunk was seen:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "no chunk written in 120 s"
             time.sleep(0.05)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
-    assert process.returncode != 0
+    assert process.returncode != 0, log.read_text()[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".shard-0.zarr.tmp-*"))
     text = log.read_text()
     assert "KeyboardInterrupt" in text and "Directory not empty" not in text

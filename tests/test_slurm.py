@@ -228,9 +228,13 @@ def test_slurm_and_local_runs_give_the_same_results(runs):
         )
 
 
-def test_the_profiles_name_every_cached_rule():
+def test_the_profiles_name_every_cached_rule(tmp_path, monkeypatch):
     """profiles/default names the cached rules one by one (a bare --cache does not reach SLURM
     jobs): exactly the rules with `cache: True`."""
+    # the Snakefile, parsed in this process, sets the cache folder and cleans results/ where it
+    # runs: here, not in the checkout, and not for the tests that run after this one
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SNAKEMAKE_OUTPUT_CACHE", str(tmp_path / "cache"))
     from snakemake.api import SnakemakeApi
     from snakemake.caching.rule import CacheFlag
     from snakemake.settings.types import ConfigSettings, ResourceSettings
@@ -241,7 +245,7 @@ def test_the_profiles_name_every_cached_rule():
             snakefile=REPO / "Snakefile",
             resource_settings=ResourceSettings(),
             config_settings=ConfigSettings(configfiles=[REPO / "config.yaml"]),
-            workdir=REPO,
+            workdir=tmp_path,
         )._workflow
         cached = {r.name for r in workflow.rules if r.cache and r.cache.flag & CacheFlag.output}
     assert sorted(profile["cache"]) == sorted(cached)

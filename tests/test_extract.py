@@ -387,7 +387,12 @@ def test_interrupted_extraction_stops_its_writer_and_leaves_nothing(model_dirs, 
     log = tmp_path / "extract.log"
     with open(log, "w") as handle:
         process = subprocess.Popen(
-            command, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=handle
+            command,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stderr=handle,
+            # Ctrl-C's default handling, even where the tests run in the background of a shell
+            # (which ignores SIGINT there, and a child would inherit that)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".shard-0.zarr.tmp-*/layer-0/c/*")):

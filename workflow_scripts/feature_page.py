@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workflow_scripts.activations import layer_name, open_shard, read_rows
+from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.atomic import written
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
-from workflow_scripts.top_examples import context, example_tokens, output_weights
+from workflow_scripts.top_examples import context, example_tokens, output_weights, stored_blocks
 
 JPEG_QUALITY = 75
 ALL_CLASSES = 16  # a classifier with at most this many classes shows them all
@@ -115,24 +115,6 @@ def per_example_max(x: np.ndarray, ids: np.ndarray):
     return values, ids[starts], rows
 
 
-def _blocks(shards: list[str], layer: int, include_padding: bool):
-    """(x, example ids, positions) of each stored block of a read-out point, in order."""
-    name = layer_name(layer)
-    for path in shards:
-        group = open_shard(path)
-        array = group[name]
-        block = array.shards[0] if array.shards else array.chunks[0]
-        for start in range(0, array.shape[0], block):
-            stop = min(start + block, array.shape[0])
-            x = read_rows(group, name, start, stop, path)
-            ids = read_rows(group, "example_id", start, stop, path)
-            positions = read_rows(group, "position", start, stop, path)
-            if not include_padding:
-                keep = ~read_rows(group, "is_padding", start, stop, path)
-                x, ids, positions = x[keep], ids[keep], positions[keep]
-            yield x, ids, positions
-
-
 def _whole_examples(blocks):
     """The same rows in pieces that never split an example: the rows of the last example of a
     block wait for the next block."""
@@ -157,7 +139,7 @@ def top_k(shards: list[str], layer: int, k: int, include_padding: bool) -> TopK:
     shards, one block in memory."""
     width = open_shard(shards[0])[layer_name(layer)].shape[1]
     stream = StreamingTopK(width, k)
-    for x, ids, positions in _whole_examples(_blocks(shards, layer, include_padding)):
+    for x, ids, positions in _whole_examples(stored_blocks(shards, layer, include_padding)):
         stream.update(x, ids, positions)
     return stream.result()
 

@@ -23,29 +23,36 @@ from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.figures import PALETTE, _pyplot, _style, save
 
 
+def stored_blocks(shards: list[str], layer: int, include_padding: bool):
+    """(x, example ids, positions) of each stored block of read-out point ``layer``, in order,
+    padding rows dropped unless ``include_padding``: one Zarr shard of rows at a time."""
+    name = layer_name(layer)
+    for path in shards:
+        group = open_shard(path)
+        array = group[name]
+        block = array.shards[0] if array.shards else array.chunks[0]
+        for start in range(0, array.shape[0], block):
+            stop = min(start + block, array.shape[0])
+            x = read_rows(group, name, start, stop, path)
+            ids = read_rows(group, "example_id", start, stop, path)
+            positions = read_rows(group, "position", start, stop, path)
+            if not include_padding:
+                keep = ~read_rows(group, "is_padding", start, stop, path)
+                x, ids, positions = x[keep], ids[keep], positions[keep]
+            yield x, ids, positions
+
+
 def top_rows(
     shards: list[str], layer: int, features: list[int], count: int, include_padding: bool
 ) -> dict[int, list[tuple[float, int, int]]]:
     """Per feature, the ``count`` largest activations as (value, example_id, position), one pass
     over the shards with memory bounded by a chunk."""
     best: dict[int, list] = {f: [] for f in features}
-    for path in shards:
-        group = open_shard(path)
-        array = group[layer_name(layer)]
-        block = array.shards[0] if array.shards else array.chunks[0]
-        for start in range(0, array.shape[0], block):
-            stop = min(start + block, array.shape[0])
-            x = read_rows(group, layer_name(layer), start, stop, path)[:, features].astype(
-                np.float32
-            )
-            ids = read_rows(group, "example_id", start, stop, path)
-            positions = read_rows(group, "position", start, stop, path)
-            if not include_padding:
-                keep = ~read_rows(group, "is_padding", start, stop, path)
-                x, ids, positions = x[keep], ids[keep], positions[keep]
-            for j, feature in enumerate(features):
-                top = np.argsort(-x[:, j], kind="stable")[: count * 4]  # an example may repeat
-                best[feature] += [(float(x[i, j]), int(ids[i]), int(positions[i])) for i in top]
+    for x, ids, positions in stored_blocks(shards, layer, include_padding):
+        x = x[:, features].astype(np.float32)
+        for j, feature in enumerate(features):
+            top = np.argsort(-x[:, j], kind="stable")[: count * 4]  # an example may repeat
+            best[feature] += [(float(x[i, j]), int(ids[i]), int(positions[i])) for i in top]
     result = {}
     for feature, candidates in best.items():
         chosen, seen = [], set()

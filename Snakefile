@@ -39,7 +39,8 @@ config["summary"] = study.summary()  # for the report's front page (report/workf
 # every config value and wildcard it uses as params, which is what the cache keys on.
 os.environ.setdefault(output_cache.VARIABLE, str(output_cache.default_location()))
 output_cache.guard_concurrent_stores()
-output_cache.guard_cluster_jobs()
+if workflow.remote_exec:  # a cluster job's own Snakemake: the submitting host's cache keys
+    output_cache.guard_cluster_jobs()
 # A result whose cache entry was deleted (the way to recompute it) is removed here, before the
 # DAG is built; if this config makes it, it becomes a target of `all` (below), so that its job
 # runs again, and what reads it.

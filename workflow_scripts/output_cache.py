@@ -151,8 +151,9 @@ def _cached_inputs_as_upstream(original):
 
 
 def guard_cluster_jobs() -> None:
-    """Give a cluster job's Snakemake the cache keys of the submitting one (see
-    ``_cached_inputs_as_upstream``)."""
+    """Give a cluster job's Snakemake (``--mode remote``) the cache keys of the submitting one
+    (see ``_cached_inputs_as_upstream``); the submitting Snakemake knows every job, and needs
+    nothing."""
     from snakemake.caching.hash import ProvenanceHashMap
 
     method = ProvenanceHashMap._get_provenance_hash

@@ -5,10 +5,11 @@ Measured side by side in one run, on a synthetic layer (Gaussian with a few outl
 
   ours       workflow_scripts.layer_stats.compute: every statistic, one pass, one fixed dense
              (Haar) rotation;
-  ours_fast  the same with stats.rotation: structured (permutations, signs and Hadamard
-             transforms instead of the dense matrix product);
-  floor      reading and decoding the same array block by block plus one matrix product of each
-             block by the rotation (nothing less can give a dense rotated kurtosis);
+  ours_fast  the same with stats.rotation: structured (random signs, Hadamard and small Haar
+             factors and a permutation instead of the dense matrix product);
+  floor      reading the same array as layer_stats reads it and decoding it to float32, plus one
+             matrix product of each block by the rotation (nothing less can give a dense rotated
+             kurtosis);
   floor_no_rotation  reading and decoding only;
   study  the study's own algorithm (its src/metrics: outliers, kurtosis, rotated-kurtosis, rms):
          one rotation for the layer drawn once (torch QR of a Gaussian matrix), batches of 128
@@ -37,10 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workflow_scripts.activations import ShardWriter  # noqa: E402
+from workflow_scripts.activations import ShardWriter, open_shard  # noqa: E402
 from workflow_scripts.layer_stats import compute  # noqa: E402
 from workflow_scripts.models.adapter import Readout  # noqa: E402
-from workflow_scripts.streaming_stats import random_rotation  # noqa: E402
+from workflow_scripts.rotations import random_rotation  # noqa: E402
+from workflow_scripts.shard_reader import read_rows  # noqa: E402
 
 OPTIONS = {
     "include_padding": True,
@@ -70,13 +72,14 @@ def write_layer(path: Path, rows: int, width: int) -> Path:
 
 
 def floor(path: Path, width: int, rotate: bool = True) -> None:
-    import zarr
-
-    array = zarr.open_group(path, mode="r")["layer-0"]
+    """Read every row as layer_stats does (a shard file at a time, straight from the files),
+    decode it to float32 with torch, and with ``rotate`` multiply it by a dense rotation."""
+    group = open_shard(path)
+    array = group["layer-0"]
     q = torch.from_numpy(random_rotation(width, 0, 0, 0))
-    block = 64 * 1024 * 1024 // (4 * width) // 1024 * 1024
-    for start in range(0, array.shape[0], block):
-        x = torch.from_numpy(array[start : start + block].astype(np.float32))
+    for start in range(0, array.shape[0], array.shards[0]):
+        x = torch.from_numpy(read_rows(group, "layer-0", start, start + array.shards[0], path))
+        x = x.float()
         (x @ q if rotate else x).sum()
 
 

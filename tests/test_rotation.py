@@ -14,13 +14,8 @@ import torch
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.layer_stats import compute
 from workflow_scripts.models.adapter import Readout
-from workflow_scripts.streaming_stats import (
-    LayerStatistics,
-    StructuredRotation,
-    make_rotation,
-    random_rotation,
-    row_kurtosis,
-)
+from workflow_scripts.rotations import StructuredRotation, make_rotation, random_rotation
+from workflow_scripts.streaming_stats import LayerStatistics, row_kurtosis
 
 # the stream widths of the configured models (RoBERTa, GPT-2, ResNet stages, decoders, the
 # tiny test models), and widths that are neither powers of two nor multiples of one

@@ -8,16 +8,18 @@ import pandas as pd
 import pytest
 import scipy.stats
 
+from workflow_scripts import streaming_stats
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.layer_stats import compute
 from workflow_scripts.merge_stats import merge
 from workflow_scripts.models.adapter import Readout
+from workflow_scripts.rotations import random_rotation
 from workflow_scripts.streaming_stats import (
     ClusterMeans,
     LayerStatistics,
     StatisticsError,
-    random_rotation,
+    row_median_and_max,
 )
 
 OPTIONS = {"include_padding": False, "rotations": 1, "seed": 0, "top_features": 3}
@@ -267,6 +269,24 @@ def test_rows_with_zero_median_are_counted_apart(tmp_path):
     ratio = (kept.max(axis=1) / np.median(kept, axis=1)).mean()
     row = value(frame, "max_over_median", "row mean")
     assert row["value"] == pytest.approx(ratio, rel=1e-6) and row["rows"] == 9
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd-selection", "radix-sort"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("width", [1, 2, 7, 768])
+def test_row_median_and_max_against_numpy_float64(monkeypatch, simd, dtype, width):
+    """Both ways of selecting a float16 row's middle values (and float32's one) give numpy's
+    median and maximum, ties and zeros included."""
+    monkeypatch.setattr(streaming_stats, "SIMD_SELECT_16", simd)
+    rng = np.random.default_rng(width)
+    x = np.abs(rng.standard_normal((300, width)) * rng.choice([1, 30], (300, width)))
+    x[::7] = np.round(x[::7])  # ties, and zeros
+    x = x.astype(dtype)
+    median, largest = row_median_and_max(x)
+    reference = x.astype(np.float64)
+    np.testing.assert_allclose(median, np.median(reference, axis=1), rtol=1e-7)
+    np.testing.assert_array_equal(largest, reference.max(axis=1))
+    assert median.dtype == largest.dtype == np.float32
 
 
 @pytest.mark.parametrize("width", [7, 8])

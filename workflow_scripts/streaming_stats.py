@@ -16,7 +16,7 @@ example are contiguous, as extraction writes them).
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-SUB_BYTES = 4 << 20  # float32 rows computed at once on the CPU
+from workflow_scripts.rotations import DenseRotation
+
+SUB_BYTES = 3 << 19  # float32 bytes of the rows one CPU thread computes at once
 ROW_METRICS = ("kurtosis", "rotated_kurtosis", "rms", "mean_square")
 AVERAGES = ("rows", "examples")  # over rows; or over each example's rows, then over examples
 RMS_DEFINITIONS = ("row_mean", "root_mean_square")
@@ -37,123 +39,6 @@ def _of(average: str) -> str:
 
 class StatisticsError(ValueError):
     """Activations that statistics cannot be computed from: say why, never a wrong number."""
-
-
-def random_rotation(width: int, seed: int, layer: int, index: int) -> np.ndarray:
-    """A Haar-random orthogonal matrix, fixed by (seed, layer, index): QR of a Gaussian matrix
-    with the signs of R's diagonal moved into Q."""
-    rng = np.random.default_rng([seed, layer, index])
-    q, r = np.linalg.qr(rng.standard_normal((width, width)))
-    return (q * np.sign(np.diag(r))).astype(np.float32)
-
-
-class DenseRotation:
-    """An orthogonal matrix applied to rows: ``x @ q`` (2 width^2 multiply-adds a row)."""
-
-    def __init__(self, matrix: np.ndarray | torch.Tensor):
-        self.matrix = torch.as_tensor(matrix)
-
-    def to(self, device: str | torch.device) -> DenseRotation:
-        return DenseRotation(self.matrix.to(device))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.matrix
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """The normalised Walsh-Hadamard matrix of order ``n`` (a power of two), symmetric and
-    orthogonal, in float32."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while len(h) < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return (h / math.sqrt(n)).to(torch.float32)
-
-
-class StructuredRotation:
-    """A random orthogonal transform of rows of ``width`` features in O(width log width) work
-    a row, fixed by (seed, layer, index).
-
-    ``ROUNDS`` rounds, each: a random permutation of the features, random signs, the normalised
-    Hadamard transform H_p of the first p features (p the largest power of two <= width), random
-    signs on the last p features and H_p of them. The two windows overlap (p > width / 2) and
-    are one window when width is a power of two. Every step is orthogonal. The signs before the
-    second window and the permutations keep the windows from undoing each other's mixing (a
-    one-hot row becomes a sum of random signs in every feature).
-
-    The rows are transformed features-first ([width, rows]): a window is then a contiguous
-    block, a permutation moves whole rows of memory, and H_p is the Kronecker product of
-    Hadamard factors of at most ``FACTOR`` (H_p = H_a (x) H_b (x) ..., a * b * ... = p), applied
-    one factor at a time as a matrix product over its axis: O(p log p) multiply-adds a row, like
-    the butterflies of a fast Walsh-Hadamard transform, in two or three passes over memory
-    rather than log2(p).
-    """
-
-    ROUNDS = 2
-    FACTOR = 32  # the largest Hadamard factor
-
-    def __init__(self, width: int, seed: int, layer: int, index: int):
-        rng = np.random.default_rng([seed, layer, index])
-        self.width = width
-        self.p = 1 << (width.bit_length() - 1)
-        stages = self.p.bit_length() - 1  # log2(p), shared out evenly over the factors
-        count = max(1, -(-stages // (self.FACTOR.bit_length() - 1)))
-        self.factors = [
-            hadamard(1 << (stages // count + (i < stages % count))) for i in range(count)
-        ]
-        self.starts = (0,) if self.p == width else (0, width - self.p)
-        self.rounds = []
-        for _ in range(self.ROUNDS):
-            permutation = torch.from_numpy(rng.permutation(width))
-            signs = [rng.choice(np.float32([-1, 1]), (size, 1)) for size in (width, self.p)]
-            self.rounds.append((permutation, *(torch.from_numpy(s) for s in signs)))
-
-    def to(self, device: str | torch.device) -> StructuredRotation:
-        moved = copy.copy(self)
-        moved.factors = [h.to(device) for h in self.factors]
-        moved.rounds = [tuple(t.to(device) for t in r) for r in self.rounds]
-        return moved
-
-    def _hadamard_(self, window: torch.Tensor) -> None:
-        """H_p of every column of ``window`` ([p, rows], contiguous), in place: each factor over
-        its axis of the [f1, f2, ..., rows] view, the last one written into ``window``."""
-        y, left, *_, last = window, 1, *self.factors
-        for h in self.factors:
-            f = len(h)
-            shape = (left, f, self.p // (left * f) * window.shape[1])
-            if h is last and y is not window:
-                torch.matmul(h, y.reshape(shape), out=window.view(shape))
-            elif h is last:  # one factor: the product may not be written over its input
-                window.copy_(torch.matmul(h, y.reshape(shape)).view_as(window))
-            else:
-                y = torch.matmul(h, y.reshape(shape))
-            left *= f
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [rows, width] -> the transformed rows, [rows, width] (a view of a
-        features-first tensor; ``x`` is kept)."""
-        y = x.t().contiguous()
-        for permutation, signs, window_signs in self.rounds:
-            y = y.index_select(0, permutation).mul_(signs)
-            for k, start in enumerate(self.starts):
-                window = y[start : start + self.p]
-                if k:
-                    window.mul_(window_signs)
-                self._hadamard_(window)
-        return y.t()
-
-
-ROTATIONS = {
-    "haar": lambda *key: DenseRotation(random_rotation(*key)),
-    "structured": StructuredRotation,
-}
-
-
-def make_rotation(kind: str, width: int, seed: int, layer: int, index: int):
-    """The rotation ``kind`` (haar: dense Haar-random; structured: :class:`StructuredRotation`)
-    of ``width`` features, fixed by (seed, layer, index)."""
-    if kind not in ROTATIONS:
-        raise ValueError(f"rotation {kind!r}: one of {', '.join(ROTATIONS)}")
-    return ROTATIONS[kind](width, seed, layer, index)
 
 
 def row_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,38 +60,55 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads)
 
 
-@functools.cache
-def _background() -> ThreadPoolExecutor:
-    """A thread of its own for work that overlaps torch's (never the pool that work uses)."""
-    return ThreadPoolExecutor(1)
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """torch's intra-op threads set to ``threads`` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _simd_select_16() -> bool:
+    """Whether numpy selects and sorts 16-bit integers with its AVX-512 kernels (x86-simd-sort,
+    on CPUs with AVX512_ICL): there a partition of a float16 row's bit patterns is about five
+    times faster than a radix sort; without them, about four times slower."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        return False
+    return bool(__cpu_features__.get("AVX512_ICL"))
+
+
+SIMD_SELECT_16 = _simd_select_16()
 
 
 def row_median_and_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Median (the mean of the two middle values for an even width, as numpy's) and maximum of
-    every row of ``x`` >= 0, in float32. float16 rows are sorted as their bit patterns (uint16:
-    the same order for values >= 0), which numpy radix-sorts about five times faster than it
-    partitions float16; other dtypes are partially sorted. Both release the GIL, so blocks of
-    rows run in parallel."""
+    every row of ``x`` >= 0, in float32, exact. float16 rows are ordered by their bit patterns
+    (uint16: the same order for values >= 0). The rows are partitioned about their lower middle
+    value (numpy's SIMD selection); the upper middle value and the maximum are the smallest and
+    largest of what lies above it. float16 rows are radix-sorted instead where numpy has no
+    SIMD selection of 16-bit integers (:data:`SIMD_SELECT_16`)."""
     width = x.shape[1]
-    middle = sorted({(width - 1) // 2, width // 2})
+    k = (width - 1) // 2
+    keys = x.view(np.uint16) if x.dtype == np.float16 else x
+    if keys.dtype == np.uint16 and not SIMD_SELECT_16:
+        parted = np.sort(keys, axis=1, kind="stable")
+    else:
+        parted = np.partition(keys, k, axis=1)
+    above = parted[:, k + 1 :]  # reduced as keys: numpy's float16 reductions are slow
 
-    def median_and_max(rows: np.ndarray) -> np.ndarray:
-        if rows.dtype == np.float16:
-            parted = np.sort(rows.view(np.uint16), axis=1, kind="stable").view(np.float16)
-        else:
-            parted = np.partition(rows, [*middle, width - 1], axis=1)
-        return np.stack(
-            [
-                parted[:, middle].astype(np.float32).mean(axis=1),
-                parted[:, width - 1].astype(np.float32),
-            ],
-            axis=1,
-        )
+    def values(keys: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(keys).view(x.dtype).astype(np.float32)
 
-    threads = max(1, torch.get_num_threads())  # the job's thread count
-    parts = np.array_split(x, max(1, min(threads, len(x) // 1024)))
-    both = np.concatenate(list(_pool(threads).map(median_and_max, parts)))
-    return both[:, 0], both[:, 1]
+    lower = values(parted[:, k])
+    if width == 1:
+        return lower, lower
+    median = lower if width % 2 else (lower + values(above.min(axis=1))) / 2
+    return median, np.maximum(lower, values(above.max(axis=1)))
 
 
 def row_median_and_max_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,13 +204,15 @@ class LayerStatistics:
         rms: str = "row_mean",
     ):
         """``rotations``: callables on a [rows, width] float32 tensor with a ``.to(device)``
-        (:func:`make_rotation`), or orthogonal matrices (applied as ``x @ q``);
+        (:func:`rotations.make_rotation`), or orthogonal matrices (applied as ``x @ q``);
         ``device``: where the moments, rotations and extremes are computed (the sums are
         kept in float64 on the host); ``sort_on_device``: the median and maximum of |x| with
-        torch on ``device`` rather than numpy's partition (default: on a GPU)."""
+        torch on ``device`` rather than numpy's selection (default: on a GPU). On the CPU the rows
+        are shared out among as many threads as torch was given when this was made."""
         if average not in AVERAGES or rms not in RMS_DEFINITIONS:
             raise ValueError(f"average {average!r}, rms {rms!r}: see AVERAGES, RMS_DEFINITIONS")
         self.width, self.average, self.rms = width, average, rms
+        self.threads = max(1, torch.get_num_threads())  # the job's thread count
         self.device = torch.device(device)
         self.sort_on_device = (
             self.device.type != "cpu" if sort_on_device is None else sort_on_device
@@ -330,24 +234,24 @@ class LayerStatistics:
         if len(chunk) == 0:
             return
         chunk = np.ascontiguousarray(chunk)
-        stored = torch.from_numpy(chunk).to(self.device)
-        if not self.sort_on_device:  # numpy sorts in a thread while torch computes the moments
-            sorting = _background().submit(row_median_and_max, np.abs(chunk))
-        # on the CPU a few MB of rows at a time, so that the many passes over them stay in the
-        # cache (2 to 3 times faster than passes over a whole block); on a GPU the whole block
-        step = max(1, SUB_BYTES // (4 * self.width)) if self.device.type == "cpu" else len(chunk)
-        values = torch.cat(
-            [
-                self._row_values(stored[i : i + step], example_id[i : i + step])
-                for i in range(0, len(chunk), step)
+        if self.device.type == "cpu":
+            # a few hundred rows at a time, every statistic of them in one thread (torch at one
+            # thread each), so that their many passes stay in the cache, and the job's threads
+            # each take their own rows
+            step = max(1, SUB_BYTES // (4 * self.width))
+            parts = [
+                (chunk[i : i + step], example_id[i : i + step]) for i in range(0, len(chunk), step)
             ]
+            with _torch_threads(1):
+                done = list(_pool(self.threads).map(lambda part: self._rows(*part), parts))
+        else:  # the whole block on the device
+            done = [self._rows(chunk, example_id)]
+        values, median, largest, block_max, block_min = (
+            np.concatenate(part) if i < 3 else np.stack(part) for i, part in enumerate(zip(*done))
         )
-        self.means.update(values.double().cpu().numpy(), example_id)
-        # |x| in the stored dtype: exact, and float16 halves the work of the partial sort
-        if self.sort_on_device:
-            median, largest = (t.cpu().numpy() for t in row_median_and_max_torch(stored.abs()))
-        else:
-            median, largest = sorting.result()
+        self.means.update(values, example_id)
+        self.feature_max = np.maximum(self.feature_max, block_max.max(axis=0))
+        self.feature_min = np.minimum(self.feature_min, block_min.min(axis=0))
         has_ratio = median > 0
         ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
         self.ratio.update(ratio[:, None], example_id[has_ratio])
@@ -355,39 +259,48 @@ class LayerStatistics:
         if len(ratio):
             self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
 
-    def _row_values(self, stored: torch.Tensor, example_id: np.ndarray) -> torch.Tensor:
-        """The per-row values of some rows ([rows, metrics], see ``self.means``); the
-        per-feature extremes updated with them."""
+    def _rows(self, rows: np.ndarray, example_id: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Of some rows: their per-row values ([rows, metrics] in float64, see ``self.means``),
+        median and maximum of |x|, and the per-feature maximum and minimum."""
+        stored = torch.from_numpy(rows).to(self.device)
         x = stored.to(torch.float32)
         mean, m2, kurtosis = row_moments(x)
         if not torch.isfinite(kurtosis).all():
-            bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0].cpu()
-            first = int(example_id[int(bad[0])])
-            if not torch.isfinite(x[bad.to(self.device)]).all():
-                bad = (~torch.isfinite(x)).any(dim=1).nonzero()[:, 0].cpu()
-                raise StatisticsError(
-                    f"{len(bad)} row(s) hold NaN or inf (first of example "
-                    f"{int(example_id[int(bad[0])])}); statistics refused"
-                )
-            if (m2[bad.to(self.device)] == 0).any():
-                raise StatisticsError(
-                    f"{int((m2 == 0).sum())} row(s) are constant across "
-                    f"features (first of example {first}): kurtosis undefined"
-                )
-            raise StatisticsError(
-                f"kurtosis overflows float32 in {len(bad)} row(s) (first of example {first})"
-            )
+            self._refuse(x, m2, kurtosis, example_id)
         rotated = torch.stack([row_kurtosis(rotate(x)) for rotate in self.rotations], dim=1)
         mean_square = m2 + mean.square()
-        block_max, block_min = (t.cpu().numpy() for t in (x.amax(dim=0), x.amin(dim=0)))
-        self.feature_max = np.maximum(self.feature_max, block_max)
-        self.feature_min = np.minimum(self.feature_min, block_min)
-        return torch.cat(
+        values = torch.cat(
             [
                 torch.stack([kurtosis, rotated.mean(dim=1), mean_square.sqrt(), mean_square], 1),
                 rotated,
             ],
             dim=1,
+        )
+        # |x| in the stored dtype: exact, and float16 halves the work of the selection
+        if self.sort_on_device:
+            median, largest = (t.cpu().numpy() for t in row_median_and_max_torch(stored.abs()))
+        else:
+            median, largest = row_median_and_max(np.abs(rows))
+        extremes = (t.cpu().numpy() for t in (x.amax(dim=0), x.amin(dim=0)))
+        return values.double().cpu().numpy(), median, largest, *extremes
+
+    def _refuse(self, x, m2, kurtosis, example_id: np.ndarray):
+        """Raise the StatisticsError that says why some rows have no kurtosis."""
+        bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0].cpu()
+        first = int(example_id[int(bad[0])])
+        if not torch.isfinite(x[bad.to(self.device)]).all():
+            bad = (~torch.isfinite(x)).any(dim=1).nonzero()[:, 0].cpu()
+            raise StatisticsError(
+                f"{len(bad)} row(s) hold NaN or inf (first of example "
+                f"{int(example_id[int(bad[0])])}); statistics refused"
+            )
+        if (m2[bad.to(self.device)] == 0).any():
+            raise StatisticsError(
+                f"{int((m2 == 0).sum())} row(s) are constant across "
+                f"features (first of example {first}): kurtosis undefined"
+            )
+        raise StatisticsError(
+            f"kurtosis overflows float32 in {len(bad)} row(s) (first of example {first})"
         )
 
     def results(self, thresholds: list[float], top_features: int) -> list[dict]:

@@ -17,10 +17,11 @@ import sys
 
 import numpy as np
 
-from workflow_scripts.activations import layer_name, open_shard, read_rows
+from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.figures import PALETTE, _pyplot, _style, save
+from workflow_scripts.shard_reader import read_rows
 
 
 def stored_blocks(shards: list[str], layer: int, include_padding: bool):

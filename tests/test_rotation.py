@@ -122,7 +122,9 @@ def test_layer_stats_with_the_structured_rotation(tmp_path):
     writer = ShardWriter(tmp_path / "s.zarr", readouts, 1000, "float32", 64, 2)
     writer.append([x], np.arange(1000) // 4, np.zeros(1000, np.int32), np.zeros(1000, bool))
     writer.close({"readouts": [r.as_dict() for r in readouts]})
-    options = {"include_padding": False, "rotations": 4, "seed": 0, "top_features": 3}
+    # the rows are nearly one fixed vector (the massive activation, rotated): their kurtosis
+    # varies with the rotation by about 0.45 (a Gaussian sample of 96), so 16 rotations
+    options = {"include_padding": False, "rotations": 16, "seed": 0, "top_features": 3}
     frames = {
         kind: compute([tmp_path / "s.zarr"], 0, [10.0], {**options, "rotation": kind})
         for kind in ("haar", "structured")
@@ -137,9 +139,9 @@ def test_layer_stats_with_the_structured_rotation(tmp_path):
     (haar, structured), (haar_sd, structured_sd) = (
         [value(f, metric, setting) for f in frames.values()]
         for metric, setting in [
-            ("rotated_kurtosis", "mean of 4 rotation(s)"),
-            ("rotated_kurtosis_sd", "sd over 4 rotation(s)"),
+            ("rotated_kurtosis", "mean of 16 rotation(s)"),
+            ("rotated_kurtosis_sd", "sd over 16 rotation(s)"),
         ]
     )
     assert abs(structured - 3) < 0.4 and abs(haar - 3) < 0.4
-    assert abs(structured - haar) < 3 * np.hypot(haar_sd, structured_sd) / 2
+    assert abs(structured - haar) < 3 * np.hypot(haar_sd, structured_sd) / 4  # 3 errors

@@ -3,8 +3,8 @@
 
   haar        a dense Haar-random rotation: the QR of a Gaussian matrix, 2 width^2 multiply-adds
               a row;
-  structured  :class:`StructuredRotation`: random signs, Hadamard transforms, small Haar factors
-              and a random permutation, O(width log width) multiply-adds a row.
+  structured  :class:`StructuredRotation`: random signs, Kronecker products of Hadamard and
+              small Haar factors, and a random permutation, O(width log width) a row.
 """
 
 from __future__ import annotations
@@ -54,44 +54,58 @@ class StructuredRotation:
     """A random orthogonal transform of rows of ``width`` features in O(width log width) work a
     row, fixed by (seed, layer, index).
 
-    Write ``width = m 2^k`` with ``m`` odd (768 = 3 x 256, 896 = 7 x 128, 1024 = 1 x 1024). The
-    transform is ``ROUNDS`` rounds, each: random signs on the features, then the Kronecker product
-    ``Q_m (x) H_{2^k}`` of a Haar-random ``m x m`` orthogonal matrix (drawn for the round; none
-    when m = 1) and the normalised Hadamard matrix; a random permutation of the features comes
-    between rounds. ``Q_m (x) H_{2^k}`` mixes every feature into every other, as a whole-width
-    Hadamard transform does; one round sends a one-hot row to a row of equal magnitudes (for
-    m = 1), the second round, after the permutation and new signs, to sums of many random signs
-    in every feature, as a Haar rotation does.
+    ``ROUNDS`` rounds, each: random signs on the features, then a Kronecker product of a few
+    small orthogonal factors whose sizes multiply to ``width``; a random permutation of the
+    features comes between rounds. Write ``width = m 2^k`` with m odd (768 = 3 x 256,
+    896 = 7 x 128, 1024 = 1 x 1024). The factors are Hadamard matrices of powers of two, except
+    the first, which takes the odd part: a Haar-random orthogonal matrix of size ``m 2^j``
+    drawn for the round (a Hadamard matrix when m = 1). There are about log16(width) of them,
+    of about equal size (768: 12 x 8 x 8; 1024: 8 x 16 x 8), so a round costs the sum of their
+    sizes in multiply-adds a feature: O(log width) for every configured width (m <= 7); a
+    width with a large odd part m costs about m more.
 
-    H_{2^k} is itself the Kronecker product of Hadamard factors of at most ``FACTOR`` (H_256 =
-    H_16 (x) H_16), so a round is a few matrix products, each of one small factor over its axis
-    of the features: ``m + sum of factors`` multiply-adds a feature, O(log width) for the odd
-    parts of every configured width (m <= 7); a width with a large odd part m costs m more. The
-    rows are transformed features-first ([width, rows]), where each factor is one batched matrix
-    product over contiguous memory; the signs are folded into the innermost factor (a matrix per
-    block of its features).
+    A Kronecker product of orthogonal factors mixes every feature into every other, as a
+    whole-width Hadamard transform does: one round sends a one-hot row to a row of nearly
+    equal magnitudes, the second (after the permutation and new signs) to sums of many random
+    signs in every feature, as a Haar rotation does. The rows are transformed features-first
+    ([width, rows]): each factor is then one batched matrix product over its axis of the
+    features, and the signs are folded into the innermost factor (a matrix for each block of
+    its features).
     """
 
     ROUNDS = 2
-    FACTOR = 16  # the largest Hadamard factor
+    FACTOR = 16  # the size the factors stay about at or below
 
     def __init__(self, width: int, seed: int, layer: int, index: int):
         rng = np.random.default_rng([seed, layer, index])
         self.width = width
+        sizes = self.factor_sizes(width)
         odd = width >> ((width & -width).bit_length() - 1)
-        stages = (width // odd).bit_length() - 1  # log2 of the power of two
-        count = -(-stages // (self.FACTOR.bit_length() - 1))  # factors of at most FACTOR
-        hadamards = [hadamard(1 << (stages // count + (i < stages % count))) for i in range(count)]
+        hadamards = [hadamard(size) for size in sizes[1:]]
         self.rounds = []
         for r in range(self.ROUNDS):
             permutation = torch.from_numpy(rng.permutation(width)) if r else None
-            odd_factor = haar_matrix(rng, odd) if odd > 1 or not hadamards else None
-            factors = [torch.from_numpy(odd_factor).float()] if odd_factor is not None else []
+            first = haar_matrix(rng, sizes[0]) if odd > 1 else None
+            factors = [hadamard(sizes[0]) if first is None else torch.from_numpy(first).float()]
             factors += hadamards
             signs = torch.from_numpy(rng.choice(np.float32([-1, 1]), width))
             inner = len(factors[-1])  # one inner x inner matrix (factor @ diag(signs)) a block
             signed = factors[-1][None] * signs.view(width // inner, 1, inner)
             self.rounds.append((permutation, signed, factors[:-1]))
+
+    @classmethod
+    def factor_sizes(cls, width: int) -> list[int]:
+        """The sizes of the factors, outermost first: about log_FACTOR(width) of about equal
+        size, the first ``m 2^j`` (m the odd part of ``width``), the others powers of two."""
+        odd = width >> ((width & -width).bit_length() - 1)
+        stages = (width // odd).bit_length() - 1  # log2 of the power of two
+        count = max(1, math.ceil(math.log2(width) / math.log2(cls.FACTOR)))
+        if count == 1:
+            return [width]
+        own = min(stages, max(0, round(math.log2(width ** (1 / count) / odd))))
+        rest, others = stages - own, count - 1
+        sizes = [odd << own] + [1 << (rest // others + (i < rest % others)) for i in range(others)]
+        return [size for size in sizes if size > 1] or [1]
 
     def to(self, device: str | torch.device) -> StructuredRotation:
         moved = copy.copy(self)

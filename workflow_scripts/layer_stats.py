@@ -29,7 +29,7 @@ from workflow_scripts.shard_reader import read_rows
 from workflow_scripts.streaming_stats import LayerStatistics, StatisticsError
 
 log = logging.getLogger("layer_stats")
-BLOCK_BYTES = 16 << 20  # float32 bytes of one block of rows
+BLOCK_BYTES = 64 << 20  # float32 bytes of one block of rows
 
 
 def _layer_arrays(shards: list[str | Path], layer: int):

@@ -246,12 +246,11 @@ class LayerStatistics:
                 done = list(_pool(self.threads).map(lambda part: self._rows(*part), parts))
         else:  # the whole block on the device
             done = [self._rows(chunk, example_id)]
-        values, median, largest, block_max, block_min = (
-            np.concatenate(part) if i < 3 else np.stack(part) for i, part in enumerate(zip(*done))
-        )
-        self.means.update(values, example_id)
-        self.feature_max = np.maximum(self.feature_max, block_max.max(axis=0))
-        self.feature_min = np.minimum(self.feature_min, block_min.min(axis=0))
+        values, median, largest, maxima, minima = zip(*done)
+        self.means.update(np.concatenate(values), example_id)
+        self.feature_max = np.max([self.feature_max, *maxima], axis=0)
+        self.feature_min = np.min([self.feature_min, *minima], axis=0)
+        median, largest = np.concatenate(median), np.concatenate(largest)
         has_ratio = median > 0
         ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
         self.ratio.update(ratio[:, None], example_id[has_ratio])

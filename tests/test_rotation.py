@@ -5,11 +5,13 @@ across all features as a Haar-random basis does, for the rotated kurtosis."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.layer_stats import compute
@@ -18,9 +20,32 @@ from workflow_scripts.rotations import StructuredRotation, make_rotation, random
 from workflow_scripts.streaming_stats import LayerStatistics, row_kurtosis
 
 # the stream widths of the configured models (RoBERTa, GPT-2, ResNet stages, decoders, the
-# tiny test models), and widths that are neither powers of two nor multiples of one
-WIDTHS = [768, 1024, 896, 2048, 64, 128, 256, 512, 8, 16, 32, 100, 3, 2]
+# trained and the tiny test models), and widths with a large odd part
+WIDTHS = [768, 1024, 896, 2048, 384, 64, 128, 256, 512, 8, 16, 32, 100, 3, 2]
 DRAWS = 20
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _declared_widths(node) -> set[int]:
+    """Every ``width`` and ``widths`` value in a parsed config."""
+    if isinstance(node, list):
+        return set().union(*map(_declared_widths, node)) if node else set()
+    if not isinstance(node, dict):
+        return set()
+    found = set().union(*map(_declared_widths, node.values())) if node else set()
+    if isinstance(node.get("width"), int):
+        found.add(node["width"])
+    if isinstance(node.get("widths"), list):
+        found |= set(node["widths"])
+    return found
+
+
+def test_the_widths_tested_include_every_configured_width():
+    configs = [ROOT / "config.yaml", *(ROOT / "configs").glob("*.yaml")]
+    configs += (ROOT / "tests" / "configs").glob("*.yaml")
+    declared = set().union(*(_declared_widths(yaml.safe_load(p.read_text())) for p in configs))
+    assert declared >= {768, 1024, 384, 64}  # the walk finds the models' widths
+    assert declared <= set(WIDTHS), sorted(declared - set(WIDTHS))
 
 
 @pytest.mark.parametrize("width", WIDTHS)

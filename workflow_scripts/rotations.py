@@ -41,6 +41,11 @@ class DenseRotation:
         return x @ self.matrix
 
 
+def odd_part(width: int) -> int:
+    """``m`` of ``width = m 2^k`` with m odd."""
+    return width >> ((width & -width).bit_length() - 1)
+
+
 def hadamard(n: int) -> torch.Tensor:
     """The normalised Walsh-Hadamard matrix of order ``n`` (a power of two), symmetric and
     orthogonal, in float32."""
@@ -80,7 +85,7 @@ class StructuredRotation:
         rng = np.random.default_rng([seed, layer, index])
         self.width = width
         sizes = self.factor_sizes(width)
-        odd = width >> ((width & -width).bit_length() - 1)
+        odd = odd_part(width)
         hadamards = [hadamard(size) for size in sizes[1:]]
         self.rounds = []
         for r in range(self.ROUNDS):
@@ -97,7 +102,7 @@ class StructuredRotation:
     def factor_sizes(cls, width: int) -> list[int]:
         """The sizes of the factors, outermost first: about log_FACTOR(width) of about equal
         size, the first ``m 2^j`` (m the odd part of ``width``), the others powers of two."""
-        odd = width >> ((width & -width).bit_length() - 1)
+        odd = odd_part(width)
         stages = (width // odd).bit_length() - 1  # log2 of the power of two
         count = max(1, math.ceil(math.log2(width) / math.log2(cls.FACTOR)))
         if count == 1:

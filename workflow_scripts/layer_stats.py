@@ -25,7 +25,7 @@ from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import pick_device
 from workflow_scripts.rotations import make_rotation
-from workflow_scripts.shard_reader import read_rows
+from workflow_scripts.shard_reader import file_rows, read_rows
 from workflow_scripts.streaming_stats import LayerStatistics, StatisticsError
 
 log = logging.getLogger("layer_stats")
@@ -67,7 +67,7 @@ def _read_block(group, path, layer: int, start: int, stop: int, include_padding:
 def _blocks(arrays, layer: int, width: int, include_padding: bool):
     """Functions that each read one block of rows: (activations, example ids), in order."""
     for array, group, path in arrays:
-        unit = array.shards[0] if array.shards else array.chunks[0]  # rows of one file
+        unit = file_rows(array)
         size = max(unit, BLOCK_BYTES // (4 * width) // unit * unit)
         for start in range(0, array.shape[0], size):
             stop = min(start + size, array.shape[0])

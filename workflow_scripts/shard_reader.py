@@ -27,6 +27,11 @@ from workflow_scripts.output_cache import provenance
 NOT_STORED = 2**64 - 1  # an index entry's offset and length for a chunk not written
 
 
+def file_rows(array: zarr.Array) -> int:
+    """The rows of one file of ``array``: a shard's with the sharding codec, else a chunk's."""
+    return array.shards[0] if array.shards else array.chunks[0]
+
+
 def _is_raw(codecs) -> bool:
     """Whether ``codecs`` are the raw bytes of a chunk (little-endian) and their crc32c."""
     return (

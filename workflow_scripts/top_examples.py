@@ -21,7 +21,7 @@ from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.figures import PALETTE, _pyplot, _style, save
-from workflow_scripts.shard_reader import read_rows
+from workflow_scripts.shard_reader import file_rows, read_rows
 
 
 def stored_blocks(shards: list[str], layer: int, include_padding: bool):
@@ -31,7 +31,7 @@ def stored_blocks(shards: list[str], layer: int, include_padding: bool):
     for path in shards:
         group = open_shard(path)
         array = group[name]
-        block = array.shards[0] if array.shards else array.chunks[0]
+        block = file_rows(array)
         for start in range(0, array.shape[0], block):
             stop = min(start + block, array.shape[0])
             x = read_rows(group, name, start, stop, path)

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = (
     "Snakefile",
     "rules",
+    "scripts",
     "workflow_scripts",
     "envs",
     "report",

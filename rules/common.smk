@@ -4,8 +4,10 @@ import re
 from pathlib import Path
 
 from workflow_scripts.estimate import job_resources
+from workflow_scripts.figure_registry import FIGURES
 from workflow_scripts.plan import as_json
-from workflow_scripts.stage_code import module_sources
+from workflow_scripts.stage import stage_module
+from workflow_scripts.stage_code import code_key
 
 
 wildcard_constraints:
@@ -20,23 +22,24 @@ def names_pattern(names):
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
 
 
-# --- code: the files a stage runs are inputs of its rule (the output cache keys on them) ---
+# --- code: the key of the code a stage runs is a param of its rule (the output cache keys on
+# params); every rule runs its stage through the same script (workflow_scripts/stage.py) ---
 
 
-def code_files(module):
-    """The package files a stage's entry module runs."""
-    return module_sources(module)
+def stage_code(rule):
+    """The key of the code the stage of ``rule`` runs."""
+    return code_key(stage_module(rule))
 
 
-def model_code_files(module):
-    """An input function: the files of a stage that runs a model, with its family's module
-    (and not the other families')."""
+def model_stage_code(rule):
+    """A param function: the key of the code of a stage that runs a model, with its family's
+    modules (and not the other families')."""
 
-    def files(wildcards):
+    def key(wildcards):
         family = study.models[wildcards.model].family
-        return module_sources(module, family.module, family.record)
+        return code_key(stage_module(rule), family.module, family.record)
 
-    return files
+    return key
 
 
 def job_resource(stage, key):
@@ -86,9 +89,9 @@ def model_spec(wildcards):
 def local_model_files(wildcards):
     """A local: model's files, so a change to them refetches it."""
     model = study.models[wildcards.model]
-    if model.scheme != "local":
+    if model.source.scheme != "local":
         return []
-    return sorted(str(p) for p in Path(model.location).rglob("*") if p.is_file())
+    return sorted(str(p) for p in Path(model.source.location).rglob("*") if p.is_file())
 
 
 def run_settings(wildcards):
@@ -110,11 +113,11 @@ def tokenizer_model(wildcards):
     return [f"results/models/{wildcards.tokenizer}"]
 
 
-def tokenizer_argument(wildcards):
-    """The tokenize script's tokenizer option."""
+def builtin_tokenizer(wildcards):
+    """The style of the built-in tokenizer a token file uses (none for a model's)."""
     if wildcards.tokenizer.startswith("builtin-"):
-        return f"--builtin {wildcards.tokenizer.removeprefix('builtin-')}"
-    return f"--model results/models/{wildcards.tokenizer}"
+        return wildcards.tokenizer.removeprefix("builtin-")
+    return None
 
 
 def run_base(wildcards):
@@ -140,10 +143,10 @@ def dataset_spec(wildcards):
 def dataset_source_files(wildcards):
     """A parquet: or imagefolder: dataset's files, so a change to them reprepares it."""
     dataset = study.datasets[wildcards.dataset]
-    if dataset.scheme == "parquet":
-        return [dataset.location]
-    if dataset.scheme == "imagefolder":
-        return sorted(str(p) for p in Path(dataset.location).rglob("*") if p.is_file())
+    if dataset.source.scheme == "parquet":
+        return [dataset.source.location]
+    if dataset.source.scheme == "imagefolder":
+        return sorted(str(p) for p in Path(dataset.source.location).rglob("*") if p.is_file())
     return []
 
 
@@ -228,7 +231,12 @@ def all_figures():
     if study.ablations:
         figures += ["results/tables/ablation.csv"]
     if study.training_figure:
-        figures += ["results/figures/training.png", "results/figures/training.pdf"]
+        figures += [
+            f"results/figures/{figure.name}.{ext}"
+            for figure in FIGURES.values()
+            if not figure.per_group
+            for ext in ("png", "pdf")
+        ]
     return figures
 
 
@@ -246,19 +254,38 @@ def training_metrics(wildcards):
     return [f"results/train/{run}/metrics.parquet" for run in study.runs]
 
 
-def figure_facts(wildcards):
-    """What a figure's caption states: the settings its numbers come from."""
+# what each kind of figure input is (workflow_scripts/figure_registry.py, INPUTS)
+FIGURE_INPUTS = {
+    "statistics": group_stats,
+    "ablation": group_ablations,
+    "training": training_metrics,
+}
+
+
+def caption_fields(figure, wildcards):
+    """What a figure's caption may state (figure_registry.GROUP_FIELDS, TRAINING_FIELDS): the
+    group and the settings its numbers come from, or the training runs."""
+    if not figure.per_group:
+        return {"runs": ", ".join(study.runs)}
     group = study.figure_groups[wildcards.group]
     return {
+        "group": group.name,
+        "models": ", ".join(group.models),
+        "datasets": ", ".join(group.datasets),
+        "thresholds": {m: list(study.models[m].thresholds) for m in group.models},
+        "padding": "included" if study.stats_options["include_padding"] else "excluded",
         "rotations": study.stats_options["rotations"],
         "seed": study.stats_options["seed"],
-        "include_padding": study.stats_options["include_padding"],
-        "thresholds": {m: list(study.models[m].thresholds) for m in group.models},
     }
 
 
-def training_runs(wildcards):
-    return list(study.runs)
+def figure_caption(figure):
+    """A param function: the figure's report caption, filled in (report/figure.rst shows it)."""
+
+    def caption(wildcards):
+        return figure.caption_with(caption_fields(figure, wildcards))
+
+    return caption
 
 
 def input_order(wildcards, input):

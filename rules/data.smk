@@ -4,10 +4,9 @@
 
 rule prepare_data:
     input:
-        code=code_files("workflow_scripts.prepare_data"),
-        source=dataset_source_files,
+        source_files=dataset_source_files,
     output:
-        "results/data/{dataset}.parquet",
+        out="results/data/{dataset}.parquet",
     log:
         "results/logs/prepare_data/{dataset}.log",
     cache: True
@@ -19,18 +18,17 @@ rule prepare_data:
     params:
         spec=dataset_spec,
         name="{dataset}",
-    shell:
-        "python -m workflow_scripts.prepare_data --spec {params.spec:q} --name {params.name:q} "
-        "--threads {threads} --out {output:q} 2> {log:q}"
+        code=stage_code("prepare_data"),
+    script:
+        "../scripts/stage.py"
 
 
 rule tokenize:
     input:
         data="results/data/{dataset}.parquet",
-        tokenizer=tokenizer_model,
-        code=code_files("workflow_scripts.tokenize"),
+        model=tokenizer_model,
     output:
-        "results/tokens/{dataset}/{tokenizer}.npy",
+        out="results/tokens/{dataset}/{tokenizer}.npy",
     log:
         "results/logs/tokenize/{dataset}/{tokenizer}.log",
     cache: True
@@ -40,7 +38,7 @@ rule tokenize:
     resources:
         mem_mb=4000,
     params:
-        tokenizer=tokenizer_argument,
-    shell:
-        "python -m workflow_scripts.tokenize --data {input.data:q} {params.tokenizer} "
-        "--threads {threads} --out {output:q} 2> {log:q}"
+        builtin=builtin_tokenizer,
+        code=stage_code("tokenize"),
+    script:
+        "../scripts/stage.py"

@@ -5,9 +5,8 @@ rule extract:
     input:
         model="results/models/{model}",
         data="results/data/{dataset}.parquet",
-        code=model_code_files("workflow_scripts.extract"),
     output:
-        directory("results/activations/{model}/{dataset}/shard-{shard}.zarr"),
+        out=directory("results/activations/{model}/{dataset}/shard-{shard}.zarr"),
     log:
         "results/logs/extract/{model}/{dataset}/shard-{shard}.log",
     cache: True
@@ -22,8 +21,6 @@ rule extract:
         shards=shard_count,
         options=extraction_options,
         readouts=readout_count,
-    shell:
-        "python -m workflow_scripts.extract --model {input.model:q} --data {input.data:q} "
-        "--shard {params.shard} --shards {params.shards} --options {params.options:q} "
-        "--readouts {params.readouts} --code {input.code:q} --threads {threads} --out {output:q} "
-        "2> {log:q}"
+        code=model_stage_code("extract"),
+    script:
+        "../scripts/stage.py"

@@ -1,68 +1,74 @@
-# One rule per figure: results/figures/{figure}-{group}.png and .pdf, drawn for the groups of
-# models in figures.groups; the training loss curves as results/figures/training.png and .pdf;
-# the top-example figures and feature pages; the statistics and ablation tables of the report.
+# One rule per figure kind of the registry (workflow_scripts/figure_registry.py), named
+# figure_<kind>: a group figure as results/figures/<kind>-{group}.png and .pdf, for each group of
+# figures.groups that lists it; a training figure as results/figures/<kind>.png and .pdf, over
+# every training run. Then the top-example figures and feature pages, and the statistics and
+# ablation tables of the report.
 
 
-for figure_name, figure_inputs in (
-    ("outliers", group_stats),
-    ("kurtosis", group_stats),
-    ("regimes", group_stats),
-    ("ablation", group_ablations),
-):
+for figure in FIGURES.values():
+    if not figure.per_group:
+        continue
 
     rule:
         name:
-            f"figure_{figure_name}"
+            figure.rule
         input:
-            data=figure_inputs,
-            code=code_files("workflow_scripts.figures"),
+            data=FIGURE_INPUTS[figure.inputs],
         output:
             png=report(
-                f"results/figures/{figure_name}-{{group}}.png",
-                caption=f"../report/{figure_name}.rst",
-                category=figure_name,
+                f"results/figures/{figure.name}-{{group}}.png",
+                caption="../report/figure.rst",
+                category=figure.name,
             ),
-            pdf=f"results/figures/{figure_name}-{{group}}.pdf",
+            pdf=f"results/figures/{figure.name}-{{group}}.pdf",
         log:
-            f"results/logs/figures/{figure_name}-{{group}}.log",
-        cache: True
+            f"results/logs/figures/{figure.name}-{{group}}.log",
+        wildcard_constraints:
+            group=names_pattern(study.figure_groups),
+        cache: figure.cached
         conda:
             "../envs/workflow.yaml"
         params:
-            figure=figure_name,
+            figure=figure.name,
             group="{group}",
             order=input_order,
             dpi=study.dpi,
-            facts=figure_facts,
-        shell:
-            "python -m workflow_scripts.figures {params.figure} --group {params.group:q} "
-            "--inputs {input.data:q} --dpi {params.dpi} --out {output.png:q} {output.pdf:q} "
-            "2> {log:q}"
+            caption=figure_caption(figure),
+            code=stage_code(figure.rule),
+        script:
+            "../scripts/stage.py"
 
 
-rule figure_training:
-    input:
-        data=training_metrics,
-        code=code_files("workflow_scripts.figures"),
-    output:
-        png=report(
-            "results/figures/training.png",
-            caption="../report/training.rst",
-            category="training",
-        ),
-        pdf="results/figures/training.pdf",
-    log:
-        "results/logs/figures/training.log",
-    cache: True
-    conda:
-        "../envs/workflow.yaml"
-    params:
-        order=input_order,
-        dpi=study.dpi,
-        runs=training_runs,
-    shell:
-        "python -m workflow_scripts.figures training --group runs --inputs {input.data:q} "
-        "--dpi {params.dpi} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+for figure in FIGURES.values():
+    if figure.per_group:
+        continue
+
+    rule:
+        name:
+            figure.rule
+        input:
+            data=FIGURE_INPUTS[figure.inputs],
+        output:
+            png=report(
+                f"results/figures/{figure.name}.png",
+                caption="../report/figure.rst",
+                category=figure.name,
+            ),
+            pdf=f"results/figures/{figure.name}.pdf",
+        log:
+            f"results/logs/figures/{figure.name}.log",
+        cache: figure.cached
+        conda:
+            "../envs/workflow.yaml"
+        params:
+            figure=figure.name,
+            group="runs",
+            order=input_order,
+            dpi=study.dpi,
+            caption=figure_caption(figure),
+            code=stage_code(figure.rule),
+        script:
+            "../scripts/stage.py"
 
 
 rule figure_top_examples:
@@ -71,7 +77,6 @@ rule figure_top_examples:
         data="results/data/{dataset}.parquet",
         shards=activation_shards,
         stats="results/stats/{model}/{dataset}/layer-{layer}.parquet",
-        code=model_code_files("workflow_scripts.top_examples"),
     output:
         png=report(
             "results/figures/top-examples-{model}-{dataset}-layer{layer}.png",
@@ -92,10 +97,9 @@ rule figure_top_examples:
     params:
         options=top_examples_options,
         title="{model} on {dataset}, read-out point {layer}",
-    shell:
-        "python -m workflow_scripts.top_examples --model {input.model:q} --data {input.data:q} "
-        "--shards {input.shards:q} --stats {input.stats:q} --options {params.options:q} "
-        "--title {params.title:q} --out {output.png:q} {output.pdf:q} 2> {log:q}"
+        code=model_stage_code("figure_top_examples"),
+    script:
+        "../scripts/stage.py"
 
 
 # A page per top-examples entry on which a reader picks any feature of the read-out point: its top
@@ -105,9 +109,8 @@ rule feature_page:
         model="results/models/{model}",
         data="results/data/{dataset}.parquet",
         shards=activation_shards,
-        code=model_code_files("workflow_scripts.feature_page"),
     output:
-        report(
+        out=report(
             "results/figures/features-{model}-{dataset}-layer{layer}.html",
             caption="../report/feature_page.rst",
             category="top examples",
@@ -123,18 +126,16 @@ rule feature_page:
     params:
         options=feature_page_options,
         title="{model} on {dataset}, read-out point {layer}: the top examples of every feature",
-    shell:
-        "python -m workflow_scripts.feature_page --model {input.model:q} --data {input.data:q} "
-        "--shards {input.shards:q} --options {params.options:q} --title {params.title:q} "
-        "--out {output:q} 2> {log:q}"
+        code=model_stage_code("feature_page"),
+    script:
+        "../scripts/stage.py"
 
 
 rule table_statistics:
     input:
         data=all_stats,
-        code=code_files("workflow_scripts.report_tables"),
     output:
-        report(
+        out=report(
             "results/tables/statistics.csv",
             caption="../report/table_statistics.rst",
             category="tables",
@@ -146,17 +147,16 @@ rule table_statistics:
         "../envs/workflow.yaml"
     params:
         order=input_order,
-    shell:
-        "python -m workflow_scripts.report_tables --inputs {input.data:q} --out {output:q} "
-        "2> {log:q}"
+        code=stage_code("table_statistics"),
+    script:
+        "../scripts/stage.py"
 
 
 use rule table_statistics as table_ablation with:
     input:
         data=all_ablations,
-        code=code_files("workflow_scripts.report_tables"),
     output:
-        report(
+        out=report(
             "results/tables/ablation.csv",
             caption="../report/table_ablation.rst",
             category="tables",

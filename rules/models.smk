@@ -4,10 +4,9 @@
 
 rule fetch_model:
     input:
-        code=model_code_files("workflow_scripts.fetch_model"),
-        local=local_model_files,
+        source_files=local_model_files,
     output:
-        directory("results/models/{model}"),
+        out=directory("results/models/{model}"),
     log:
         "results/logs/fetch_model/{model}.log",
     wildcard_constraints:
@@ -18,6 +17,6 @@ rule fetch_model:
         "../envs/workflow.yaml"
     params:
         spec=model_spec,
-    shell:
-        "python -m workflow_scripts.fetch_model --spec {params.spec:q} --out {output:q} "
-        "2> {log:q}"
+        code=model_stage_code("fetch_model"),
+    script:
+        "../scripts/stage.py"

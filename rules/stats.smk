@@ -5,9 +5,8 @@
 rule layer_stats:
     input:
         shards=activation_shards,
-        code=code_files("workflow_scripts.layer_stats"),
     output:
-        "results/stats/{model}/{dataset}/layer-{layer}.parquet",
+        out="results/stats/{model}/{dataset}/layer-{layer}.parquet",
     log:
         "results/logs/layer_stats/{model}/{dataset}/layer-{layer}.log",
     cache: True
@@ -22,23 +21,22 @@ rule layer_stats:
         options=stats_options,
         model="{model}",
         dataset="{dataset}",
-    shell:
-        "python -m workflow_scripts.layer_stats --shards {input.shards:q} --layer {params.layer} "
-        "--thresholds {params.thresholds} --options {params.options:q} --model {params.model:q} "
-        "--dataset {params.dataset:q} --threads {threads} --out {output:q} 2> {log:q}"
+        code=stage_code("layer_stats"),
+    script:
+        "../scripts/stage.py"
 
 
 rule merge_stats:
     input:
         layers=layer_stats_files,
-        code=code_files("workflow_scripts.merge_stats"),
     output:
-        "results/stats/{model}/{dataset}.parquet",
+        out="results/stats/{model}/{dataset}.parquet",
     log:
         "results/logs/merge_stats/{model}/{dataset}.log",
     cache: True
     conda:
         "../envs/workflow.yaml"
-    shell:
-        "python -m workflow_scripts.merge_stats --layers {input.layers:q} --out {output:q} "
-        "2> {log:q}"
+    params:
+        code=stage_code("merge_stats"),
+    script:
+        "../scripts/stage.py"

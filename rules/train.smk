@@ -7,9 +7,8 @@ rule train:
         data=run_data,
         base=run_base,
         tokenizer=run_tokenizer,
-        code=model_code_files("workflow_scripts.train"),
     output:
-        model=directory("results/models/{model}"),
+        out=directory("results/models/{model}"),
         metrics="results/train/{model}/metrics.parquet",
         plot="results/train/{model}/loss.png",
     log:
@@ -25,10 +24,8 @@ rule train:
         runtime=job_resource("train", "runtime"),
     params:
         spec=run_settings,
-        name="{model}",
+        model="{model}",
         checkpoint="results/train/{model}/checkpoint.pt",
-    shell:
-        "python -m workflow_scripts.train --name {params.name:q} --spec {params.spec:q} "
-        "--data {input.data:q} --base {input.base:q} --tokenizer {input.tokenizer:q} "
-        "--checkpoint {params.checkpoint:q} --metrics {output.metrics:q} --plot {output.plot:q} "
-        "--threads {threads} --out {output.model:q} 2> {log:q}"
+        code=model_stage_code("train"),
+    script:
+        "../scripts/stage.py"

@@ -15,6 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = Path(__file__).with_name("configs")
 
 
+# what a copy of the workflow needs (the tests that edit its code run a copy)
+WORKFLOW_FILES = (
+    "Snakefile",
+    "rules",
+    "scripts",
+    "workflow_scripts",
+    "envs",
+    "report",
+    "config.yaml",
+)
+
+
 def load_config(name: str) -> dict:
     """A fresh copy of the test config ``tests/configs/<name>.yaml``."""
     return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())

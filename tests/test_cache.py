@@ -19,14 +19,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from support import REPO, TINY_SPECS, environment, load_config
+from support import REPO, TINY_SPECS, WORKFLOW_FILES, environment, load_config
 
 from workflow_scripts.fetch_model import fetch
 
 pytestmark = pytest.mark.workflow
 
 CONFIG = load_config("cache")
-WORKFLOW_FILES = ("Snakefile", "rules", "workflow_scripts", "envs", "report", "config.yaml")
 
 
 class Workflow:
@@ -197,13 +196,24 @@ def test_an_extraction_option_or_a_source_reruns_that_model_from_extraction_on(w
 def test_code_edits_rerun_the_stages_that_run_that_code(workflow):
     config = workflow.changed()
     before = cache_entry(workflow.result("activations/gpt2-tiny/pairs/shard-0.zarr"))
+    store = workflow.checkout / "workflow_scripts/activations.py"
+    original = store.read_text()
+    # a comment or a docstring changes no result: nothing reruns
+    assert original.startswith('"""')
+    store.write_text('"""An edited docstring.\n' + original[3:] + "\n\n# an edited comment\n")
+    (workflow.checkout / "workflow_scripts/output_cache.py").write_text(
+        (workflow.checkout / "workflow_scripts/output_cache.py").read_text()
+        + "\n_PLUMBING_EDIT = 1  # the cache's own helpers are no stage's code\n"
+    )
+    assert workflow.run(config) == []
+
     with open(workflow.checkout / "workflow_scripts/figures.py", "a") as handle:
-        handle.write("\n# an edit to the plotting code\n")
+        handle.write("\n_EDITED = 1  # an edit to the plotting code\n")
     jobs = workflow.run(config)
     assert rules_of(jobs) == {"figure_kurtosis"}
 
-    with open(workflow.checkout / "workflow_scripts/activations.py", "a") as handle:
-        handle.write("\n# an edit to the activation store\n")
+    with open(store, "a") as handle:
+        handle.write("\n_EDITED = 1  # an edit to the activation store\n")
     jobs = workflow.run(config)
     assert {"extract", "layer_stats"} <= rules_of(jobs)
     assert "fetch_model" not in rules_of(jobs)

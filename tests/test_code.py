@@ -1,15 +1,16 @@
-"""The code a stage runs: found from its imports, declared as its rule's inputs, digested."""
+"""The code a stage runs: found from its imports; its key, the digest of its syntax."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import pytest
 from support import REPO
 
-from workflow_scripts import families
+from workflow_scripts import families, stage
 from workflow_scripts.models import family_module
-from workflow_scripts.stage_code import code_digest, module_sources
+from workflow_scripts.stage_code import PLUMBING, code_digest, code_key, module_sources, syntax
 
 
 def names(paths):
@@ -61,17 +62,6 @@ def test_data_preparation_does_not_run_model_code():
     assert not any(f.startswith("workflow_scripts/models/") for f in files)
 
 
-def test_digest_follows_content_and_package_path_not_location(tmp_path):
-    files = module_sources("workflow_scripts.prepare_data")
-    copy = tmp_path / "checkout"
-    shutil.copytree(REPO / "workflow_scripts", copy / "workflow_scripts")
-    moved = [str(copy / Path(f).relative_to(REPO)) for f in files]
-    assert code_digest(moved) == code_digest(files)  # another checkout, same digest
-    with open(moved[0], "a") as handle:
-        handle.write("\n# edited\n")
-    assert code_digest(moved) != code_digest(files)
-
-
 def test_a_family_record_is_code_of_its_own_family_only():
     gpt2, gptr2, resnet = (families.get(name) for name in ("gpt2", "gptr2", "resnet"))
     text = names(module_sources("workflow_scripts.extract", gpt2.module, gpt2.record))
@@ -85,3 +75,76 @@ def test_a_family_record_is_code_of_its_own_family_only():
     assert "workflow_scripts/families/gpt2.py" not in names(
         module_sources("workflow_scripts.extract", resnet.module, resnet.record)
     )
+
+
+SOURCE = '''"""A module."""
+
+import math
+
+
+def area(radius):
+    """The area of a circle."""
+    return math.pi * radius**2  # pi r squared
+'''
+
+
+def test_comments_docstrings_and_formatting_are_not_code():
+    reformatted = (
+        '"""Another docstring, longer,\n\nover lines."""\nimport math\n\n'
+        "def area( radius ):\n    '''Edited.'''\n\n    # a new comment\n"
+        "    return (math.pi *\n            radius ** 2)\n"
+    )
+    assert syntax(reformatted) == syntax(SOURCE)
+
+
+@pytest.mark.parametrize(
+    "edited",
+    [
+        SOURCE.replace("radius**2", "radius**3"),
+        SOURCE.replace("math.pi", "math.tau"),
+        SOURCE + "\nRADIUS = 1\n",
+        SOURCE.replace('    """The area of a circle."""\n', '    "The area."\n    x = 1\n'),
+        # a string that is not the first statement is code, not a docstring
+        SOURCE.replace("    return", '    "not a docstring"\n    return'),
+    ],
+)
+def test_any_change_to_what_the_code_does_is_code(edited):
+    assert syntax(edited) != syntax(SOURCE)
+
+
+def test_a_function_that_is_only_a_docstring_stays_valid():
+    assert syntax('def f():\n    """Only this."""\n') == syntax("def f():\n    pass\n")
+
+
+def checkout_copy(tmp_path: Path) -> Path:
+    shutil.copytree(
+        REPO / "workflow_scripts",
+        tmp_path / "workflow_scripts",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return tmp_path / "workflow_scripts"
+
+
+def test_the_key_follows_the_code_not_its_comments_or_location(tmp_path):
+    files = module_sources("workflow_scripts.layer_stats")
+    package = checkout_copy(tmp_path)
+    moved = [str(package.parent / Path(f).relative_to(REPO)) for f in files]
+    assert code_digest(moved) == code_digest(files)  # another checkout, same key
+    stats = package / "streaming_stats.py"
+    text = stats.read_text()
+    stats.write_text(text.replace('"""', '"""Edited.\n', 1) + "\n# a comment\n\n\n")
+    assert code_digest(moved) == code_digest(files)
+    stats.write_text(text + "\nEDITED = True\n")
+    assert code_digest(moved) != code_digest(files)
+
+
+def test_plumbing_is_no_stages_code():
+    for rule, module in stage.STAGES.items():
+        files = {Path(f).name for f in module_sources(module)}
+        assert not files & {"stage.py", "output_cache.py", "stage_code.py"}, rule
+    assert {"workflow_scripts.stage", "workflow_scripts.output_cache"} <= PLUMBING
+
+
+def test_stages_have_keys_of_their_own():
+    keys = {code_key(module) for module in set(stage.STAGES.values())}
+    assert len(keys) == len(set(stage.STAGES.values()))

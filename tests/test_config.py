@@ -16,6 +16,7 @@ from support import REPO, environment
 
 from workflow_scripts.config import STUDY_SETTINGS, ConfigError, validate
 from workflow_scripts.plan import resolve
+from workflow_scripts.sources import Source
 
 
 def test_default_config_resolves_with_defaults(default_config):
@@ -141,6 +142,18 @@ def test_unknown_family(default_config):
     message = error_for(default_config)
     assert "models.gpt2-init.family" in message and "'gpt3'" in message
     assert "known: bert, decoder, gpt2, gptr2, resnet, roberta" in message
+
+
+def test_a_source_is_parsed_once_into_its_scheme_and_location(default_config):
+    source = Source.parse("hf:George-Ogden/gpt2-finetuned-mnli@main")
+    assert (source.scheme, source.location) == ("hf", "George-Ogden/gpt2-finetuned-mnli@main")
+    assert str(source) == "hf:George-Ogden/gpt2-finetuned-mnli@main"
+    assert Source.parse("train:nano").run == "nano" and Source.parse("init:").run is None
+    assert Source.parse("builtin:shapes").holds == "image"
+    assert Source.parse("parquet:rows.parquet").holds is None  # its kind key says
+    study = resolve(default_config)
+    assert study.models["gpt2-init"].source == Source("init", "")
+    assert study.datasets["shapes"].source == Source("builtin", "shapes")
 
 
 def test_unknown_model_source_scheme(default_config):
@@ -330,36 +343,24 @@ def test_a_threshold_that_is_not_a_number_is_refused(default_config, where):
 
 def test_config_on_the_command_line_changes_nested_settings_of_the_default():
     """`--config 'extract={batch_size: 8}'` changes that setting of config.yaml and keeps the
-    rest; Snakemake hands nested values over as strings."""
-    import json
-    import re
-    import subprocess
-    import sys
-
+    rest; Snakemake hands nested values over as strings (parsed here by its own command line
+    parser)."""
+    from snakemake.cli import parse_config
     from support import REPO
 
-    target = "results/activations/gpt2-init/corpus/shard-0.zarr"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "-p",
-            target,  # before --config, which takes every word after it
-            "--config",
-            "extract={batch_size: 8, autocast: null}",
-            "stats={include_padding: true}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    from workflow_scripts.config import with_overrides
+    from workflow_scripts.plan import resolve
+
+    default = yaml.safe_load((REPO / "config.yaml").read_text())
+    given = parse_config(
+        ["extract={batch_size: 8, autocast: null}", "stats={include_padding: true}"]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    options = json.loads(re.search(r"--options '(\{[^']*\})'", result.stdout).group(1))
+    assert given["extract"] == {"batch_size": "8", "autocast": "null"}  # strings, as given
+    study = resolve(with_overrides(default, given))
+    options = study.models["gpt2-init"].extract
     assert options["batch_size"] == 8 and options["autocast"] is None
     assert options["max_tokens"] == 128  # config.yaml's, kept
+    assert study.stats_options["include_padding"] is True
 
 
 def test_nested_command_line_values_are_typed():

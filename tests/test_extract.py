@@ -3,6 +3,7 @@ nothing half-written."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,16 +25,15 @@ from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import ModelDirError
-from workflow_scripts.stage_code import code_digest, module_sources
+from workflow_scripts.stage_code import code_key
 
 OPTIONS = EXTRACT_OPTIONS
 
 
 def run(model_dir, data, out, shard=0, shards=1, **changes):
     options = {**OPTIONS, **changes}
-    extraction.extract(
-        model_dir, data, shard, shards, out, options, module_sources("workflow_scripts.extract")
-    )
+    code = code_key("workflow_scripts.extract")
+    extraction.extract(model_dir, data, shard, shards, out, options, code)
     return open_shard(out)
 
 
@@ -97,7 +97,7 @@ def test_layout_attributes_and_codecs(model_dirs, dataset_files, tmp_path):
     assert attrs["pooling"] == "none" and attrs["dtype"] == "float16"
     assert attrs["examples"] == 24 and attrs["example_range"] == [0, 24]
     assert attrs["digests"]["dataset"] == extraction.sha256_file(dataset_files["pairs"])
-    assert attrs["digests"]["code"] == code_digest(module_sources("workflow_scripts.extract"))
+    assert attrs["digests"]["code"] == code_key("workflow_scripts.extract")
     assert len(attrs["digests"]["model"]) == 64
     rows = attrs["rows"]
     for k in range(3):
@@ -251,24 +251,14 @@ def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
     out = tmp_path / "shard-0.zarr"
     options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    job = (
+        "import json, sys\n"
+        "from workflow_scripts.extract import extract\n"
+        "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], json.loads(sys.argv[4]))\n"
+    )
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workflow_scripts.extract",
-            "--model",
-            str(model_dirs["gpt2"]),
-            "--data",
-            str(data),
-            "--shard",
-            "0",
-            "--shards",
-            "1",
-            "--options",
-            __import__("json").dumps(options),
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-c", job, str(model_dirs["gpt2"]), str(data), str(out)]
+        + [json.dumps(options)],
         env=env,
         stderr=subprocess.DEVNULL,
     )

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from support import REPO, snakemake
+from support import REPO, WORKFLOW_FILES, snakemake
 
 from workflow_scripts import families
 from workflow_scripts.activations import open_shard
@@ -213,7 +213,7 @@ def test_the_registry_refuses_a_name_twice_and_a_default_head_it_lacks(registere
 @pytest.mark.workflow
 def test_a_new_family_is_one_module_and_one_entry(tmp_path):
     checkout, workdir = tmp_path / "checkout", tmp_path / "work"
-    for name in ("Snakefile", "rules", "workflow_scripts", "envs", "report", "config.yaml"):
+    for name in WORKFLOW_FILES:
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -9,7 +9,7 @@ from PIL import Image
 from support import EXTRACT_OPTIONS
 
 from workflow_scripts.config import ConfigError, validate
-from workflow_scripts.figures import FigureError, blocks_applied, main
+from workflow_scripts.figures import FigureError, blocks_applied, main, stage_boundaries
 
 
 def stats_fixture(model: str, stages: list[int]) -> pd.DataFrame:
@@ -119,6 +119,11 @@ def test_resnet_x_axis_counts_blocks():
     assert sorted(blocks_applied(frame).unique()) == [1, 2, 3]  # read-out 0 is after block 1
     text = stats_fixture("t", [0, 0, 0])
     assert sorted(blocks_applied(text).unique()) == [0, 1, 2]  # read-out 0 is the embedding
+
+
+def test_stage_boundaries_lie_where_the_stage_changes():
+    assert stage_boundaries(stats_fixture("r", [1, 1, 2, 2, 2, 3])) == [2.5, 5.5]
+    assert stage_boundaries(stats_fixture("t", [0, 0, 0])) == []  # one stage: none
 
 
 def test_missing_statistics_are_named(tmp_path):

@@ -116,7 +116,7 @@ def test_the_study_config_is_the_study():
         assert study.models[name].extract["max_tokens"] == 128
     assert study.stats_options["average"] == "examples"
     assert not study.ablation_options["final_norm"] and not study.ablation_options["shortcut_relu"]
-    assert {m.source for m in study.models.values() if "George-Ogden" in m.source} == {
+    assert {str(m.source) for m in study.models.values() if "George-Ogden" in str(m.source)} == {
         f"hf:George-Ogden/{name}"
         for name in (
             "roberta-base-cased-finetuned-mnli",

@@ -252,7 +252,7 @@ def test_grid_expands_into_runs_and_models(default_config):
     }
     assert runs["gptr2-nano-adam"].settings["optimizer"]["name"] == "adam"
     model = study.models["gptr2-nano-sgd"]
-    assert model.source == "train:gptr2-nano-sgd" and model.family.name == "gptr2"
+    assert str(model.source) == "train:gptr2-nano-sgd" and model.family.name == "gptr2"
     assert model.blocks == 4
     assert study.models["roberta-pairs"].family.name == "roberta"
     assert study.models["roberta-pairs"].blocks == 4
@@ -479,21 +479,25 @@ def test_imagenet_style_batches_are_augmented_and_the_same_with_workers(tmp_path
 
 
 def test_the_jobs_cores_do_not_change_the_weights(tmp_path, data):
-    """--threads (the job's cores) sets loader workers only; the arithmetic's threads are a
-    setting of the run, so a shared cache serves the same weights whoever computed them."""
-    from workflow_scripts.train import main
+    """The job's cores set loader workers only; the arithmetic's threads are a setting of the
+    run, so a shared cache serves the same weights whoever computed them."""
+    from workflow_scripts.train import run
 
     spec = {**RESNET, "steps": 12, "batch_size": 32}
     files = []
     for threads in (1, 3):
         out = tmp_path / f"t{threads}"
-        main(
-            [
-                *("--name", "r", "--spec", json.dumps(spec), "--data", str(data["shapes"])),
-                *("--checkpoint", str(out / "c.pt"), "--metrics", str(out / "m.parquet")),
-                *("--plot", str(out / "l.png"), "--threads", str(threads)),
-                *("--out", str(out / "model")),
-            ]
+        run(
+            model="r",
+            spec=spec,
+            data=str(data["shapes"]),
+            base=None,
+            tokenizer=None,
+            checkpoint=str(out / "c.pt"),
+            metrics=str(out / "m.parquet"),
+            plot=str(out / "l.png"),
+            out=str(out / "model"),
+            threads=threads,
         )
         files.append(read_manifest(out / "model")["files"])
     assert files[0] == files[1]

@@ -17,8 +17,6 @@ ablated blocks.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -170,28 +168,18 @@ def ablate(
     return pd.DataFrame(records)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--data", required=True, help="dataset Parquet file")
-    parser.add_argument("--options", required=True, help="the ablation options, as JSON")
-    parser.add_argument("--model-name", required=True, help="written in each row")
-    parser.add_argument("--dataset-name", required=True, help="written in each row")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    torch.set_num_threads(args.threads)
-    frame = ablate(args.model, args.data, json.loads(args.options), max(0, args.threads - 1))
-    frame.insert(0, "dataset", args.dataset_name)
-    frame.insert(0, "model", args.model_name)
-    write_parquet(frame, args.out)
-    log.info("wrote %s: %d records", args.out, len(frame))
-
-
-if __name__ == "__main__":
-    main()
+def run(
+    model: str,
+    data: str,
+    options: dict,
+    model_name: str,
+    dataset_name: str,
+    out: str,
+    threads: int = 1,
+) -> None:
+    """The ablate stage: accuracy of ``model`` on ``data`` under head and tail ablation."""
+    frame = ablate(model, data, options, max(0, threads - 1))
+    frame.insert(0, "dataset", dataset_name)
+    frame.insert(0, "model", model_name)
+    write_parquet(frame, out)
+    log.info("wrote %s: %d records", out, len(frame))

@@ -35,6 +35,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from workflow_scripts.models.adapter import Readout
 from workflow_scripts.output_cache import provenance
+from workflow_scripts.stage import InputError
 
 INDEX_ARRAYS = {"example_id": np.int64, "position": np.int32, "is_padding": np.bool_}
 
@@ -265,7 +266,7 @@ class ShardWriter:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard that cannot be used: unfinished, or corrupted on disk."""
 
 

@@ -1,9 +1,10 @@
 """Configuration checks: the JSON schema (``config.schema.yaml``) and the checks across keys.
 
 ``validate(config)`` raises ConfigError with one message for the first problem found and never
-changes ``config``. ``checked(config)`` returns what the checks worked on: a copy with the
-schema's defaults filled in, every training grid expanded into runs and every run also a model;
-``workflow_scripts.plan.resolve`` turns it into the study's plan.
+changes ``config``. ``checked(config)`` returns what the checks here worked on: a copy with the
+schema's defaults filled in, every training grid expanded into runs and every run also a model,
+each model's entry and each name it refers to checked; ``workflow_scripts.plan.resolve`` turns it
+into the study's typed plan and checks what the plan's models and datasets must agree on.
 
 Imported by the Snakefile at DAG-build time, so it stays light: no torch, no transformers.
 """
@@ -17,12 +18,13 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import jsonschema
 import yaml
 
-from workflow_scripts import families
-from workflow_scripts.sources import ABLATION_HEADS, BUILTIN_KINDS, dataset_kind, source_scheme
+from workflow_scripts import families, figure_registry
+from workflow_scripts.sources import Source, dataset_kind
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 SECTIONS = ("extract", "stats", "ablation", "training", "figures")
@@ -35,8 +37,8 @@ RUN_NEEDS = {
 
 
 # ``study_compatible: true``: the defaults the study had (George Ogden's "Residual Streams"
-# scripts), under any key the config sets itself. Thresholds: the study's scripts pass RoBERTa 4,
-# GPT-2 10, ResNet 6 and gptr2-nano 6 (its published results hold no outlier fractions for gptr2).
+# scripts), under any key the config sets itself; its outlier thresholds are in the family
+# records (``Family.default_threshold``).
 STUDY_SETTINGS = {
     "extract": {
         "padding": "max_length",
@@ -50,7 +52,6 @@ STUDY_SETTINGS = {
         "rms": "root_mean_square",
         "rotations": 1,
         "rotation": "haar",
-        "thresholds": {"roberta": 4, "gpt2": 10, "gptr2": 6, "resnet": 6},
     },
     "ablation": {
         "padding": "max_length",
@@ -67,13 +68,14 @@ class ConfigError(ValueError):
 
 def validate(config: Mapping) -> None:
     """Raise ConfigError for the first problem of ``config``; ``config`` is not changed."""
-    checked(config)
+    from workflow_scripts.plan import resolve  # the plan is built from what is checked here
+
+    resolve(config)
 
 
 def checked(config: Mapping) -> dict:
     """A checked copy of ``config``: schema defaults filled in, grids expanded into runs
-    (``training.runs``), every run also a model of the same name (source ``train:<run>``), and
-    every model's outlier thresholds under ``stats.thresholds`` completed from its family's."""
+    (``training.runs``) and every run also a model of the same name (source ``train:<run>``)."""
     from snakemake.utils import validate as fill_defaults
 
     schema = load_schema()
@@ -89,10 +91,6 @@ def checked(config: Mapping) -> dict:
         full = _merge(STUDY_SETTINGS, full)
     fill_defaults(full, str(SCHEMA_PATH), set_default=True)
     _check_families(full)
-    full["stats"]["thresholds"] = {
-        **{name: family.threshold for name, family in families.FAMILIES.items()},
-        **full["stats"]["thresholds"],
-    }
     for name, spec in full["models"].items():
         _check_model(f"models.{name}", spec)
     _check_datasets(full)
@@ -100,7 +98,6 @@ def checked(config: Mapping) -> dict:
     _check_runs(full)
     _add_trained_models(full)
     _check_analyses(full)
-    _check_contexts(full)
     _check_figures(full)
     item = schema["definitions"]["figures"]["properties"]["top_examples"]["items"]
     for spec in full["figures"]["top_examples"]:  # defaults inside a list are not filled in
@@ -241,7 +238,8 @@ def check_arch(where: str, family: families.Family, arch: Mapping | None) -> Non
 
 
 def _check_model(where: str, spec: dict) -> None:
-    scheme, rest = source_scheme(spec["source"])
+    source = Source.parse(spec["source"])
+    scheme, rest = source.scheme, source.location
     family = families.get(spec["family"])
     if "head" in spec and spec["head"] not in family.heads:
         fail(
@@ -280,11 +278,11 @@ def _check_model(where: str, spec: dict) -> None:
 
 def _check_datasets(config: dict) -> None:
     for name, spec in config["datasets"].items():
-        scheme, rest = source_scheme(spec["source"])
+        source = Source.parse(spec["source"])
         where = f"datasets.{name}"
-        implied = {"builtin": BUILTIN_KINDS.get(rest), "imagefolder": "image"}.get(scheme)
+        implied = source.holds
         if implied is None and "kind" not in spec:
-            fail(where, f"a {scheme}: dataset needs 'kind' (pairs, text or image)")
+            fail(where, f"a {source.scheme}: dataset needs 'kind' (pairs, text or image)")
         if implied is not None and spec.get("kind", implied) != implied:
             fail(f"{where}.kind", f"{spec['kind']!r} contradicts the source, which holds {implied}")
         if "rows" in spec and spec["shards"] > spec["rows"]:
@@ -356,29 +354,68 @@ def _check_fine_tune(where: str, base: str, models: dict, runs: dict) -> None:
         )
 
 
-def run_model(config: dict, run: dict, seen: tuple = ()) -> tuple[str, int]:
-    """The family and block count of the model a run trains (a fine-tune: its base's)."""
+class Shape(NamedTuple):
+    """A model as the config alone says it is (nothing is fetched): its family, its residual
+    blocks and its size."""
+
+    family: str
+    blocks: int
+    size: families.ModelSize
+
+
+def run_shape(config: dict, name: str, seen: tuple[str, ...] = ()) -> Shape:
+    """The shape of the model that training run ``name`` makes: built from its arch (with a real
+    vocabulary where it uses another model's tokenizer), or a fine-tune's base's; ``seen``: the
+    runs it was reached through."""
+    runs, models = config["training"]["runs"], config["models"]
+    run = runs[name]
     family = families.run_family(run)
     if family is not None:
-        return family, families.get(family).blocks(run["arch"])
-    runs, models, base = config["training"]["runs"], config["models"], run["base"]
-    scheme, base_run = source_scheme(models[base]["source"]) if base in models else ("train", base)
-    if scheme == "train":
-        if base_run in seen:
-            fail(
-                "training.runs",
-                f"runs fine-tune each other in a circle ({' -> '.join((*seen, base_run))})",
-            )
-        return run_model(config, runs[base_run], (*seen, base_run))
-    return models[base]["family"], model_blocks(config, base)
+        record = families.get(family)
+        blocks = record.blocks(run["arch"])
+        size = record.size(blocks, run["arch"], vocabulary="tokenizer" in run)
+        return Shape(family, blocks, size)
+    base = run["base"]
+    base_run = Source.parse(models[base]["source"]).run if base in models else base
+    if base_run is None:
+        return model_shape(config, base)
+    if base_run in seen:
+        fail(
+            "training.runs",
+            f"runs fine-tune each other in a circle ({' -> '.join((*seen, base_run))})",
+        )
+    return run_shape(config, base_run, (*seen, base_run))
+
+
+def model_shape(config: dict, name: str) -> Shape:
+    """The shape of model ``name``, from its source: its arch (init:), its run's model (train:),
+    its family's named architecture (torchvision:), or its ``blocks`` and ``width`` keys (hf:,
+    local:)."""
+    spec = config["models"][name]
+    family = families.get(spec["family"])
+    source = Source.parse(spec["source"])
+    if source.run is not None:
+        return run_shape(config, source.run, (source.run,))
+    if source.scheme == "torchvision":
+        blocks = family.architectures[source.location].blocks
+        return Shape(family.name, blocks, family.size(blocks, architecture=source.location))
+    blocks = family.blocks(spec["arch"]) if source.scheme == "init" else spec["blocks"]
+    vocabulary = source.scheme != "init"
+    size = family.size(blocks, spec.get("arch"), spec.get("width"), vocabulary=vocabulary)
+    return Shape(family.name, blocks, size)
+
+
+def model_blocks(config: dict, name: str) -> int:
+    """The residual blocks of model ``name``, from the config alone."""
+    return model_shape(config, name).blocks
 
 
 def _add_trained_models(config: dict) -> None:
     """Every run is also a model of the same name, source train:<run>."""
     runs, models = config["training"]["runs"], config["models"]
-    trained = {name: run_model(config, run, (name,)) for name, run in runs.items()}
+    trained = {name: run_shape(config, name, (name,)).family for name in runs}
     for name, run in runs.items():
-        family = trained[name][0]
+        family = trained[name]
         spec = models.setdefault(name, {"family": family, "source": f"train:{name}"})
         if spec["source"] != f"train:{name}" or spec["family"] != family:
             fail(
@@ -390,34 +427,13 @@ def _add_trained_models(config: dict) -> None:
         if "num_labels" in run:
             spec.setdefault("num_labels", run["num_labels"])
     for name, spec in models.items():
-        scheme, run = source_scheme(spec["source"])
-        if scheme == "train" and run not in runs:
+        run = Source.parse(spec["source"]).run
+        if run is not None and run not in runs:
             fail(
                 f"models.{name}.source",
                 f"training run {run!r} is not defined; defined runs: "
                 f"{', '.join(sorted(runs)) or 'none'}",
             )
-
-
-def model_blocks(config: dict, name: str) -> int:
-    """The residual blocks of a model, from the config alone (nothing is fetched): its arch
-    (init:), its run's model (train:), the family's named architecture (torchvision:), or its
-    ``blocks`` key (hf:, local:)."""
-    spec = config["models"][name]
-    family = families.get(spec["family"])
-    scheme, rest = source_scheme(spec["source"])
-    if scheme == "init":
-        return family.blocks(spec["arch"])
-    if scheme == "train":
-        return run_model(config, config["training"]["runs"][rest], (rest,))[1]
-    if scheme == "torchvision":
-        return family.architectures[rest].blocks
-    return spec["blocks"]
-
-
-def model_head(spec: Mapping) -> str:
-    """A model's head: its ``head`` key, else its family's default."""
-    return spec.get("head", families.get(spec["family"]).default_head)
 
 
 def analysis_pairs(analyses: list[dict]) -> list[tuple[str, str]]:
@@ -432,77 +448,22 @@ def analysis_pairs(analyses: list[dict]) -> list[tuple[str, str]]:
 
 
 def _check_analyses(config: dict) -> None:
+    """Every model and dataset an analysis names is defined (what the models read and hold, and
+    the heads ablation needs, are checked on the plan: ``workflow_scripts.plan``)."""
     sections = [
         ("analyses", config["analyses"]),
         ("ablation.analyses", config["ablation"]["analyses"]),
     ]
     for section, analyses in sections:
         for i, analysis in enumerate(analyses):
-            where = f"{section}.{i}"
             for key in ("models", "datasets"):
                 for name in analysis[key]:
                     if name not in config[key]:
                         fail(
-                            f"{where}.{key}",
+                            f"{section}.{i}.{key}",
                             f"{name!r} is not defined; defined {key}: "
                             f"{', '.join(sorted(config[key]))}",
                         )
-            for model, dataset in analysis_pairs([analysis]):
-                modality = families.get(config["models"][model]["family"]).modality
-                kind = dataset_kind(config["datasets"][dataset])
-                if (modality == "image") != (kind == "image"):
-                    fail(
-                        where,
-                        f"model {model!r} reads {modality} but dataset {dataset!r} holds {kind}",
-                    )
-                spec = config["models"][model]
-                head, needed = model_head(spec), ABLATION_HEADS[kind]
-                if section == "ablation.analyses" and head != needed:
-                    declared = (
-                        f"is declared with head {head!r}"
-                        if "head" in spec
-                        else f"declares no head, so family {spec['family']}'s default "
-                        f"{head!r} is assumed (a checkpoint's own head is known only once "
-                        "fetched)"
-                    )
-                    fail(
-                        where,
-                        f"model {model!r} {declared}; ablation on {kind} dataset {dataset!r} "
-                        f"needs {needed}: set its head: if the checkpoint has one",
-                    )
-
-
-def extract_options(config: dict, model: str) -> dict:
-    """The global extraction options with the model's own overrides on top."""
-    return {**config["extract"], **config["models"][model].get("extract", {})}
-
-
-def _check_contexts(config: dict) -> None:
-    """Token lengths that a text model built here (init:, train:) cannot take: a clear error
-    now, not an index error in a job."""
-    runs = config["training"]["runs"]
-    extracted = {m for m, _ in analysis_pairs(config["analyses"])}
-    ablated = {m for m, _ in analysis_pairs(config["ablation"]["analyses"])}
-    for name, spec in config["models"].items():
-        scheme, run = source_scheme(spec["source"])
-        arch = {"init": spec.get("arch"), "train": runs.get(run, {}).get("arch")}.get(scheme)
-        if families.get(spec["family"]).modality != "text" or arch is None:
-            continue
-        context = arch.get("context", 128)
-        lengths = {}
-        if name in extracted:
-            lengths["extract.max_tokens"] = extract_options(config, name)["max_tokens"]
-        if name in ablated:
-            lengths["ablation.max_tokens"] = config["ablation"]["max_tokens"]
-        if scheme == "train" and runs[run]["kind"] == "causal_lm":
-            lengths[f"training.runs.{run}.context"] = runs[run]["context"]
-        for key, length in lengths.items():
-            if length > context:
-                fail(
-                    key,
-                    f"{length} tokens, but model {name!r} takes at most {context} (its "
-                    "arch.context)",
-                )
 
 
 def _check_figures(config: dict) -> None:
@@ -522,18 +483,28 @@ def _check_figures(config: dict) -> None:
                 f"{where}.layer",
                 f"{spec['layer']}; model {spec['model']!r} has read-out points 0..{count - 1}",
             )
-    ablated = set(analysis_pairs(config["ablation"]["analyses"]))
+    # what a group figure reads: the pairs that have it, and the key that lists them
+    results = {
+        "statistics": (stats, "analyses"),
+        "ablation": (set(analysis_pairs(config["ablation"]["analyses"])), "ablation.analyses"),
+    }
+    kinds = figure_registry.group_figures()
     for name, group in config["figures"]["groups"].items():
+        for i, kind in enumerate(group["figures"]):
+            if kind not in kinds:
+                fail(
+                    f"figures.groups.{name}.figures.{i}",
+                    f"{kind!r} is not allowed; allowed values: {', '.join(kinds)}",
+                )
         for model, dataset in analysis_pairs([group]):
-            for figure in group["figures"]:
-                needs_ablation = figure == "ablation"
-                have = ablated if needs_ablation else stats
+            for kind in group["figures"]:
+                inputs = figure_registry.FIGURES[kind].inputs
+                have, key = results[inputs]
                 if (model, dataset) not in have:
                     fail(
                         f"figures.groups.{name}",
-                        f"model {model!r} has no {'ablation' if needs_ablation else 'statistics'} "
-                        f"on dataset {dataset!r} for the {figure} figure; add the pair to "
-                        f"{'ablation.analyses' if needs_ablation else 'analyses'}",
+                        f"model {model!r} has no {inputs} on dataset {dataset!r} for the {kind} "
+                        f"figure; add the pair to {key}",
                     )
 
 

@@ -9,8 +9,6 @@ The group is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -25,7 +23,6 @@ from workflow_scripts.batches import Batch, autocast, image_batches, pick_device
 from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import MANIFEST, sha256_file
-from workflow_scripts.stage_code import code_digest
 
 log = logging.getLogger("extract")
 # the options that change what is stored, recorded in the shard's attributes
@@ -72,7 +69,7 @@ def extract(
     shards: int,
     out: str | Path,
     options: dict,
-    code_files: list[str] = (),
+    code: str = "",
     readouts: int | None = None,
     workers: int = 0,
 ) -> None:
@@ -139,7 +136,7 @@ def extract(
         "digests": {
             "model": sha256_file(Path(model_dir, MANIFEST)),
             "dataset": sha256_file(data_path),
-            "code": code_digest(list(code_files)),
+            "code": code,
         },
     }
     with written(out) as tmp:
@@ -213,36 +210,17 @@ def _write_batch(adapter, batch: Batch, writer: ShardWriter, device, options) ->
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--data", required=True, help="dataset Parquet file")
-    parser.add_argument("--shard", type=int, required=True)
-    parser.add_argument("--shards", type=int, required=True)
-    parser.add_argument("--options", required=True, help="extraction options, as JSON")
-    parser.add_argument("--code", nargs="*", default=[], help="source files, for the digest")
-    parser.add_argument("--readouts", type=int, help="expected number of read-out points")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True, help="the Zarr group to write")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    torch.set_num_threads(args.threads)
-    extract(
-        args.model,
-        args.data,
-        args.shard,
-        args.shards,
-        args.out,
-        json.loads(args.options),
-        args.code,
-        args.readouts,
-        workers=max(0, args.threads - 1),  # image decoding; the main process keeps one core
-    )
-
-
-if __name__ == "__main__":
-    main()
+def run(
+    model: str,
+    data: str,
+    shard: int,
+    shards: int,
+    options: dict,
+    readouts: int,
+    code: str,
+    out: str,
+    threads: int = 1,
+) -> None:
+    """The extract stage: shard ``shard`` of the stream of ``model`` on ``data``."""
+    # image decoding in worker processes; the main process keeps one core
+    extract(model, data, shard, shards, out, options, code, readouts, workers=max(0, threads - 1))

@@ -19,7 +19,6 @@ address.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -293,25 +292,11 @@ def build(model: str, data: str, shards: list[str], options: dict, title: str, o
     return content
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--data", required=True, help="dataset Parquet file")
-    parser.add_argument("--shards", nargs="+", required=True)
-    parser.add_argument(
-        "--options",
-        required=True,
-        help="layer, examples, thumbnail, outlying, output_weights, include_padding, max_tokens, "
-        "features, as JSON",
-    )
-    parser.add_argument("--title", required=True)
-    parser.add_argument("--out", required=True, help="the HTML page")
-    args = parser.parse_args(argv)
-    content = build(
-        args.model, args.data, args.shards, json.loads(args.options), args.title, args.out
-    )
+def run(model: str, data: str, shards: list[str], options: dict, title: str, out: str) -> None:
+    """The feature_page stage: one offline page of every feature's top examples."""
+    content = build(model, data, shards, options, title, out)
     print(
-        f"wrote {args.out}: {content['features']} features, top {content['k']} of "
+        f"wrote {out}: {content['features']} features, top {content['k']} of "
         f"{content['rows']} rows, {len(content['examples'])} examples shown",
         file=sys.stderr,
     )
@@ -498,7 +483,3 @@ show(clamp(first !== null ? first
 </body>
 </html>
 """
-
-
-if __name__ == "__main__":
-    main()

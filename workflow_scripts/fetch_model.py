@@ -9,12 +9,10 @@ when complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 from workflow_scripts import families
@@ -27,14 +25,15 @@ from workflow_scripts.models.store import (
     verify_files,
     write_manifest,
 )
-from workflow_scripts.sources import source_scheme
+from workflow_scripts.sources import Source
 
 log = logging.getLogger("fetch_model")
 
 
 def fetch(spec: dict, out: str | Path) -> dict:
     """Write the model that ``spec`` describes to ``out``; returns its manifest."""
-    scheme, rest = source_scheme(spec["source"])
+    source = Source.parse(spec["source"])
+    scheme, rest = source.scheme, source.location
     fetchers = {"init": _init, "local": _local, "hf": _hub, "torchvision": _torchvision}
     if scheme not in fetchers:
         raise ValueError(
@@ -157,18 +156,6 @@ def _torchvision(spec: dict, arch: str, tmp: Path) -> dict:
     return {"revision": str(weights), "url": weights.url}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, help="the model's config entry, as JSON")
-    parser.add_argument("--out", required=True, help="the model directory to write")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    fetch(json.loads(args.spec), Path(args.out))
-
-
-if __name__ == "__main__":
-    main()
+def run(spec: dict, out: str) -> None:
+    """The fetch_model stage: the model a config entry names, in the stored layout."""
+    fetch(spec, Path(out))

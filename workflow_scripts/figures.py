@@ -1,26 +1,29 @@
 """figures: the study's figures from the statistics, ablation and training Parquet files.
 
-Each figure is drawn for a group of models named in the config and written as PNG and PDF:
+Each figure kind is an entry of ``workflow_scripts.figure_registry`` (what it reads, its caption)
+and a drawing function here, ``draw(data, title)``. A group figure is drawn for a group of
+models named in the config, a training figure once over the training runs; each is written as
+PNG and PDF. The kinds of the study:
   outliers   percentage of features with outliers per layer (the study's Figure 5)
   kurtosis   mean kurtosis per layer, the rotated kurtosis beside it, the Gaussian 3 marked (Fig. 6)
   regimes    kurtosis per layer of every model of the group in one panel: training regimes side
              by side (Fig. 8)
   ablation   accuracy against block for tail and head ablation, one panel per dataset (Figs. 4, 7)
   training   loss curves of training runs
-The x axis counts read-out points (blocks); ResNet panels mark stage boundaries with vertical
-lines; error bars are the statistics' standard errors. Colours: the Okabe-Ito palette, safe for
-colour-blind readers.
+The x axis counts read-out points (blocks); a dotted vertical line marks each place where the
+stage changes between consecutive read-out points (a ResNet's stages); error bars are the
+statistics' standard errors. Colours: the Okabe-Ito palette, safe for colour-blind readers.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from workflow_scripts.atomic import written
+from workflow_scripts.figure_registry import FIGURES, Figure
 
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -65,15 +68,22 @@ def blocks_applied(frame: pd.DataFrame) -> pd.Series:
     return frame["layer"] + (frame["stage"] > 0).astype(int)
 
 
+def stage_boundaries(frame: pd.DataFrame) -> list[float]:
+    """Where the stage changes between consecutive read-out points: halfway between the two
+    points' x positions (the read-out points of a layer as its first row has them)."""
+    points = frame.drop_duplicates("layer").sort_values("layer")
+    x = blocks_applied(points).to_numpy()
+    changes = points["stage"].to_numpy()[1:] != points["stage"].to_numpy()[:-1]
+    return [(a + b) / 2 for a, b, change in zip(x[:-1], x[1:], changes) if change]
+
+
 def _axes_style(axis, frame: pd.DataFrame, title: str, ylabel: str) -> None:
-    """Integer ticks, the labels, a legend below the panel, and dotted vertical lines where a
-    ResNet's stage changes."""
+    """Integer ticks, the labels, a legend below the panel, and dotted vertical lines where the
+    stage changes."""
     from matplotlib.ticker import MaxNLocator
 
-    layers = frame.drop_duplicates("layer").sort_values("layer")
-    if layers["stage"].nunique() > 1:
-        for x in blocks_applied(layers)[layers["stage"].diff().fillna(0) != 0]:
-            axis.axvline(x - 0.5, color="0.6", linestyle=":", linewidth=1)
+    for x in stage_boundaries(frame):
+        axis.axvline(x, color="0.6", linestyle=":", linewidth=1)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set(title=title, xlabel="blocks applied", ylabel=ylabel)
     axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
@@ -230,32 +240,26 @@ def save(figure, outputs: list[str], dpi: int = 150) -> None:
         plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "figure", choices=["kurtosis", "outliers", "regimes", "ablation", "training"]
-    )
-    parser.add_argument("--group", required=True, help="the group's name, for titles and messages")
-    parser.add_argument("--inputs", nargs="+", required=True, help="Parquet files to draw from")
-    parser.add_argument("--out", nargs="+", required=True, help="image files (.png, .pdf)")
-    parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG")
-    args = parser.parse_args(argv)
-    if args.figure == "training":
-        figure = training(
-            {Path(p).parent.name: pd.read_parquet(p) for p in args.inputs}, args.group
-        )
-    else:
-        what = "ablation results" if args.figure == "ablation" else "statistics"
-        frame = read_frames(args.inputs, what, args.group)
-        figure = {
-            "kurtosis": kurtosis,
-            "outliers": outliers,
-            "regimes": regimes,
-            "ablation": ablation,
-        }[args.figure](frame, args.group)
-    save(figure, args.out, args.dpi)
-    print(f"wrote {', '.join(args.out)}", file=sys.stderr)
+def read_inputs(figure: Figure, paths: list[str], group: str):
+    """What a figure draws from: one long-form DataFrame of its statistics or ablation files, or
+    {run: metrics DataFrame} of its training runs' files (results/train/<run>/metrics.parquet)."""
+    if figure.inputs == "training":
+        return {Path(p).parent.name: pd.read_parquet(p) for p in paths}
+    what = "ablation results" if figure.inputs == "ablation" else "statistics"
+    return read_frames(paths, what, group)
 
 
-if __name__ == "__main__":
-    main()
+def draw_figure(
+    kind: str, group: str, inputs: list[str], outputs: list[str], dpi: int = 150
+) -> None:
+    """Draw figure ``kind`` (its registry entry's drawing function, defined in this module) for
+    ``group`` from its input files, and write it to ``outputs``."""
+    figure = FIGURES[kind]
+    drawing = globals()[figure.draw](read_inputs(figure, inputs, group), group)
+    save(drawing, outputs, dpi)
+
+
+def run(figure: str, group: str, data: list[str], png: str, pdf: str, dpi: int = 150) -> None:
+    """The figure stages: figure kind ``figure`` of ``group`` from its input files ``data``."""
+    draw_figure(figure, group, data, [png, pdf], dpi)
+    print(f"wrote {png}, {pdf}", file=sys.stderr)

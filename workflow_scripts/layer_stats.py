@@ -9,9 +9,7 @@ Haar-random or structured (``stats.rotation``).
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import logging
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -133,29 +131,19 @@ def compute(
     return frame
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", nargs="+", required=True, help="Zarr groups, in order")
-    parser.add_argument("--layer", type=int, required=True)
-    parser.add_argument("--thresholds", type=float, nargs="+", required=True)
-    parser.add_argument("--options", required=True, help="the stats options, as JSON")
-    parser.add_argument("--model", required=True, help="model name, written in each row")
-    parser.add_argument("--dataset", required=True, help="dataset name, written in each row")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    torch.set_num_threads(args.threads)
-    frame = compute(args.shards, args.layer, args.thresholds, json.loads(args.options))
-    frame.insert(0, "dataset", args.dataset)
-    frame.insert(0, "model", args.model)
-    write_parquet(frame, args.out)
-    log.info("wrote %s: %d records", args.out, len(frame))
-
-
-if __name__ == "__main__":
-    main()
+def run(
+    shards: list[str],
+    layer: int,
+    thresholds: list[float],
+    options: dict,
+    model: str,
+    dataset: str,
+    out: str,
+) -> None:
+    """The layer_stats stage: the statistics of read-out point ``layer`` over every shard,
+    each record naming the model and the dataset."""
+    frame = compute(shards, layer, thresholds, options)
+    frame.insert(0, "dataset", dataset)
+    frame.insert(0, "model", model)
+    write_parquet(frame, out)
+    log.info("wrote %s: %d records", out, len(frame))

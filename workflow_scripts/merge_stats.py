@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import pandas as pd
@@ -18,15 +17,8 @@ def merge(paths: list[str]) -> pd.DataFrame:
     return frame.sort_values("layer", kind="stable").reset_index(drop=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", nargs="+", required=True, help="per-layer Parquet files")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-    frame = merge(args.layers)
-    write_parquet(frame, args.out)
-    print(f"wrote {args.out}: {len(frame)} records", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()
+def run(layers: list[str], out: str) -> None:
+    """The merge_stats stage: the layers' statistics in one file."""
+    frame = merge(layers)
+    write_parquet(frame, out)
+    print(f"wrote {out}: {len(frame)} records", file=sys.stderr)

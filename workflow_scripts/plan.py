@@ -6,6 +6,12 @@ its grid expanded and its defaults filled in; the (model, dataset) pairs of the 
 the ablation; the figure groups and top-example figures. ``rules/common.smk``, the estimator and
 the tests read it; the ``config`` the user wrote is never changed.
 
+Each source is parsed here once (``Model.source``, ``Dataset.source``). What ``config.checked``
+checks comes first (the schema, each entry, the names each key refers to); what the models and
+datasets must agree on is checked here, on the typed plan: a model reads what its datasets hold,
+a model scored under ablation has the head its datasets need, and no text model built here is
+given more tokens than its context.
+
 Imported by the Snakefile at DAG-build time, so it stays light: no torch, no transformers.
 """
 
@@ -17,14 +23,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from workflow_scripts import families
-from workflow_scripts.config import (
-    analysis_pairs,
-    checked,
-    extract_options,
-    model_blocks,
-    model_head,
-)
-from workflow_scripts.sources import dataset_kind, source_scheme
+from workflow_scripts.config import analysis_pairs, checked, fail, model_shape
+from workflow_scripts.sources import ABLATION_HEADS, Source, dataset_kind
 
 # what fetching a model uses of its entry: a threshold or an extraction option must not refetch
 FETCHED_KEYS = ("family", "source", "arch", "seed", "head", "num_labels")
@@ -50,7 +50,7 @@ def as_json(value) -> str:
 class Model:
     name: str
     family: families.Family
-    source: str
+    source: Source
     head: str
     blocks: int
     readouts: int  # read-out points: the per-layer statistics jobs
@@ -60,18 +60,9 @@ class Model:
     thresholds: tuple[float, ...]  # outlier thresholds
 
     @property
-    def scheme(self) -> str:
-        return source_scheme(self.source)[0]
-
-    @property
-    def location(self) -> str:
-        """What follows the scheme: a repository, a path, an architecture or a run's name."""
-        return source_scheme(self.source)[1]
-
-    @property
     def run(self) -> str | None:
         """The training run that makes this model, if any."""
-        return self.location if self.scheme == "train" else None
+        return self.source.run
 
     def fetch_spec(self) -> dict:
         return {k: v for k, v in self.entry.items() if k in FETCHED_KEYS}
@@ -80,18 +71,10 @@ class Model:
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    source: str
+    source: Source
     kind: str  # pairs, text or image
     shards: int  # extraction jobs, each over a contiguous block of rows
     entry: Mapping
-
-    @property
-    def scheme(self) -> str:
-        return source_scheme(self.source)[0]
-
-    @property
-    def location(self) -> str:
-        return source_scheme(self.source)[1]
 
     @property
     def estimated_rows(self) -> int:
@@ -218,10 +201,11 @@ class Study:
 def resolve(config: Mapping) -> Study:
     """The plan of the study ``config`` describes; raises ConfigError for a bad config."""
     full = checked(config)
-    thresholds = full["stats"]["thresholds"]
-    models = {name: _model(full, name, spec, thresholds) for name, spec in full["models"].items()}
+    models = {name: _model(full, name, spec) for name, spec in full["models"].items()}
     datasets = {
-        name: Dataset(name, spec["source"], dataset_kind(spec), spec["shards"], freeze(spec))
+        name: Dataset(
+            name, Source.parse(spec["source"]), dataset_kind(spec), spec["shards"], freeze(spec)
+        )
         for name, spec in full["datasets"].items()
     }
     runs = {
@@ -229,7 +213,7 @@ def resolve(config: Mapping) -> Study:
         for name, run in full["training"]["runs"].items()
     }
     figures = full["figures"]
-    return Study(
+    study = Study(
         models=MappingProxyType(models),
         datasets=MappingProxyType(datasets),
         runs=MappingProxyType(runs),
@@ -258,37 +242,89 @@ def resolve(config: Mapping) -> Study:
         training_figure=figures["training"] and bool(runs),
         study_compatible=full["study_compatible"],
     )
+    _check_reads(study, full)
+    _check_contexts(study)
+    return study
 
 
-def _model(config: dict, name: str, spec: dict, thresholds: dict) -> Model:
+def _model(config: dict, name: str, spec: dict) -> Model:
+    """A model of the checked config: its head and extraction options, its own else the
+    defaults; its outlier thresholds, its own else its family's in ``stats.thresholds`` else the
+    family record's."""
     family = families.get(spec["family"])
-    blocks = model_blocks(config, name)
-    value = spec.get("thresholds", thresholds[family.name])
+    shape = model_shape(config, name)
+    default = family.default_threshold(config["study_compatible"])
+    value = spec.get("thresholds", config["stats"]["thresholds"].get(family.name, default))
     return Model(
         name=name,
         family=family,
-        source=spec["source"],
-        head=model_head(spec),
-        blocks=blocks,
-        readouts=family.readouts(blocks),
-        size=_size(config, name, blocks),
+        source=Source.parse(spec["source"]),
+        head=spec.get("head", family.default_head),
+        blocks=shape.blocks,
+        readouts=family.readouts(shape.blocks),
+        size=shape.size,
         entry=freeze(spec),
-        extract=freeze(extract_options(config, name)),
+        extract=freeze({**config["extract"], **spec.get("extract", {})}),
         thresholds=tuple(float(v) for v in (value if isinstance(value, list) else [value])),
     )
 
 
-def _size(config: dict, name: str, blocks: int) -> families.ModelSize:
-    """A model's size: a trained model's from its run's architecture (a fine-tune: its base's),
-    with a real vocabulary where it uses another model's tokenizer."""
-    spec = config["models"][name]
-    family = families.get(spec["family"])
-    scheme, rest = source_scheme(spec["source"])
-    if scheme == "train":
-        run = config["training"]["runs"][rest]
-        if "arch" not in run:
-            return _size(config, run["base"], blocks)  # a fine-tune: its base's blocks
-        return family.size(blocks, run["arch"], vocabulary="tokenizer" in run)
-    if scheme == "torchvision":
-        return family.size(blocks, architecture=rest)
-    return family.size(blocks, spec.get("arch"), spec.get("width"), vocabulary=scheme != "init")
+def _check_reads(study: Study, config: dict) -> None:
+    """Every model of an analysis reads what its datasets hold, and every model of an ablation
+    analysis has the head its datasets need (``config``: the analyses, for where to point)."""
+    sections = [
+        ("analyses", config["analyses"]),
+        ("ablation.analyses", config["ablation"]["analyses"]),
+    ]
+    for section, analyses in sections:
+        for i, analysis in enumerate(analyses):
+            where = f"{section}.{i}"
+            for name, data in analysis_pairs([analysis]):
+                model, kind = study.models[name], study.datasets[data].kind
+                modality = model.family.modality
+                if (modality == "image") != (kind == "image"):
+                    fail(
+                        where,
+                        f"model {name!r} reads {modality} but dataset {data!r} holds {kind}",
+                    )
+                needed = ABLATION_HEADS[kind]
+                if section == "ablation.analyses" and model.head != needed:
+                    declared = (
+                        f"is declared with head {model.head!r}"
+                        if "head" in model.entry
+                        else f"declares no head, so family {model.family.name}'s default "
+                        f"{model.head!r} is assumed (a checkpoint's own head is known only once "
+                        "fetched)"
+                    )
+                    fail(
+                        where,
+                        f"model {name!r} {declared}; ablation on {kind} dataset {data!r} "
+                        f"needs {needed}: set its head: if the checkpoint has one",
+                    )
+
+
+def _check_contexts(study: Study) -> None:
+    """Token lengths that a text model built here (init:, train:) cannot take: a clear error
+    now, not an index error in a job."""
+    extracted = {m for m, _ in study.statistics}
+    ablated = {m for m, _ in study.ablations}
+    for name, model in study.models.items():
+        run = study.runs[model.run] if model.run is not None else None
+        arch = run.settings.get("arch") if run is not None else model.entry.get("arch")
+        if model.family.modality != "text" or arch is None:
+            continue
+        context = arch.get("context", 128)
+        lengths = {}
+        if name in extracted:
+            lengths["extract.max_tokens"] = model.extract["max_tokens"]
+        if name in ablated:
+            lengths["ablation.max_tokens"] = study.ablation_options["max_tokens"]
+        if run is not None and run.kind == "causal_lm":
+            lengths[f"training.runs.{run.name}.context"] = run.settings["context"]
+        for key, length in lengths.items():
+            if length > context:
+                fail(
+                    key,
+                    f"{length} tokens, but model {name!r} takes at most {context} (its "
+                    "arch.context)",
+                )

@@ -17,7 +17,6 @@ because training shuffles row groups, not rows, and a folder is sorted by class.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -32,10 +31,11 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from workflow_scripts import sources
 from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError, DatasetWriter
 from workflow_scripts.parallel import ordered_map
-from workflow_scripts.sources import dataset_kind, source_scheme
+from workflow_scripts.sources import dataset_kind
 
 log = logging.getLogger("prepare_data")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -57,7 +57,8 @@ class Source:
 
 def prepare(spec: dict, out: str | Path, name: str = "dataset", workers: int = 1) -> int:
     """Read the source ``spec`` names, check it, and write ``out``; returns the number of rows."""
-    scheme, rest = source_scheme(spec["source"])
+    parsed = sources.Source.parse(spec["source"])
+    scheme, rest = parsed.scheme, parsed.location
     kind = dataset_kind(spec)
     seed = spec.get("seed", 0)
     readers = {
@@ -317,20 +318,6 @@ def _read_files(job) -> pd.DataFrame:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, help="the dataset's config entry, as JSON")
-    parser.add_argument("--name", required=True, help="the dataset's name, for messages")
-    parser.add_argument("--threads", type=int, default=1, help="worker processes")
-    parser.add_argument("--out", required=True, help="the Parquet file to write")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    prepare(json.loads(args.spec), Path(args.out), args.name, args.threads)
-
-
-if __name__ == "__main__":
-    main()
+def run(spec: dict, name: str, out: str, threads: int = 1) -> None:
+    """The prepare_data stage: a dataset entry's rows as the stored Parquet file."""
+    prepare(spec, Path(out), name, threads)

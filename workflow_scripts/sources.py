@@ -1,6 +1,10 @@
-"""Source strings (``scheme:rest``) of models and datasets, and what data a dataset holds."""
+"""Sources (``scheme:location``) of models and datasets, parsed once into a ``Source``, and what
+data a dataset holds."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 # what the rows of each built-in dataset hold
 BUILTIN_KINDS = {"pairs": "pairs", "corpus": "text", "shapes": "image"}
@@ -12,17 +16,40 @@ ABLATION_HEADS = {
 }
 
 
-def source_scheme(source: str) -> tuple[str, str]:
-    """``"hf:gpt2@main"`` -> ``("hf", "gpt2@main")``."""
-    scheme, _, rest = source.partition(":")
-    return scheme, rest
+@dataclass(frozen=True)
+class Source:
+    """Where a model or dataset comes from: ``"hf:gpt2@main"`` is ``Source("hf", "gpt2@main")``.
+
+    ``location`` is what follows the scheme: a repository, a path, an architecture, a training
+    run's or a built-in dataset's name (empty for ``init:``)."""
+
+    scheme: str
+    location: str
+
+    @classmethod
+    def parse(cls, text: str) -> Source:
+        scheme, _, location = text.partition(":")
+        return cls(scheme, location)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.location}"
+
+    @property
+    def run(self) -> str | None:
+        """The training run that makes a ``train:`` model; None for any other source."""
+        return self.location if self.scheme == "train" else None
+
+    @property
+    def holds(self) -> str | None:
+        """What a dataset from this source holds where the source says (``builtin:``,
+        ``imagefolder:``); None where the dataset's ``kind`` key must."""
+        if self.scheme == "builtin":
+            return BUILTIN_KINDS.get(self.location)
+        if self.scheme == "imagefolder":
+            return "image"
+        return None
 
 
-def dataset_kind(spec: dict) -> str:
+def dataset_kind(spec: Mapping) -> str:
     """pairs, text or image: given by the source where it can, else by the ``kind`` key."""
-    scheme, rest = source_scheme(spec["source"])
-    if scheme == "builtin":
-        return BUILTIN_KINDS[rest]
-    if scheme == "imagefolder":
-        return "image"
-    return spec["kind"]
+    return Source.parse(spec["source"]).holds or spec["kind"]

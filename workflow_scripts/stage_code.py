@@ -1,9 +1,14 @@
-"""The source files a stage runs, and their digest.
+"""The code a stage runs, and its key.
 
-A rule declares the files of its entry module and of every ``workflow_scripts`` module it imports
-(found by reading the import statements, transitively) as inputs, so an edit to code a stage runs
-reruns that stage and an edit to any other module does not. The digest of those files is stored
-with the stage's outputs.
+A stage's code is its entry module, its family's modules where it runs a model, and every
+``workflow_scripts`` module they import (found by reading the import statements, transitively).
+Its key is a digest of that code's syntax: each module's syntax tree without docstrings, so a
+comment, a docstring or a reformat changes no key while any change to what the code does
+changes it. The key is a param of the stage's rule (the output cache keys on params) and is
+stored with what the stage writes.
+
+Workflow plumbing that does not shape a result is no stage's code: the stage layer (arguments,
+logging, threads) and the output cache's helpers (``PLUMBING``). Their imports are not followed.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from pathlib import Path
 
 PACKAGE = "workflow_scripts"
 ROOT = Path(__file__).resolve().parent
+PLUMBING = frozenset({f"{PACKAGE}.stage", f"{PACKAGE}.output_cache", f"{PACKAGE}.stage_code"})
 
 
 def _module_file(module: str) -> Path | None:
     parts = module.split(".")
-    if parts[0] != PACKAGE:
+    if parts[0] != PACKAGE or module in PLUMBING:
         return None
     base = ROOT.joinpath(*parts[1:])
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
@@ -48,7 +54,8 @@ def _imports(path: Path, module: str) -> set[str]:
 
 def module_sources(*modules: str) -> list[str]:
     """Every file of the package that ``modules`` run: themselves, the packages they live in,
-    and all package modules they import, transitively; sorted absolute paths."""
+    and all package modules they import, transitively, except plumbing; sorted absolute
+    paths."""
     return list(_module_sources(tuple(sorted(set(modules)))))
 
 
@@ -70,13 +77,52 @@ def _module_sources(modules: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(str(p) for p in set(seen.values())))
 
 
+def code_key(*modules: str) -> str:
+    """The key of the code ``modules`` run: what a stage's rule passes as its ``code`` param."""
+    return _code_key(tuple(sorted(set(modules))))
+
+
+@functools.cache
+def _code_key(modules: tuple[str, ...]) -> str:
+    return code_digest(module_sources(*modules))
+
+
 def code_digest(paths: list[str]) -> str:
-    """sha256 over the files' paths inside the package and their contents."""
+    """sha256 over the files' paths inside the package and their syntax without docstrings."""
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: _package_relative(Path(p))):
         digest.update(_package_relative(Path(path)).encode() + b"\0")
-        digest.update(Path(path).read_bytes() + b"\0")
+        digest.update(syntax(Path(path).read_text(), path).encode() + b"\0")
     return digest.hexdigest()
+
+
+@functools.cache
+def _syntax(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if body and _is_docstring(body[0]):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+
+
+def syntax(source: str, filename: str = "<code>") -> str:
+    """The syntax tree of Python ``source`` without docstrings, as text: the same for two
+    sources that differ only in comments, docstrings and formatting."""
+    try:
+        return _syntax(source)
+    except SyntaxError as error:
+        raise SyntaxError(f"{filename}: {error}") from None
+
+
+def _is_docstring(statement: ast.stmt) -> bool:
+    return (
+        isinstance(statement, ast.Expr)
+        and isinstance(statement.value, ast.Constant)
+        and isinstance(statement.value.value, str)
+    )
 
 
 def _package_relative(path: Path) -> str:

@@ -10,7 +10,6 @@ A language-model run reads its blocks of ``context`` tokens from this file (``nu
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -108,22 +107,7 @@ def tokenize(data_path, out, model_dir=None, builtin_style=None, workers: int = 
     return total
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="a text dataset's Parquet file")
-    tokenizer = parser.add_mutually_exclusive_group(required=True)
-    tokenizer.add_argument("--model", help="the model directory whose tokenizer to use")
-    tokenizer.add_argument("--builtin", help="the style of the built-in tokenizer to use")
-    parser.add_argument("--threads", type=int, default=1, help="worker processes")
-    parser.add_argument("--out", required=True, help="the .npy file to write")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    tokenize(args.data, args.out, args.model, args.builtin, args.threads)
-
-
-if __name__ == "__main__":
-    main()
+def run(data: str, model: str | None, builtin: str | None, out: str, threads: int = 1) -> None:
+    """The tokenize stage: a text dataset as one flat token file, through the tokenizer of the
+    model directory ``model`` or a family's built-in tokenizer of style ``builtin``."""
+    tokenize(data, out, model, builtin, threads)

@@ -11,8 +11,6 @@ pushes up most (after the final norm). Other heads are not drawn.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import numpy as np
@@ -69,13 +67,9 @@ def top_rows(
 
 def output_weights(adapter, layer: int):
     """("class" or "token", the matrix [outputs, features] through which the head reads this
-    read-out point directly), or None where it does not: a ResNet's classifier (fc) after its last
-    block, a causal language model's unembedding."""
-    if adapter.modality == "image" and layer == len(adapter.readouts) - 1:
-        return "class", adapter.model.fc.weight.detach()
-    if adapter.modality == "text" and adapter.head == "causal_lm":
-        return "token", adapter.model.get_output_embeddings().weight.detach()
-    return None
+    read-out point directly), or None where it does not: the adapter's answer (a ResNet's
+    classifier after its last block, a causal language model's unembedding)."""
+    return adapter.output_weights(layer)
 
 
 def class_weights(adapter, layer: int, feature: int, names: list[str] | None):
@@ -211,40 +205,36 @@ def _in_context(adapter, row, kind: str, position: int, max_tokens: int, window:
     return f"{' '.join(left)} [{token}] {' '.join(right)}".strip()
 
 
-def main(argv: list[str] | None = None) -> None:
-    from workflow_scripts.models import load_adapter
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--data", required=True, help="dataset Parquet file")
-    parser.add_argument("--shards", nargs="+", required=True)
-    parser.add_argument("--stats", required=True, help="the layer's statistics (top features)")
-    parser.add_argument("--options", required=True, help="layer, features, examples, as JSON")
-    parser.add_argument("--title", required=True)
-    parser.add_argument("--out", nargs="+", required=True)
-    args = parser.parse_args(argv)
+def run(
+    model: str,
+    data: str,
+    shards: list[str],
+    stats: str,
+    options: dict,
+    title: str,
+    png: str,
+    pdf: str,
+) -> None:
+    """The figure_top_examples stage: the rows where each chosen feature of a layer is largest,
+    shown as tokens in context or image thumbnails. The features: ``options["features"]``, else
+    the layer's top features by max |x| from its statistics ``stats``."""
     import pandas as pd
 
-    options = json.loads(args.options)
+    from workflow_scripts.models import load_adapter
+
     layer = options["layer"]
     features = options.get("features")
     if not features:  # the layer's top features by max |x|, from the statistics
-        stats = pd.read_parquet(args.stats)
-        top = stats[stats["metric"] == "top_feature_max_abs"].sort_values("value", ascending=False)
+        frame = pd.read_parquet(stats)
+        top = frame[frame["metric"] == "top_feature_max_abs"].sort_values("value", ascending=False)
         features = [int(f) for f in top["feature"].head(options["top"])]
     if not features:
-        raise ValueError(f"{args.stats}: no top features listed (stats.top_features is 0)")
-    adapter, _ = load_adapter(args.model)
-    dataset = DatasetFile(args.data)
-    chosen = top_rows(args.shards, layer, features, options["examples"], options["include_padding"])
+        raise ValueError(f"{stats}: no top features listed (stats.top_features is 0)")
+    adapter, _ = load_adapter(model)
+    dataset = DatasetFile(data)
+    chosen = top_rows(shards, layer, features, options["examples"], options["include_padding"])
     ids = {example for rows in chosen.values() for _, example, _ in rows}
     frame, kind, label_names = dataset.find(ids), dataset.kind, dataset.label_names
-    figure = draw(
-        adapter, frame, kind, label_names, layer, chosen, options["max_tokens"], args.title
-    )
-    save(figure, args.out, options["dpi"])
-    print(f"wrote {', '.join(args.out)}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()
+    figure = draw(adapter, frame, kind, label_names, layer, chosen, options["max_tokens"], title)
+    save(figure, [png, pdf], options["dpi"])
+    print(f"wrote {png}, {pdf}", file=sys.stderr)

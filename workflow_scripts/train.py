@@ -17,7 +17,6 @@ had not stopped, and the same config on the CPU gives identical weights.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -37,13 +36,14 @@ from workflow_scripts.batches import autocast, loader, pick_device
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import family_module, load_model, save_model
 from workflow_scripts.models.store import MANIFEST, read_manifest, sha256_file
-from workflow_scripts.stage_code import code_digest, module_sources
+from workflow_scripts.stage import InputError
+from workflow_scripts.stage_code import code_key
 
 log = logging.getLogger("train")
 KINDS = {"causal_lm": "text", "image_classification": "image", "sequence_classification": "pairs"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(InputError):
     """A run that cannot go on (a diverging loss), named with its step."""
 
 
@@ -143,8 +143,7 @@ def fingerprint(spec: dict, family: str, data_path, *model_dirs) -> str:
     """What a checkpoint must match to be resumed: the run, its inputs and the training code."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     record = families.get(family)
-    code = module_sources("workflow_scripts.train", record.module, record.record)
-    digest.update(code_digest(code).encode())
+    digest.update(code_key("workflow_scripts.train", record.module, record.record).encode())
     digest.update(sha256_file(data_path).encode())
     for directory in model_dirs:  # the base of a fine-tune, the model lending its tokenizer
         if directory is not None:
@@ -340,54 +339,36 @@ def plot_losses(metrics: pd.DataFrame, name: str, path) -> None:
         plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True, help="the run's name")
-    parser.add_argument("--spec", required=True, help="the run's settings, as JSON")
-    parser.add_argument(
-        "--data", required=True, help="a token file (language models) or a dataset Parquet file"
+def run(
+    model: str,
+    spec: dict,
+    data: str,
+    base: str | None,
+    tokenizer: str | None,
+    checkpoint: str,
+    metrics: str,
+    plot: str,
+    out: str,
+    threads: int = 1,
+) -> None:
+    """The train stage: run ``model`` (the run of that name) and write its model directory
+    ``out``, its metrics and loss curve; it resumes from ``checkpoint`` where one matches."""
+    frame = train(
+        model,
+        spec,
+        data,
+        out,
+        metrics,
+        plot,
+        checkpoint,
+        base,
+        tokenizer,
+        workers=max(0, threads - 1),  # the main process keeps one core
     )
-    # empty where the run has none: the rule passes its (possibly empty) inputs
-    parser.add_argument("--base", nargs="?", help="the model directory a fine-tune starts from")
-    parser.add_argument(
-        "--tokenizer", nargs="?", help="the model directory whose tokenizer a language model uses"
-    )
-    parser.add_argument("--checkpoint", required=True, help="where to keep the checkpoint")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--plot", required=True)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="the job's cores: one for the model, the rest loader workers",
-    )
-    parser.add_argument("--out", required=True, help="the model directory to write")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    metrics = train(
-        args.name,
-        json.loads(args.spec),
-        args.data,
-        args.out,
-        args.metrics,
-        args.plot,
-        args.checkpoint,
-        args.base or None,
-        args.tokenizer or None,
-        workers=max(0, args.threads - 1),  # the main process keeps one core
-    )
-    final = metrics["eval_accuracy"].dropna()
+    final = frame["eval_accuracy"].dropna()
     log.info(
         "run %s: final loss %.4f, held-out accuracy %.3f",
-        args.name,
-        metrics["loss"].iloc[-1],
+        model,
+        frame["loss"].iloc[-1],
         final.iloc[-1] if len(final) else float("nan"),
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from workflow_scripts.atomic import written
+from workflow_scripts.stage import InputError
 
 COLUMNS = {
     "pairs": ["example_id", "premise", "hypothesis", "label"],
@@ -45,7 +46,7 @@ TYPES = {
 ROW_GROUP_ROWS = {"pairs": 2048, "text": 1024, "image": 128}
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset that does not have the stored layout, or holds rows that cannot be used."""
 
 

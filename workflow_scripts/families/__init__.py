@@ -4,9 +4,11 @@ A family is a module under ``workflow_scripts.models`` (building, storing, loadi
 its models; see ``workflow_scripts.models``) plus its record, a ``register(Family(...))`` call in
 a module of this package named after it (``families/<name>.py``, found when the package is
 imported): what it reads, its heads and the Hugging Face classes that carry them, the
-``model_type`` values a hub checkpoint may have, its architecture settings and their checks, its
-read-out points, its size and FLOP estimate, its built-in tokenizer and its default outlier
-threshold. Every other module asks this registry. Adding a family is one module under
+``model_type`` values a hub checkpoint may have, how a Hugging Face model of it is configured and
+laid out (its config settings, where its blocks and final norm sit, its norms), its architecture
+settings and their checks, its read-out points, its size and FLOP estimate, its built-in
+tokenizer and its default outlier threshold (and the study's, where that differs). Every other
+module asks this registry. Adding a family is one module under
 ``models/`` and one record here.
 
 Each record is a module of its own so that the output cache sees a family's facts only in the
@@ -61,6 +63,12 @@ class Family:
     ``check_arch(where, arch)`` returns an error message or None. ``trained_by`` lists the
     training run kinds that may build a model of the family (``causal_lm``,
     ``image_classification``) or fine-tune one (``sequence_classification``).
+
+    A Hugging Face text family built by ``workflow_scripts.models.transformers_text`` also says
+    how: ``hf_config(arch)`` gives the settings of the config of an ``init:`` model (of the model
+    type ``model_types[0]``), ``hf_blocks`` and ``hf_final_norm`` where the base model keeps its
+    blocks and its final norm (attribute paths; no final norm where None), and
+    ``scalar_rms_norm`` that every LayerNorm becomes a ScalarRMSNorm.
     """
 
     name: str
@@ -78,11 +86,23 @@ class Family:
     trained_by: tuple[str, ...] = ()
     embedding_readout: bool = True  # the stream is also read before the first block
     architectures: Mapping[str, Architecture] = field(default_factory=dict)
+    study_threshold: float | None = None  # the study's scripts' threshold, where not ``threshold``
+    hf_config: Callable[[Mapping], dict] | None = None
+    hf_blocks: str | None = None
+    hf_final_norm: str | None = None
+    scalar_rms_norm: bool = False
 
     @property
     def record(self) -> str:
         """The module that holds this record."""
         return f"{__name__}.{self.name}"
+
+    def default_threshold(self, study_compatible: bool = False) -> float:
+        """The outlier threshold where the config sets none: the study's with
+        ``study_compatible``."""
+        if study_compatible and self.study_threshold is not None:
+            return self.study_threshold
+        return self.threshold
 
     def readouts(self, blocks: int) -> int:
         """Read-out points of a model with ``blocks`` residual blocks."""
@@ -143,6 +163,20 @@ def transformer_size(family: Family, blocks: int, arch: Mapping, width: int, voc
 
 TRANSFORMER_ARCH = (("layers", "width", "heads"), ("context",))  # required, optional keys
 TEXT_CLASSIFIER = "sequence_classification"
+
+
+def encoder_config(arch: Mapping, *, position_offset: int, token_types: int) -> dict:
+    """The Hugging Face config settings of a BERT-style encoder of ``arch``: ``position_offset``
+    more position embeddings than tokens (RoBERTa numbers positions after the padding index),
+    ``token_types`` segment embeddings."""
+    return {
+        "hidden_size": arch["width"],
+        "num_hidden_layers": arch["layers"],
+        "num_attention_heads": arch["heads"],
+        "intermediate_size": 4 * arch["width"],
+        "max_position_embeddings": arch.get("context", 128) + position_offset,
+        "type_vocab_size": token_types,
+    }
 
 
 def text_transformer(**fields) -> Family:

@@ -1,6 +1,8 @@
 """BERT (Hugging Face): masked LM or sentence-pair classifier."""
 
-from workflow_scripts.families import TEXT_CLASSIFIER, register, text_transformer
+from functools import partial
+
+from workflow_scripts.families import TEXT_CLASSIFIER, encoder_config, register, text_transformer
 
 register(
     text_transformer(
@@ -12,5 +14,7 @@ register(
         model_types=("bert",),
         tokenizer="bert",
         trained_by=(TEXT_CLASSIFIER,),
+        hf_config=partial(encoder_config, position_offset=0, token_types=2),
+        hf_blocks="encoder.layer",
     )
 )

@@ -1,6 +1,8 @@
 """RoBERTa (Hugging Face): masked LM or sentence-pair classifier."""
 
-from workflow_scripts.families import TEXT_CLASSIFIER, register, text_transformer
+from functools import partial
+
+from workflow_scripts.families import TEXT_CLASSIFIER, encoder_config, register, text_transformer
 
 register(
     text_transformer(
@@ -15,5 +17,7 @@ register(
         model_types=("roberta",),
         tokenizer="roberta",
         trained_by=(TEXT_CLASSIFIER,),
+        hf_config=partial(encoder_config, position_offset=2, token_types=1),
+        hf_blocks="encoder.layer",
     )
 )

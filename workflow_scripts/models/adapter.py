@@ -35,7 +35,8 @@ class Adapter:
     kind of output: causal_lm, masked_lm, sequence_classification, image_classification),
     ``num_labels`` and ``block_slots`` (where each residual block sits: its container and
     index, in order), and implement :meth:`streams`, :meth:`logits`, :meth:`without_branch` and
-    :meth:`blocks_applied`.
+    :meth:`blocks_applied` (and :meth:`output_weights` where the head reads a read-out point
+    directly).
     """
 
     modality: str
@@ -83,6 +84,11 @@ class Adapter:
     def blocks_applied(self, readout: int) -> int:
         """How many residual blocks produce the stream at read-out point ``readout``."""
         raise NotImplementedError
+
+    def output_weights(self, readout: int) -> tuple[str, torch.Tensor] | None:
+        """("class" or "token", the matrix ``[outputs, width]`` through which the head reads
+        read-out point ``readout`` directly), or None where it does not (the default)."""
+        return None
 
     @contextlib.contextmanager
     def ablated(self, blocks: set[int], final_norm: bool = True, shortcut_relu: bool = True):

@@ -150,3 +150,10 @@ class HookedTransformer(Adapter):
 
     def blocks_applied(self, readout: int) -> int:
         return readout
+
+    def output_weights(self, readout):
+        """A causal language model's unembedding, which reads every read-out point (after the
+        final norm)."""
+        if self.head == "causal_lm":
+            return "token", self.model.get_output_embeddings().weight.detach()
+        return None

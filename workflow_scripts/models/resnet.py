@@ -257,3 +257,9 @@ class ResNetAdapter(Adapter):
 
     def blocks_applied(self, readout: int) -> int:
         return readout + 1
+
+    def output_weights(self, readout):
+        """The classifier (fc), which reads the last block's output through average pooling."""
+        if readout == len(self.readouts) - 1:
+            return "class", self.model.fc.weight.detach()
+        return None

@@ -13,13 +13,14 @@ import os
 from pathlib import Path
 
 from workflow_scripts.output_cache import provenance
+from workflow_scripts.stage import InputError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(InputError):
     """A model directory that is missing, incomplete or altered."""
 
 

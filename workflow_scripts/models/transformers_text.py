@@ -2,12 +2,15 @@
 scalar-gain RMSNorm), RoBERTa and BERT. Building random-initialised ones, loading stored ones,
 and their adapter (its read-out points: see ``workflow_scripts.models.hooked``).
 
-A family builds the Hugging Face model type its record names first (``model_types``): gptr2's
-is gpt2, and its heads are GPT-2's.
+What differs between these families is asked of their records: the Hugging Face model type built
+(the first of ``model_types``: gptr2's is gpt2) and its config settings (``hf_config``), the heads,
+where the blocks and the final norm sit (``hf_blocks``, ``hf_final_norm``) and whether the norms
+are ScalarRMSNorms (``scalar_rms_norm``).
 """
 
 from __future__ import annotations
 
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -20,38 +23,6 @@ from workflow_scripts.models.builtin_tokenizer import SPECIALS, builtin_tokenize
 from workflow_scripts.models.hooked import HookedTransformer, load_tokenizer, save_pretrained
 from workflow_scripts.models.norms import ScalarRMSNorm
 from workflow_scripts.models.store import WEIGHTS
-
-SCALAR_RMS_NORM = "gptr2"  # the family whose LayerNorms are all ScalarRMSNorms
-
-
-def model_type(family: str) -> str:
-    """The Hugging Face model type that ``family`` builds."""
-    return families.get(family).model_types[0]
-
-
-def hf_config(model_type: str, arch: dict, **common) -> transformers.PretrainedConfig:
-    """The Hugging Face config of a random-initialised model of ``arch`` (layers, width, heads,
-    context); ``common``: vocabulary size, labels and special token ids."""
-    context = arch.get("context", 128)
-    if model_type == "gpt2":
-        return transformers.GPT2Config(
-            n_positions=context,
-            n_embd=arch["width"],
-            n_layer=arch["layers"],
-            n_head=arch["heads"],
-            **common,
-        )
-    roberta = model_type == "roberta"  # its positions are numbered after the padding index
-    config_class = transformers.RobertaConfig if roberta else transformers.BertConfig
-    return config_class(
-        hidden_size=arch["width"],
-        num_hidden_layers=arch["layers"],
-        num_attention_heads=arch["heads"],
-        intermediate_size=4 * arch["width"],
-        max_position_embeddings=context + (2 if roberta else 0),
-        type_vocab_size=1 if roberta else 2,
-        **common,
-    )
 
 
 def head_class(family: str, head: str) -> type[transformers.PreTrainedModel]:
@@ -81,9 +52,9 @@ def build(spec: dict, tokenizer) -> transformers.PreTrainedModel:
         for name, token in SPECIALS[record.tokenizer].items()
         if name in ("bos_token", "eos_token", "pad_token")
     }
-    config = hf_config(
-        model_type(family),
-        spec["arch"],
+    config = transformers.AutoConfig.for_model(
+        record.model_types[0],
+        **record.hf_config(spec["arch"]),
         vocab_size=len(tokenizer),
         num_labels=spec.get("num_labels", 3),
         **ids,
@@ -91,15 +62,15 @@ def build(spec: dict, tokenizer) -> transformers.PreTrainedModel:
     config.residual_streams_family = family
     torch.manual_seed(spec.get("seed", 0))
     model = model_class(config)
-    if family == SCALAR_RMS_NORM:
+    if record.scalar_rms_norm:
         use_scalar_rms_norm(model)
     return model.eval()
 
 
 def _load_with_scalar_rms_norm(model_class, config, directory: str | Path, reheaded: bool):
-    """A gptr2 model, which ``from_pretrained`` cannot build: its stored weights loaded into a
-    GPT-2 model whose LayerNorms became ScalarRMSNorms (``reheaded``: the base model's weights
-    only, under a newly initialised head)."""
+    """A model with ScalarRMSNorms (gptr2), which ``from_pretrained`` cannot build: its stored
+    weights loaded into a model whose LayerNorms became ScalarRMSNorms (``reheaded``: the base
+    model's weights only, under a newly initialised head)."""
     model = model_class(config)
     use_scalar_rms_norm(model)
     state = load_file(Path(directory, WEIGHTS))
@@ -112,7 +83,7 @@ def _load_with_scalar_rms_norm(model_class, config, directory: str | Path, rehea
         allowed |= {k for k in model.state_dict() if not k.startswith(prefix)}
     if unexpected or set(missing) - allowed:
         raise ValueError(
-            f"{directory}: weights do not fit a gptr2 model "
+            f"{directory}: weights do not fit a model with ScalarRMSNorms "
             f"(missing {missing}, unexpected {unexpected})"
         )
     model.tie_weights()
@@ -140,7 +111,7 @@ def load(
     else:
         model_class = head_class(family, head)
         config.architectures = [model_class.__name__]
-    if family == SCALAR_RMS_NORM:
+    if families.get(family).scalar_rms_norm:
         model = _load_with_scalar_rms_norm(model_class, config, directory, head is not None)
     else:
         model = model_class.from_pretrained(directory, config=config)
@@ -155,14 +126,14 @@ def adapter(model, tokenizer, family: str, final_readout: str) -> TextAdapter:
 
 
 class TextAdapter(HookedTransformer):
-    """GPT-2 and gptr2 (blocks ``h``, final norm ``ln_f``); RoBERTa and BERT (blocks
-    ``encoder.layer``, no final norm)."""
+    """A model of one of these families, its blocks and final norm where its record says (GPT-2
+    and gptr2: blocks ``h``, final norm ``ln_f``; RoBERTa and BERT: blocks ``encoder.layer``, no
+    final norm)."""
 
     def __init__(self, model, tokenizer, family: str, final_readout: str = "raw"):
+        record = families.get(family)
         base = model.base_model
-        if model_type(family) == "gpt2":
-            blocks, final_norm = base.h, base.ln_f
-        else:
-            blocks, final_norm = base.encoder.layer, None
+        blocks = attrgetter(record.hf_blocks)(base)
+        final_norm = attrgetter(record.hf_final_norm)(base) if record.hf_final_norm else None
         super().__init__(model, tokenizer, base, blocks, final_norm, final_readout)
         self.family = family

@@ -1,0 +1,8 @@
+# The script of every rule: runs the rule's stage (workflow_scripts/stage.py).
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # noqa: F821 (the checkout's package)
+from workflow_scripts.stage import run_job  # noqa: E402
+
+run_job(snakemake)  # noqa: F821

@@ -1,0 +1,163 @@
+"""The stage layer: the one way a rule runs its stage.
+
+A stage is a module with a ``run`` function whose parameters are its rule's named inputs,
+outputs and params, plus ``threads`` if it uses the job's cores. Every rule runs the same
+script, ``scripts/stage.py``, which calls ``run_job(snakemake)``: it sends the job's output to
+its log, sets the threads, finds the stage of the rule in ``STAGES``, turns each value into the
+type the stage's ``run`` declares (a path, a list of paths, a number, an options dataclass from
+JSON), calls it, and ends bad input with one line that names the job. A stage's outputs are
+written atomically by the stage itself (``atomic.written``): a training run resumes from the
+checkpoint it keeps beside its final output.
+
+Imported by the Snakefile at DAG-build time: it stays light (no torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+
+# rule name -> the module that holds its stage's ``run``
+STAGES = {
+    "fetch_model": "workflow_scripts.fetch_model",
+    "prepare_data": "workflow_scripts.prepare_data",
+    "tokenize": "workflow_scripts.tokenize",
+    "train": "workflow_scripts.train",
+    "extract": "workflow_scripts.extract",
+    "layer_stats": "workflow_scripts.layer_stats",
+    "merge_stats": "workflow_scripts.merge_stats",
+    "ablate": "workflow_scripts.ablate",
+    "figure_top_examples": "workflow_scripts.top_examples",
+    "feature_page": "workflow_scripts.feature_page",
+    "table_statistics": "workflow_scripts.report_tables",
+    "table_ablation": "workflow_scripts.report_tables",
+}
+# what a rule passes for the cache and the report only (params, and inputs that the cache must
+# see): a stage takes them if it declares them
+KEY_ONLY = ("code", "order", "caption", "source_files")
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+class InputError(ValueError):
+    """Input a stage cannot use (a bad file, a config value that does not fit the data): the job
+    ends with this one line, not a traceback."""
+
+
+def stage_module(rule: str) -> str:
+    """The module of the stage that ``rule`` runs."""
+    if rule.startswith("figure_") and rule not in STAGES:
+        return "workflow_scripts.figures"
+    try:
+        return STAGES[rule]
+    except KeyError:
+        raise KeyError(f"rule {rule!r} runs no stage: add it to stage.STAGES") from None
+
+
+def stage_function(rule: str):
+    return importlib.import_module(stage_module(rule)).run
+
+
+def arguments(function, named: Mapping[str, object], threads: int | None = None) -> dict:
+    """Keyword arguments of ``function`` from a job's named values, each turned into the type
+    that ``function`` declares; a name it does not declare is an error, except KEY_ONLY ones."""
+    signature = inspect.signature(function)
+    hints = typing.get_type_hints(function)
+    unknown = set(named) - set(signature.parameters) - set(KEY_ONLY)
+    if unknown:
+        raise TypeError(f"{function.__module__}.run takes no {', '.join(sorted(unknown))}")
+    values = {name: value for name, value in named.items() if name in signature.parameters}
+    if "threads" in signature.parameters and threads is not None:
+        values["threads"] = threads
+    return {name: convert(value, hints.get(name, object)) for name, value in values.items()}
+
+
+def convert(value, kind):
+    """``value`` as a Snakemake job holds it (a string, a list of paths, a JSON string) turned
+    into ``kind``: str, int, float, bool, Path, list[...], an optional type, a dataclass or a
+    Mapping (both from JSON)."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if value is None or (isinstance(value, list | tuple) and not value):
+            return None
+        return convert(value, options[0])
+    if origin in (list, tuple):
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        (item,) = typing.get_args(kind)[:1] or (object,)
+        return [convert(v, item) for v in items]
+    if isinstance(value, list | tuple) and kind is not object:
+        if len(value) != 1:
+            raise TypeError(f"one value expected, got {len(value)}: {value!r}")
+        value = value[0]
+    if dataclasses.is_dataclass(kind):
+        return from_json(kind, value)
+    if kind in (dict, Mapping) or origin in (dict, Mapping):
+        return json.loads(value) if isinstance(value, str) else dict(value)
+    if kind is bool:
+        return value if isinstance(value, bool) else json.loads(str(value).lower())
+    if kind in (str, int, float, Path):
+        return kind(value)
+    return value
+
+
+def from_json(kind, value):
+    """A dataclass from its JSON (or an instance, or a mapping); an unknown key is an error."""
+    if isinstance(value, kind):
+        return value
+    fields = json.loads(value) if isinstance(value, str) else dict(value)
+    try:
+        return kind(**fields)
+    except TypeError as error:
+        raise TypeError(f"{kind.__name__}: {error}") from None
+
+
+def _log_to(path: str | None) -> None:
+    """Send this process's stderr (Python's and the C libraries') to the job's log."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as log:
+            os.dup2(log.fileno(), sys.stderr.fileno())
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT, force=True)
+
+
+def _set_threads(threads: int) -> None:
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:  # only where the stage uses it: importing it takes seconds
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def job_name(rule: str, wildcards: Mapping) -> str:
+    where = ", ".join(f"{k}={v}" for k, v in wildcards.items())
+    return f"{rule} ({where})" if where else rule
+
+
+def run_job(snakemake) -> None:
+    """Run the stage of a Snakemake job (the ``snakemake`` object of a ``script:``)."""
+    _log_to(snakemake.log[0] if snakemake.log else None)
+    _set_threads(snakemake.threads)
+    name = job_name(snakemake.rule, dict(snakemake.wildcards.items()))
+    named = {
+        **dict(snakemake.input.items()),
+        **dict(snakemake.output.items()),
+        **dict(snakemake.params.items()),
+    }
+    try:
+        function = stage_function(snakemake.rule)
+        _set_threads(snakemake.threads)
+        function(**arguments(function, named, snakemake.threads))
+    except InputError as error:
+        logging.getLogger("stage").error("%s: %s", name, error)
+        sys.exit(1)
+    except Exception:
+        logging.getLogger("stage").exception("%s failed", name)
+        sys.exit(1)

@@ -66,7 +66,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import math
 import shutil
 import statistics
@@ -258,24 +257,8 @@ def mode_name(mode: str | None) -> str:
 
 def run_extract(model_dir, data, out, options, threads) -> list[np.ndarray]:
     with quiet_stderr():
-        extract_stage.main(
-            [
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--shard",
-                "0",
-                "--shards",
-                "1",
-                "--options",
-                json.dumps(options),
-                "--threads",
-                str(threads),
-                "--out",
-                str(out),
-            ]
-        )
+        torch.set_num_threads(threads)
+        extract_stage.extract(model_dir, data, 0, 1, out, options, workers=max(0, threads - 1))
     group = open_shard(out)
     names = [f"layer-{r['index']}" for r in group.attrs["readouts"]]
     return [group[n][:] for n in names] + [
@@ -285,48 +268,31 @@ def run_extract(model_dir, data, out, options, threads) -> list[np.ndarray]:
 
 def run_ablate(model_dir, data, out, options, threads) -> pd.DataFrame:
     with quiet_stderr():
-        ablate_stage.main(
-            [
-                "--model",
-                str(model_dir),
-                "--data",
-                str(data),
-                "--options",
-                json.dumps(options),
-                "--model-name",
-                "m",
-                "--dataset-name",
-                "d",
-                "--threads",
-                str(threads),
-                "--out",
-                str(out),
-            ]
+        ablate_stage.run(
+            model=str(model_dir),
+            data=str(data),
+            options=options,
+            model_name="m",
+            dataset_name="d",
+            out=str(out),
+            threads=threads,
         )
     return pd.read_parquet(out)
 
 
 def run_train(name, spec, data, out: Path, threads) -> pd.DataFrame:
     with quiet_stderr():
-        train_stage.main(
-            [
-                "--name",
-                name,
-                "--spec",
-                json.dumps(spec),
-                "--data",
-                str(data),
-                "--checkpoint",
-                str(out / "checkpoint.pt"),
-                "--metrics",
-                str(out / "metrics.parquet"),
-                "--plot",
-                str(out / "loss.png"),
-                "--threads",
-                str(threads),
-                "--out",
-                str(out / "model"),
-            ]
+        train_stage.run(
+            model=name,
+            spec=spec,
+            data=str(data),
+            base=None,
+            tokenizer=None,
+            checkpoint=str(out / "checkpoint.pt"),
+            metrics=str(out / "metrics.parquet"),
+            plot=str(out / "loss.png"),
+            out=str(out / "model"),
+            threads=threads,
         )
     return pd.read_parquet(out / "metrics.parquet")
 

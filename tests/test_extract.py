@@ -371,9 +371,13 @@ def test_interrupted_extraction_stops_its_writer_and_leaves_nothing(model_dirs, 
     store.write(builtin.generate("corpus", 2000, 0), data, "text", None)  # a run of minutes
     out = tmp_path / "shard-0.zarr"
     options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
-    command = [sys.executable, "-m", "workflow_scripts.extract", "--model", str(model_dirs["gpt2"])]
-    command += ["--data", str(data), "--shard", "0", "--shards", "1", "--out", str(out)]
-    command += ["--options", __import__("json").dumps(options)]
+    job = (
+        "import json, sys\n"
+        "from workflow_scripts.extract import extract\n"
+        "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], json.loads(sys.argv[4]))\n"
+    )
+    command = [sys.executable, "-c", job, str(model_dirs["gpt2"]), str(data), str(out)]
+    command += [json.dumps(options)]
     log = tmp_path / "extract.log"
     with open(log, "w") as handle:
         process = subprocess.Popen(

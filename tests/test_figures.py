@@ -9,7 +9,7 @@ from PIL import Image
 from support import EXTRACT_OPTIONS
 
 from workflow_scripts.config import ConfigError, validate
-from workflow_scripts.figures import FigureError, blocks_applied, main, stage_boundaries
+from workflow_scripts.figures import FigureError, blocks_applied, run, stage_boundaries
 
 
 def stats_fixture(model: str, stages: list[int]) -> pd.DataFrame:
@@ -69,26 +69,20 @@ def test_statistics_figures_render(tmp_path, figure):
         paths.append(tmp_path / f"{model}.parquet")
         stats_fixture(model, [1, 1, 2, 2, 3]).to_parquet(paths[-1])
     out = [tmp_path / f"{figure}.png", tmp_path / f"{figure}.pdf"]
-    main([figure, "--group", "resnets", "--inputs", *map(str, paths), "--out", *map(str, out)])
+    run(figure, "resnets", list(map(str, paths)), str(out[0]), str(out[1]))
     image = Image.open(out[0])
     assert image.size[0] > 400 and image.size[1] > 300
     assert np.asarray(image.convert("L")).std() > 10  # something is drawn
     assert out[1].read_bytes()[:5] == b"%PDF-"
 
 
+def pngpdf(stem):
+    return str(stem.with_suffix(".png")), str(stem.with_suffix(".pdf"))
+
+
 def test_ablation_and_training_figures_render(tmp_path):
     ablation_fixture("roberta", 4).to_parquet(tmp_path / "a.parquet")
-    main(
-        [
-            "ablation",
-            "--group",
-            "g",
-            "--inputs",
-            str(tmp_path / "a.parquet"),
-            "--out",
-            str(tmp_path / "ablation.png"),
-        ]
-    )
+    run("ablation", "g", [str(tmp_path / "a.parquet")], *pngpdf(tmp_path / "ablation"))
     assert Image.open(tmp_path / "ablation.png").size[0] > 400
     (tmp_path / "run").mkdir()
     pd.DataFrame(
@@ -100,16 +94,11 @@ def test_ablation_and_training_figures_render(tmp_path):
             "eval_accuracy": [np.nan] * 29 + [0.8],
         }
     ).to_parquet(tmp_path / "run" / "metrics.parquet")
-    main(
-        [
-            "training",
-            "--group",
-            "runs",
-            "--inputs",
-            str(tmp_path / "run" / "metrics.parquet"),
-            "--out",
-            str(tmp_path / "training.png"),
-        ]
+    run(
+        "training",
+        "runs",
+        [str(tmp_path / "run" / "metrics.parquet")],
+        *pngpdf(tmp_path / "training"),
     )
     assert Image.open(tmp_path / "training.png").size[0] > 400
 
@@ -128,17 +117,7 @@ def test_stage_boundaries_lie_where_the_stage_changes():
 
 def test_missing_statistics_are_named(tmp_path):
     with pytest.raises(FigureError, match="group 'g': no statistics at .*nothing.parquet"):
-        main(
-            [
-                "kurtosis",
-                "--group",
-                "g",
-                "--inputs",
-                str(tmp_path / "nothing.parquet"),
-                "--out",
-                str(tmp_path / "k.png"),
-            ]
-        )
+        run("kurtosis", "g", [str(tmp_path / "nothing.parquet")], *pngpdf(tmp_path / "k"))
 
 
 def test_group_naming_a_model_without_statistics(default_config):

@@ -54,6 +54,7 @@ from workflow_scripts.data import builtin, store  # noqa: E402
 from workflow_scripts.extract import _kept_positions, _write_batch  # noqa: E402
 from workflow_scripts.fetch_model import fetch  # noqa: E402
 from workflow_scripts.models import load_adapter  # noqa: E402
+from workflow_scripts.options import ExtractOptions  # noqa: E402
 
 # the defaults of ``extract`` in workflow_scripts/config.schema.yaml (device: cpu here)
 OPTIONS = {
@@ -70,6 +71,7 @@ OPTIONS = {
     "gpt2_final_readout": "raw",
     "seed": 0,
 }
+TYPED = ExtractOptions(**OPTIONS)  # as the extract stage receives them
 
 GPT2_SPEC = {
     "family": "gpt2",
@@ -110,9 +112,7 @@ def text_case(work: Path, examples: int):
         )
     )
     rows = sum(
-        len(_kept_positions(p, e, OPTIONS))
-        for b in batches
-        for p, e in zip(b.padding, b.example_id)
+        len(_kept_positions(p, e, TYPED)) for b in batches for p, e in zip(b.padding, b.example_id)
     )
     return adapter, batches, rows
 
@@ -162,7 +162,7 @@ def extraction_pass(adapter, batches, rows, device, path: Path) -> float:
     t = time.perf_counter()
     writer = new_writer(adapter, rows, path)
     for batch in batches:
-        _write_batch(adapter, batch, writer, device, OPTIONS)
+        _write_batch(adapter, batch, writer, device, TYPED)
     writer.close({"benchmark": True})
     seconds = time.perf_counter() - t
     shutil.rmtree(path)  # untimed; keeps the temporary directory small
@@ -221,7 +221,7 @@ def batch_rows(batch: Batch) -> int:
     """The rows one batch gives in the store."""
     if batch.padding is None:
         return len(batch.example_id)
-    return sum(len(_kept_positions(p, e, OPTIONS)) for p, e in zip(batch.padding, batch.example_id))
+    return sum(len(_kept_positions(p, e, TYPED)) for p, e in zip(batch.padding, batch.example_id))
 
 
 def measure(key: str, name: str, adapter, batches, rows: int, repeats: int, work: Path) -> float:

@@ -91,6 +91,7 @@ from workflow_scripts.batches import Batch, autocast  # noqa: E402
 from workflow_scripts.data import builtin, store  # noqa: E402
 from workflow_scripts.fetch_model import fetch  # noqa: E402
 from workflow_scripts.models import load_adapter  # noqa: E402
+from workflow_scripts.options import AblationOptions, ExtractOptions  # noqa: E402
 
 MODES = (None, "bfloat16", "float16")  # autocast / mixed_precision settings compared
 SUMMARY: list[dict] = []  # rows of the final table
@@ -258,7 +259,8 @@ def mode_name(mode: str | None) -> str:
 def run_extract(model_dir, data, out, options, threads) -> list[np.ndarray]:
     with quiet_stderr():
         torch.set_num_threads(threads)
-        extract_stage.extract(model_dir, data, 0, 1, out, options, workers=max(0, threads - 1))
+        typed = ExtractOptions(**options)
+        extract_stage.extract(model_dir, data, 0, 1, out, typed, workers=max(0, threads - 1))
     group = open_shard(out)
     names = [f"layer-{r['index']}" for r in group.attrs["readouts"]]
     return [group[n][:] for n in names] + [
@@ -271,7 +273,7 @@ def run_ablate(model_dir, data, out, options, threads) -> pd.DataFrame:
         ablate_stage.run(
             model=str(model_dir),
             data=str(data),
-            options=options,
+            options=AblationOptions(**options),
             model_name="m",
             dataset_name="d",
             out=str(out),
@@ -562,7 +564,7 @@ def inference_cases(
             if batch.padding is not None:
                 examples, tokens = batch.padding.shape
                 keep = [
-                    extract_stage._kept_positions(p, e, options)
+                    extract_stage._kept_positions(p, e, ExtractOptions(**options))
                     for p, e in zip(batch.padding, batch.example_id)
                 ]
                 flat = torch.from_numpy(
@@ -615,7 +617,9 @@ def inference_cases(
         )
         fixed = time.perf_counter() - t
         per_batch = timed(
-            lambda: extract_stage._write_batch(adapter, batch, writer, device, options),
+            lambda: extract_stage._write_batch(
+                adapter, batch, writer, device, ExtractOptions(**options)
+            ),
             extract_batches,
             device,
         )

@@ -177,7 +177,7 @@ def activation_shards(wildcards):
 def stats_gpus(wildcards):
     """GPUs a layer_stats job asks for: one where stats.device is cuda (the SLURM profile passes
     it to sbatch), none otherwise."""
-    return 1 if study.stats_options["device"] == "cuda" else 0
+    return 1 if study.stats_options.device == "cuda" else 0
 
 
 def stats_options(wildcards):
@@ -273,9 +273,9 @@ def caption_fields(figure, wildcards):
         "models": ", ".join(group.models),
         "datasets": ", ".join(group.datasets),
         "thresholds": {m: list(study.models[m].thresholds) for m in group.models},
-        "padding": "included" if study.stats_options["include_padding"] else "excluded",
-        "rotations": study.stats_options["rotations"],
-        "seed": study.stats_options["seed"],
+        "padding": "included" if study.stats_options.include_padding else "excluded",
+        "rotations": study.stats_options.rotations,
+        "seed": study.stats_options.seed,
     }
 
 
@@ -309,9 +309,9 @@ def top_examples_options(wildcards):
             "model": spec.model,
             "dataset": spec.dataset,
             "layer": spec.layer,
-            "include_padding": study.stats_options["include_padding"],
+            "include_padding": study.stats_options.include_padding,
             "dpi": study.dpi,
-            "max_tokens": study.models[spec.model].extract["max_tokens"],
+            "max_tokens": study.models[spec.model].extract.max_tokens,
         }
     )
 
@@ -333,7 +333,7 @@ def feature_page_options(wildcards):
             "thumbnail": spec.settings.get("page_thumbnail", FEATURE_PAGE["thumbnail"]),
             "outlying": FEATURE_PAGE["outlying"],
             "output_weights": FEATURE_PAGE["output_weights"],
-            "include_padding": study.stats_options["include_padding"],
-            "max_tokens": study.models[spec.model].extract["max_tokens"],
+            "include_padding": study.stats_options.include_padding,
+            "max_tokens": study.models[spec.model].extract.max_tokens,
         }
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
@@ -12,16 +14,17 @@ from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.resnet import ResNetAdapter
+from workflow_scripts.options import AblationOptions
 
-OPTIONS = {
-    "batch_size": 8,
-    "max_tokens": 48,
-    "padding": "longest",
-    "device": "cpu",
-    "autocast": None,
-    "final_norm": True,
-    "shortcut_relu": True,
-}
+OPTIONS = AblationOptions(
+    batch_size=8,
+    max_tokens=48,
+    padding="longest",
+    device="cpu",
+    autocast=None,
+    final_norm=True,
+    shortcut_relu=True,
+)
 
 
 def encode(adapter, n=6):
@@ -254,7 +257,7 @@ def test_the_studys_gpt2_variant_scores_intermediate_streams_without_the_final_n
     spec.update(num_labels=3, seed=1)
     fetch(spec, tmp_path / "gpt2-classifier")
     data_path = write(tmp_path, "pairs", 60)
-    options = {**OPTIONS, "padding": "max_length", "final_norm": False}
+    options = dataclasses.replace(OPTIONS, padding="max_length", final_norm=False)
     frame = ablate(tmp_path / "gpt2-classifier", data_path, options)
 
     adapter, _ = load_adapter(tmp_path / "gpt2-classifier")

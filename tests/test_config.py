@@ -21,8 +21,8 @@ from workflow_scripts.sources import Source
 
 def test_default_config_resolves_with_defaults(default_config):
     study = resolve(default_config)
-    assert study.models["gpt2-init"].extract["chunk_rows"] == 1024
-    assert study.models["gpt2-init"].extract["gpt2_final_readout"] == "raw"
+    assert study.models["gpt2-init"].extract.chunk_rows == 1024
+    assert study.models["gpt2-init"].extract.gpt2_final_readout == "raw"
     assert study.datasets["pairs"].entry["seed"] == 0
     assert ("resnet-init", "shapes") in study.statistics
     assert ("resnet-init", "pairs") not in study.statistics
@@ -63,8 +63,8 @@ def test_grid_runs_are_models_with_their_settings(default_config):
 def test_model_extract_options_override_the_global_ones(default_config):
     default_config["models"]["gpt2-init"]["extract"] = {"dtype": "float32"}
     study = resolve(default_config)
-    assert study.models["gpt2-init"].extract["dtype"] == "float32"
-    assert study.models["roberta-init"].extract["dtype"] == "float16"
+    assert study.models["gpt2-init"].extract.dtype == "float32"
+    assert study.models["roberta-init"].extract.dtype == "float16"
 
 
 def test_study_compatible_sets_the_studys_defaults_under_the_configs_own_keys(default_config):
@@ -72,16 +72,18 @@ def test_study_compatible_sets_the_studys_defaults_under_the_configs_own_keys(de
     corrected = resolve(default_config)
     study = resolve({**default_config, "study_compatible": True})
     for model in ("gpt2-init", "roberta-init"):
-        assert corrected.models[model].extract["padding"] == "longest"
-        assert {k: study.models[model].extract[k] for k in STUDY_SETTINGS["extract"]} == (
+        assert corrected.models[model].extract.padding == "longest"
+        assert {k: getattr(study.models[model].extract, k) for k in STUDY_SETTINGS["extract"]} == (
             STUDY_SETTINGS["extract"]
         )
-    assert corrected.stats_options["average"] == "rows"
-    assert study.stats_options == {
-        **corrected.stats_options,
+    assert corrected.stats_options.average == "rows"
+    assert study.stats_options == dataclasses.replace(
+        corrected.stats_options,
         **{k: v for k, v in STUDY_SETTINGS["stats"].items() if k != "thresholds"},
-    }
-    assert study.ablation_options == {**corrected.ablation_options, **STUDY_SETTINGS["ablation"]}
+    )
+    assert study.ablation_options == dataclasses.replace(
+        corrected.ablation_options, **STUDY_SETTINGS["ablation"]
+    )
     assert study.models["gptr2-init"].thresholds == (6.0,)  # the study's script's, not GPT-2's
     assert corrected.models["gptr2-init"].thresholds == (10.0,)
     # a key the config sets wins, in its section and in a model's own extract options
@@ -89,11 +91,11 @@ def test_study_compatible_sets_the_studys_defaults_under_the_configs_own_keys(de
     default_config["stats"] = {"average": "rows", "thresholds": {"gpt2": 12}}
     default_config["models"]["roberta-init"]["extract"] = {"padding": "longest"}
     study = resolve({**default_config, "study_compatible": True})
-    assert study.models["gpt2-init"].extract["max_tokens"] == 64
-    assert study.models["gpt2-init"].extract["padding"] == "max_length"
-    assert study.models["roberta-init"].extract["padding"] == "longest"
-    assert study.stats_options["average"] == "rows"
-    assert study.stats_options["rms"] == "root_mean_square"
+    assert study.models["gpt2-init"].extract.max_tokens == 64
+    assert study.models["gpt2-init"].extract.padding == "max_length"
+    assert study.models["roberta-init"].extract.padding == "longest"
+    assert study.stats_options.average == "rows"
+    assert study.stats_options.rms == "root_mean_square"
     assert study.models["gpt2-init"].thresholds == (12.0,)
     assert study.models["resnet-init"].thresholds == (6.0,)
 
@@ -358,9 +360,9 @@ def test_config_on_the_command_line_changes_nested_settings_of_the_default():
     assert given["extract"] == {"batch_size": "8", "autocast": "null"}  # strings, as given
     study = resolve(with_overrides(default, given))
     options = study.models["gpt2-init"].extract
-    assert options["batch_size"] == 8 and options["autocast"] is None
-    assert options["max_tokens"] == 128  # config.yaml's, kept
-    assert study.stats_options["include_padding"] is True
+    assert options.batch_size == 8 and options.autocast is None
+    assert options.max_tokens == 128  # config.yaml's, kept
+    assert study.stats_options.include_padding is True
 
 
 def test_nested_command_line_values_are_typed():

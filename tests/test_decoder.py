@@ -23,8 +23,9 @@ from workflow_scripts.fetch_model import fetch
 from workflow_scripts.models import hf_decoder, hooked, load_adapter
 from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
 from workflow_scripts.models.store import MANIFEST, WEIGHTS, read_manifest
+from workflow_scripts.options import AblationOptions, ExtractOptions
 from workflow_scripts.plan import resolve
-from workflow_scripts.stage_code import module_sources
+from workflow_scripts.stage_code import code_key
 
 TYPES = ["llama", "qwen2", "gpt_neox"]
 CLASSES = {
@@ -35,16 +36,18 @@ CLASSES = {
 ARCH = {"layers": 2, "width": 32, "heads": 2, "context": 64}
 PREMISES = ["the tall teacher carried the book in the park .", "the old pilot found the map ."]
 HYPOTHESES = ["a person carried the book .", "nobody found the map in the office ."]
-EXTRACT = {**EXTRACT_OPTIONS, "dtype": "float32"}
-ABLATE = {
-    "batch_size": 8,
-    "max_tokens": 48,
-    "padding": "longest",
-    "device": "cpu",
-    "autocast": None,
-    "final_norm": True,
-    "shortcut_relu": True,
-}
+EXTRACT = ExtractOptions(**{**EXTRACT_OPTIONS, "dtype": "float32"})
+ABLATE = AblationOptions(
+    **{
+        "batch_size": 8,
+        "max_tokens": 48,
+        "padding": "longest",
+        "device": "cpu",
+        "autocast": None,
+        "final_norm": True,
+        "shortcut_relu": True,
+    }
+)
 
 
 def spec(kind: str, **changes) -> dict:
@@ -227,7 +230,7 @@ def test_extraction_stores_every_readout(decoder_dirs, dataset_files, tmp_path, 
         1,
         out,
         EXTRACT,
-        module_sources("workflow_scripts.extract", families.get("decoder").module),
+        code_key("workflow_scripts.extract", families.get("decoder").module),
         readouts=3,
     )
     group = open_shard(out)

@@ -25,6 +25,7 @@ from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import ModelDirError
+from workflow_scripts.options import ExtractOptions
 from workflow_scripts.stage_code import code_key
 
 OPTIONS = EXTRACT_OPTIONS
@@ -33,7 +34,7 @@ OPTIONS = EXTRACT_OPTIONS
 def run(model_dir, data, out, shard=0, shards=1, **changes):
     options = {**OPTIONS, **changes}
     code = code_key("workflow_scripts.extract")
-    extraction.extract(model_dir, data, shard, shards, out, options, code)
+    extraction.extract(model_dir, data, shard, shards, out, ExtractOptions(**options), code)
     return open_shard(out)
 
 
@@ -254,7 +255,9 @@ def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
     job = (
         "import json, sys\n"
         "from workflow_scripts.extract import extract\n"
-        "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], json.loads(sys.argv[4]))\n"
+        "from workflow_scripts.options import ExtractOptions\n"
+        "options = ExtractOptions(**json.loads(sys.argv[4]))\n"
+        "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], options)\n"
     )
     process = subprocess.Popen(
         [sys.executable, "-c", job, str(model_dirs["gpt2"]), str(data), str(out)]
@@ -285,7 +288,7 @@ def test_read_out_count_must_match_the_config(model_dirs, dataset_files, tmp_pat
             0,
             1,
             tmp_path / "s.zarr",
-            OPTIONS,
+            ExtractOptions(**OPTIONS),
             readouts=13,
         )
 
@@ -305,12 +308,24 @@ def test_a_shard_reads_only_its_row_groups_and_images_decode_in_workers(
     )
     out = tmp_path / "s.zarr"
     extraction.extract(
-        model_dirs["resnet"], data, 2, 4, out, {**OPTIONS, "batch_size": 4}, workers=0
+        model_dirs["resnet"],
+        data,
+        2,
+        4,
+        out,
+        ExtractOptions(**{**OPTIONS, "batch_size": 4}),
+        workers=0,
     )
     assert sorted(set(read)) == [4, 5]  # rows 20..29 of 40, in groups of 5
     in_workers = tmp_path / "w.zarr"
     extraction.extract(
-        model_dirs["resnet"], data, 2, 4, in_workers, {**OPTIONS, "batch_size": 4}, workers=2
+        model_dirs["resnet"],
+        data,
+        2,
+        4,
+        in_workers,
+        ExtractOptions(**{**OPTIONS, "batch_size": 4}),
+        workers=2,
     )
     np.testing.assert_array_equal(open_shard(out)["example_id"][:], np.arange(20, 30))
     for name in ("layer-0", "layer-2", "example_id"):
@@ -374,7 +389,9 @@ def test_interrupted_extraction_stops_its_writer_and_leaves_nothing(model_dirs, 
     job = (
         "import json, sys\n"
         "from workflow_scripts.extract import extract\n"
-        "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], json.loads(sys.argv[4]))\n"
+        "from workflow_scripts.options import ExtractOptions\n"
+        "options = ExtractOptions(**json.loads(sys.argv[4]))\n"
+        "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], options)\n"
     )
     command = [sys.executable, "-c", job, str(model_dirs["gpt2"]), str(data), str(out)]
     command += [json.dumps(options)]

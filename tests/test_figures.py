@@ -141,15 +141,18 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
     from workflow_scripts.data import store
     from workflow_scripts.figures import save
     from workflow_scripts.models import load_adapter
+    from workflow_scripts.options import ExtractOptions
     from workflow_scripts.top_examples import draw, top_rows
 
-    options = {
-        **EXTRACT_OPTIONS,
-        "dtype": "float32",
-        "batch_size": 4,
-        "chunk_rows": 8,
-        "chunks_per_shard": 2,
-    }
+    options = ExtractOptions(
+        **{
+            **EXTRACT_OPTIONS,
+            "dtype": "float32",
+            "batch_size": 4,
+            "chunk_rows": 8,
+            "chunks_per_shard": 2,
+        }
+    )
     for family, dataset in (("resnet", "shapes"), ("gpt2", "corpus")):
         shards = []
         for shard in range(2):

@@ -30,6 +30,7 @@ from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import autocast, image_batches, pick_device, text_batches
 from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
+from workflow_scripts.options import AblationOptions
 from workflow_scripts.sources import ABLATION_HEADS
 
 log = logging.getLogger("ablate")
@@ -104,28 +105,28 @@ def score(
 
 
 def ablate(
-    model_dir: str | Path, data_path: str | Path, options: dict, workers: int = 0
+    model_dir: str | Path, data_path: str | Path, options: AblationOptions, workers: int = 0
 ) -> pd.DataFrame:
     """Long-form accuracies for every read-out point and direction."""
     adapter, _ = load_adapter(model_dir)
     dataset = DatasetFile(data_path)
     label_order = check_compatible(adapter, dataset, f"{model_dir} on {data_path}")
-    device = pick_device(options["device"])
+    device = pick_device(options.device)
     adapter.to(device)
 
     def batches():  # every pass reads the data afresh, a batch at a time
         if dataset.kind == "image":
             return image_batches(
-                adapter.preprocess, dataset, 0, dataset.rows, options["batch_size"], workers
+                adapter.preprocess, dataset, 0, dataset.rows, options.batch_size, workers
             )
         return text_batches(
             adapter.tokenizer,
             dataset,
             0,
             dataset.rows,
-            options["batch_size"],
-            options["max_tokens"],
-            options["padding"],
+            options.batch_size,
+            options.max_tokens,
+            options.padding,
         )
 
     classes = adapter.num_labels if adapter.head != "causal_lm" else len(adapter.tokenizer)
@@ -136,16 +137,16 @@ def ablate(
         b = adapter.blocks_applied(readout.index)
         tail = frozenset(range(b, n_blocks))
         plans += [
-            (readout, "tail", tail, options["final_norm"] or not tail),
+            (readout, "tail", tail, options.final_norm or not tail),
             (readout, "head", frozenset(range(b)), True),
         ]
     results = {}  # one pass per distinct ablation
     for ablated, final_norm in tqdm(
         dict.fromkeys(p[2:] for p in plans), desc="ablations", file=sys.stderr
     ):
-        with adapter.ablated(set(ablated), final_norm, options["shortcut_relu"]):
+        with adapter.ablated(set(ablated), final_norm, options.shortcut_relu):
             results[ablated, final_norm] = score(
-                adapter, batches(), device, options["autocast"], top5, label_order
+                adapter, batches(), device, options.autocast, top5, label_order
             )
     records = []
     for readout, direction, ablated, final_norm in plans:
@@ -171,7 +172,7 @@ def ablate(
 def run(
     model: str,
     data: str,
-    options: dict,
+    options: AblationOptions,
     model_name: str,
     dataset_name: str,
     out: str,

@@ -49,10 +49,10 @@ def extraction(study: Study, model: str, dataset: str) -> dict:
         _image(study, model),
     )
     data = study.datasets[dataset]
-    tokens = 1 if image else tokens_per_row(data.entry, options["max_tokens"])
-    per_example = options.get("rows_per_example") or tokens
+    tokens = 1 if image else tokens_per_row(data.entry, options.max_tokens)
+    per_example = options.rows_per_example or tokens
     rows = data.estimated_rows * min(per_example, tokens)
-    stored = rows * size.readouts * size.width * (2 if options["dtype"] == "float16" else 4)
+    stored = rows * size.readouts * size.width * (2 if options.dtype == "float16" else 4)
     flops = data.estimated_rows * tokens * size.flops_per_row
     rate = RESNET_FLOPS_PER_S["forward"] if image else TRANSFORMER_FLOPS_PER_S
     seconds = max(flops / rate, stored / ZARR_BYTES_PER_S)  # the GPU waits for the writer
@@ -62,7 +62,7 @@ def extraction(study: Study, model: str, dataset: str) -> dict:
 def ablation(study: Study, model: str, dataset: str) -> dict:
     size, image = study.models[model].size, _image(study, model)
     data = study.datasets[dataset]
-    tokens = 1 if image else tokens_per_row(data.entry, study.ablation_options["max_tokens"])
+    tokens = 1 if image else tokens_per_row(data.entry, study.ablation_options.max_tokens)
     blocks = study.models[model].blocks
     flops = (blocks + 1) * data.estimated_rows * tokens * size.flops_per_row
     rate = RESNET_FLOPS_PER_S["forward"] if image else TRANSFORMER_FLOPS_PER_S
@@ -115,8 +115,8 @@ def job_resources(study: Study, stage: str, model: str, dataset: str | None = No
     if stage == "extract":
         options = study.models[model].extract
         row_bytes = size.readouts * size.width * 4
-        buffer = options["chunk_rows"] * options["chunks_per_shard"] * row_bytes
-        batch = options["batch_size"] * (1 if _image(study, model) else options["max_tokens"])
+        buffer = options.chunk_rows * options.chunks_per_shard * row_bytes
+        batch = options.batch_size * (1 if _image(study, model) else options.max_tokens)
         memory = model_mb + (buffer + 3 * batch * row_bytes) / 2**20
         shards = study.datasets[dataset].shards
         seconds = extraction(study, model, dataset)["gpu_seconds"] / shards

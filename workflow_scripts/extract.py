@@ -23,6 +23,7 @@ from workflow_scripts.batches import Batch, autocast, image_batches, pick_device
 from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import MANIFEST, sha256_file
+from workflow_scripts.options import ExtractOptions
 
 log = logging.getLogger("extract")
 # the options that change what is stored, recorded in the shard's attributes
@@ -48,17 +49,17 @@ def shard_bounds(rows: int, shards: int, shard: int) -> tuple[int, int]:
     return rows * shard // shards, rows * (shard + 1) // shards
 
 
-def _kept_positions(padding: np.ndarray, example_id: int, options: dict) -> np.ndarray:
+def _kept_positions(padding: np.ndarray, example_id: int, options: ExtractOptions) -> np.ndarray:
     """Token positions of one example (its row of the batch's padding mask) that become rows:
     all, padding included; or a seeded random subset of its real tokens, the same whatever the
     batch or shard it lands in."""
-    keep = options.get("rows_per_example")
+    keep = options.rows_per_example
     if keep is None:
         return np.arange(len(padding))
     real = np.flatnonzero(~padding)
     if keep >= len(real):
         return real
-    rng = np.random.default_rng([options["seed"], int(example_id)])
+    rng = np.random.default_rng([options.seed, int(example_id)])
     return np.sort(rng.choice(real, size=keep, replace=False))
 
 
@@ -68,7 +69,7 @@ def extract(
     shard: int,
     shards: int,
     out: str | Path,
-    options: dict,
+    options: ExtractOptions,
     code: str = "",
     readouts: int | None = None,
     workers: int = 0,
@@ -76,7 +77,7 @@ def extract(
     """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``,
     reading only the shard's rows. ``readouts``: the number of read-out points the config
     promises (checked); ``workers``: processes decoding images."""
-    adapter, manifest = load_adapter(model_dir, options["gpt2_final_readout"])
+    adapter, manifest = load_adapter(model_dir, options.gpt2_final_readout)
     if readouts is not None and readouts != len(adapter.readouts):
         raise ValueError(
             f"model {model_dir} has {len(adapter.readouts)} read-out points, but "
@@ -88,7 +89,7 @@ def extract(
             f"model {model_dir} reads {adapter.modality}, but {data_path} holds {dataset.kind}"
         )
     start, stop = shard_bounds(dataset.rows, shards, shard)
-    device = pick_device(options["device"])
+    device = pick_device(options.device)
     adapter.to(device)
     if adapter.modality == "text":
 
@@ -98,9 +99,9 @@ def extract(
                 dataset,
                 start,
                 stop,
-                options["batch_size"],
-                options["max_tokens"],
-                options["padding"],
+                options.batch_size,
+                options.max_tokens,
+                options.padding,
             )
 
         rows = sum(
@@ -117,14 +118,14 @@ def extract(
 
         def batches():
             return image_batches(
-                adapter.preprocess, dataset, start, stop, options["batch_size"], workers
+                adapter.preprocess, dataset, start, stop, options.batch_size, workers
             )
 
         rows = stop - start
     attributes = {
         "readouts": [r.as_dict() for r in adapter.readouts],
         "pooling": adapter.pooling,
-        "dtype": options["dtype"],
+        "dtype": options.dtype,
         "modality": adapter.modality,
         "family": manifest["family"],
         "rows": rows,
@@ -132,7 +133,7 @@ def extract(
         "shard": shard,
         "shards": shards,
         "example_range": [start, stop],
-        "options": {k: options.get(k) for k in CONTENT_OPTIONS},
+        "options": {k: getattr(options, k) for k in CONTENT_OPTIONS},
         "digests": {
             "model": sha256_file(Path(model_dir, MANIFEST)),
             "dataset": sha256_file(data_path),
@@ -144,12 +145,12 @@ def extract(
             tmp,
             adapter.readouts,
             rows,
-            options["dtype"],
-            options["chunk_rows"],
-            options["chunks_per_shard"],
-            options["compression"],
+            options.dtype,
+            options.chunk_rows,
+            options.chunks_per_shard,
+            options.compression,
         )
-        total = (stop - start + options["batch_size"] - 1) // options["batch_size"]
+        total = (stop - start + options.batch_size - 1) // options.batch_size
         try:
             for batch in tqdm(
                 batches(),
@@ -180,10 +181,12 @@ def _to_host(tensors: list[torch.Tensor], device) -> tuple[list[torch.Tensor], o
     return host, ready
 
 
-def _write_batch(adapter, batch: Batch, writer: ShardWriter, device, options) -> None:
+def _write_batch(
+    adapter, batch: Batch, writer: ShardWriter, device, options: ExtractOptions
+) -> None:
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
-    store_dtype = getattr(torch, options["dtype"])
-    with torch.inference_mode(), autocast(device, options["autocast"]):
+    store_dtype = getattr(torch, options.dtype)
+    with torch.inference_mode(), autocast(device, options.autocast):
         streams = adapter.streams(inputs)
     if batch.padding is None:  # images: one row per example
         host, ready = _to_host([s.to(store_dtype) for s in streams], device)
@@ -215,7 +218,7 @@ def run(
     data: str,
     shard: int,
     shards: int,
-    options: dict,
+    options: ExtractOptions,
     readouts: int,
     code: str,
     out: str,

@@ -17,6 +17,7 @@ Imported by the Snakefile at DAG-build time, so it stays light: no torch, no tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from types import MappingProxyType
 
 from workflow_scripts import families
 from workflow_scripts.config import analysis_pairs, checked, fail, model_shape
+from workflow_scripts.options import AblationOptions, ExtractOptions, StatsOptions, options
 from workflow_scripts.sources import ABLATION_HEADS, Source, dataset_kind
 
 # what fetching a model uses of its entry: a threshold or an extraction option must not refetch
@@ -42,8 +44,13 @@ def freeze(value):
 
 
 def as_json(value) -> str:
-    """``value`` (frozen or not) as JSON with sorted keys: how settings reach a job's params."""
-    return json.dumps(value, sort_keys=True, default=dict)
+    """``value`` (frozen or not, options included) as JSON with sorted keys: how settings reach
+    a job's params."""
+    return json.dumps(value, sort_keys=True, default=_plain)
+
+
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class Model:
     readouts: int  # read-out points: the per-layer statistics jobs
     size: families.ModelSize
     entry: Mapping  # its config entry (a trained model's: family, source, head, num_labels)
-    extract: Mapping  # extraction options, the model's own over the global ones
+    extract: ExtractOptions  # the model's own over the global ones
     thresholds: tuple[float, ...]  # outlier thresholds
 
     @property
@@ -134,8 +141,8 @@ class Study:
     runs: Mapping[str, Run]
     statistics: tuple[tuple[str, str], ...]  # (model, dataset) pairs with activations
     ablations: tuple[tuple[str, str], ...]  # (model, dataset) pairs scored under ablation
-    stats_options: Mapping  # the stats options that change the numbers (not the thresholds)
-    ablation_options: Mapping
+    stats_options: StatsOptions  # the stats options that change the numbers (not the thresholds)
+    ablation_options: AblationOptions
     figure_groups: Mapping[str, FigureGroup]
     top_examples: tuple[TopExamples, ...]
     dpi: int
@@ -160,24 +167,24 @@ class Study:
         stats = self.stats_options
         extract_settings = sorted(
             {
-                f"padding {m.extract['padding']}, at most {m.extract['max_tokens']} tokens, "
-                f"stored as {m.extract['dtype']}"
+                f"padding {m.extract.padding}, at most {m.extract.max_tokens} tokens, "
+                f"stored as {m.extract.dtype}"
                 for m in self.models.values()
             }
         )
         ablation = self.ablation_options
         settings = (
             f"extraction {' / '.join(extract_settings)}; padding rows "
-            f"{'counted' if stats['include_padding'] else 'excluded'}; per-row values "
-            f"averaged over {stats['average']}; RMS as {stats['rms'].replace('_', ' ')}; "
-            f"{stats['rotations']} random rotation(s) per layer ({stats['rotation']}), "
-            f"seed {stats['seed']}"
+            f"{'counted' if stats.include_padding else 'excluded'}; per-row values "
+            f"averaged over {stats.average}; RMS as {stats.rms.replace('_', ' ')}; "
+            f"{stats.rotations} random rotation(s) per layer ({stats.rotation}), "
+            f"seed {stats.seed}"
         )
         if self.ablations:
             settings += (
-                f"; ablated streams scored {'through' if ablation['final_norm'] else 'without'}"
+                f"; ablated streams scored {'through' if ablation.final_norm else 'without'}"
                 f" the final norm, ablated ResNet blocks pass their shortcut "
-                f"{'with' if ablation['shortcut_relu'] else 'without'} ReLU"
+                f"{'with' if ablation.shortcut_relu else 'without'} ReLU"
             )
         if self.study_compatible:
             settings = "study-compatible (the study's defaults where the config sets none): " + (
@@ -219,8 +226,14 @@ def resolve(config: Mapping) -> Study:
         runs=MappingProxyType(runs),
         statistics=tuple(analysis_pairs(full["analyses"])),
         ablations=tuple(analysis_pairs(full["ablation"]["analyses"])),
-        stats_options=freeze({k: v for k, v in full["stats"].items() if k != "thresholds"}),
-        ablation_options=freeze({k: v for k, v in full["ablation"].items() if k != "analyses"}),
+        stats_options=typed(
+            StatsOptions, {k: v for k, v in full["stats"].items() if k != "thresholds"}, "stats"
+        ),
+        ablation_options=typed(
+            AblationOptions,
+            {k: v for k, v in full["ablation"].items() if k != "analyses"},
+            "ablation",
+        ),
         figure_groups=MappingProxyType(
             {
                 name: FigureGroup(
@@ -264,9 +277,20 @@ def _model(config: dict, name: str, spec: dict) -> Model:
         readouts=family.readouts(shape.blocks),
         size=shape.size,
         entry=freeze(spec),
-        extract=freeze({**config["extract"], **spec.get("extract", {})}),
+        extract=typed(
+            ExtractOptions, {**config["extract"], **spec.get("extract", {})}, f"models.{name}"
+        ),
         thresholds=tuple(float(v) for v in (value if isinstance(value, list) else [value])),
     )
+
+
+def typed(kind, settings: Mapping, where: str):
+    """Options of ``kind`` from a config section; a name the code does not know is a
+    ConfigError here, not an error in a job."""
+    try:
+        return options(kind, settings, where)
+    except ValueError as error:
+        fail(where, f"{kind.__name__}: {error}")
 
 
 def _check_reads(study: Study, config: dict) -> None:
@@ -316,9 +340,9 @@ def _check_contexts(study: Study) -> None:
         context = arch.get("context", 128)
         lengths = {}
         if name in extracted:
-            lengths["extract.max_tokens"] = model.extract["max_tokens"]
+            lengths["extract.max_tokens"] = model.extract.max_tokens
         if name in ablated:
-            lengths["ablation.max_tokens"] = study.ablation_options["max_tokens"]
+            lengths["ablation.max_tokens"] = study.ablation_options.max_tokens
         if run is not None and run.kind == "causal_lm":
             lengths[f"training.runs.{run.name}.context"] = run.settings["context"]
         for key, length in lengths.items():

@@ -112,10 +112,10 @@ def test_the_study_config_is_the_study():
         (m, "imagenet-val") for m in study.models if m not in text
     } == set(study.statistics)
     for name in text:
-        assert study.models[name].extract["padding"] == "max_length"
-        assert study.models[name].extract["max_tokens"] == 128
-    assert study.stats_options["average"] == "examples"
-    assert not study.ablation_options["final_norm"] and not study.ablation_options["shortcut_relu"]
+        assert study.models[name].extract.padding == "max_length"
+        assert study.models[name].extract.max_tokens == 128
+    assert study.stats_options.average == "examples"
+    assert not study.ablation_options.final_norm and not study.ablation_options.shortcut_relu
     assert {str(m.source) for m in study.models.values() if "George-Ogden" in str(m.source)} == {
         f"hf:George-Ogden/{name}"
         for name in (

@@ -301,39 +301,9 @@ def top_examples_spec(wildcards):
 
 def top_examples_options(wildcards):
     """The settings of a top-examples figure, as JSON."""
-    spec = top_examples_spec(wildcards)
-    settings = {k: v for k, v in spec.settings.items() if not k.startswith("page_")}
-    return as_json(
-        {
-            **settings,
-            "model": spec.model,
-            "dataset": spec.dataset,
-            "layer": spec.layer,
-            "include_padding": study.stats_options.include_padding,
-            "dpi": study.dpi,
-            "max_tokens": study.models[spec.model].extract.max_tokens,
-        }
-    )
-
-
-# a feature page's defaults: top examples per feature, pixels of an image thumbnail's longer
-# side (figures.top_examples[].page_examples and page_thumbnail set these), outlying features
-# listed, outputs shown per feature where a head has more than 16
-FEATURE_PAGE = {"examples": 8, "thumbnail": 48, "outlying": 16, "output_weights": 8}
+    return as_json(top_examples_spec(wildcards).figure)
 
 
 def feature_page_options(wildcards):
     """The settings of a feature page (workflow_scripts/feature_page.py), as JSON."""
-    spec = top_examples_spec(wildcards)
-    return as_json(
-        {
-            "layer": spec.layer,
-            "features": list(spec.settings.get("features") or []),
-            "examples": spec.settings.get("page_examples", FEATURE_PAGE["examples"]),
-            "thumbnail": spec.settings.get("page_thumbnail", FEATURE_PAGE["thumbnail"]),
-            "outlying": FEATURE_PAGE["outlying"],
-            "output_weights": FEATURE_PAGE["output_weights"],
-            "include_padding": study.stats_options.include_padding,
-            "max_tokens": study.models[spec.model].extract.max_tokens,
-        }
-    )
+    return as_json(top_examples_spec(wildcards).page)

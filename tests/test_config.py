@@ -26,7 +26,9 @@ def test_default_config_resolves_with_defaults(default_config):
     assert study.datasets["pairs"].entry["seed"] == 0
     assert ("resnet-init", "shapes") in study.statistics
     assert ("resnet-init", "pairs") not in study.statistics
-    assert study.top_examples[0].settings == {"top": 4, "examples": 6}  # the schema's defaults
+    entry = study.top_examples[0]
+    assert (entry.figure.top, entry.figure.examples) == (4, 6)  # the schema's defaults
+    assert (entry.page.examples, entry.page.thumbnail) == (8, 48)  # the page's defaults
 
 
 def test_validation_and_resolution_leave_the_config_as_written(default_config):

@@ -32,6 +32,7 @@ from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.atomic import written
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
+from workflow_scripts.options import FeaturePageOptions
 from workflow_scripts.top_examples import context, example_tokens, output_weights, stored_blocks
 
 JPEG_QUALITY = 75
@@ -155,7 +156,9 @@ def thumbnail(data: bytes, where: str, size: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def describe_examples(dataset: DatasetFile, adapter, best: TopK, options: dict) -> dict:
+def describe_examples(
+    dataset: DatasetFile, adapter, best: TopK, options: FeaturePageOptions
+) -> dict:
     """What the page shows of each chosen example: {"<example>": {"label", "image"}} for images,
     {"<example>:<position>": {"label", "left", "token", "right"}} for text. The dataset is read
     one row group at a time."""
@@ -179,10 +182,10 @@ def describe_examples(dataset: DatasetFile, adapter, best: TopK, options: dict) 
             if dataset.kind == "image":
                 shown[str(example)] = {
                     "label": label,
-                    "image": thumbnail(row["image"], f"example {example}", options["thumbnail"]),
+                    "image": thumbnail(row["image"], f"example {example}", options.thumbnail),
                 }
                 continue
-            tokens = example_tokens(adapter, row, dataset.kind, options["max_tokens"])
+            tokens = example_tokens(adapter, row, dataset.kind, options.max_tokens)
             for position in sorted(positions[example]):
                 around = context(tokens, position, CONTEXT)
                 left, token, right = around if around is not None else ([], "(padding)", [])
@@ -236,18 +239,20 @@ def _number(value: float, digits: int | None = None):
     return float(f"{value:.{digits}g}") if digits else value
 
 
-def page_data(best: TopK, shown: dict, weights, options: dict, title: str, kind: str) -> dict:
+def page_data(
+    best: TopK, shown: dict, weights, options: FeaturePageOptions, title: str, kind: str
+) -> dict:
     width = best.values.shape[1]
-    ranked = np.argsort(-best.max_abs, kind="stable")[: options["outlying"]]
+    ranked = np.argsort(-best.max_abs, kind="stable")[: options.outlying]
     return {
         "title": title,
         "kind": kind,
-        "layer": options["layer"],
+        "layer": options.layer,
         "features": width,
-        "k": options["examples"],
+        "k": options.examples,
         "rows": best.rows,
-        "include_padding": options["include_padding"],
-        "named": [f for f in options.get("features") or [] if f < width],
+        "include_padding": options.include_padding,
+        "named": [f for f in options.features or [] if f < width],
         "outlying": [[int(f), _number(best.max_abs[f], 4)] for f in ranked],
         "top": [
             [
@@ -274,17 +279,17 @@ def _html_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def build(model: str, data: str, shards: list[str], options: dict, title: str, out: str) -> dict:
-    """Write the page of ``options["layer"]`` to ``out``; returns its data."""
+def build(
+    model: str, data: str, shards: list[str], options: FeaturePageOptions, title: str, out: str
+) -> dict:
+    """Write the page of ``options.layer`` to ``out``; returns its data."""
     from workflow_scripts.models import load_adapter
 
     adapter, _ = load_adapter(model)
     dataset = DatasetFile(data)
-    best = top_k(shards, options["layer"], options["examples"], options["include_padding"])
+    best = top_k(shards, options.layer, options.examples, options.include_padding)
     shown = describe_examples(dataset, adapter, best, options)
-    weights = feature_weights(
-        adapter, options["layer"], dataset.label_names, options["output_weights"]
-    )
+    weights = feature_weights(adapter, options.layer, dataset.label_names, options.output_weights)
     content = page_data(best, shown, weights, options, title, dataset.kind)
     with written(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as file:
@@ -292,7 +297,9 @@ def build(model: str, data: str, shards: list[str], options: dict, title: str, o
     return content
 
 
-def run(model: str, data: str, shards: list[str], options: dict, title: str, out: str) -> None:
+def run(
+    model: str, data: str, shards: list[str], options: FeaturePageOptions, title: str, out: str
+) -> None:
     """The feature_page stage: one offline page of every feature's top examples."""
     content = build(model, data, shards, options, title, out)
     print(

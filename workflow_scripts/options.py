@@ -70,3 +70,31 @@ def options(kind, settings: Mapping, where: str):
         problems += [f"missing {', '.join(sorted(missing))}"] if missing else []
         raise ValueError(f"{where}: {'; '.join(problems)}")
     return kind(**settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopExamplesOptions:
+    """A top-examples figure (an entry of ``figures.top_examples``, with the settings of the
+    statistics and the extraction it reads)."""
+
+    layer: int
+    features: list[int]  # none: the layer's top features by max |x|, from its statistics
+    top: int  # how many top features, where none are named
+    examples: int  # rows shown per feature
+    include_padding: bool
+    max_tokens: int
+    dpi: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePageOptions:
+    """A feature page (the same entry: ``page_examples``, ``page_thumbnail``)."""
+
+    layer: int
+    features: list[int]  # named on the page
+    examples: int  # top examples per feature
+    thumbnail: int  # pixels of an image thumbnail's longer side
+    outlying: int  # outlying features listed
+    output_weights: int  # outputs shown per feature where a head has more
+    include_padding: bool
+    max_tokens: int

@@ -25,7 +25,14 @@ from types import MappingProxyType
 
 from workflow_scripts import families
 from workflow_scripts.config import analysis_pairs, checked, fail, model_shape
-from workflow_scripts.options import AblationOptions, ExtractOptions, StatsOptions, options
+from workflow_scripts.options import (
+    AblationOptions,
+    ExtractOptions,
+    FeaturePageOptions,
+    StatsOptions,
+    TopExamplesOptions,
+    options,
+)
 from workflow_scripts.sources import ABLATION_HEADS, Source, dataset_kind
 
 # what fetching a model uses of its entry: a threshold or an extraction option must not refetch
@@ -131,7 +138,8 @@ class TopExamples:
     model: str
     dataset: str
     layer: int
-    settings: Mapping  # features (optional), top, examples
+    figure: TopExamplesOptions
+    page: FeaturePageOptions
 
 
 @dataclass(frozen=True)
@@ -243,13 +251,7 @@ def resolve(config: Mapping) -> Study:
             }
         ),
         top_examples=tuple(
-            TopExamples(
-                s["model"],
-                s["dataset"],
-                s["layer"],
-                freeze({k: v for k, v in s.items() if k not in ("model", "dataset", "layer")}),
-            )
-            for s in figures["top_examples"]
+            _top_examples(spec, models[spec["model"]], full) for spec in figures["top_examples"]
         ),
         dpi=figures["dpi"],
         training_figure=figures["training"] and bool(runs),
@@ -282,6 +284,32 @@ def _model(config: dict, name: str, spec: dict) -> Model:
         ),
         thresholds=tuple(float(v) for v in (value if isinstance(value, list) else [value])),
     )
+
+
+# a feature page's defaults (figures.top_examples[].page_examples and page_thumbnail set the
+# first two)
+FEATURE_PAGE = {"examples": 8, "thumbnail": 48, "outlying": 16, "output_weights": 8}
+
+
+def _top_examples(spec: dict, model: Model, config: dict) -> TopExamples:
+    """A top-examples entry: its figure's and its feature page's options."""
+    shared = {
+        "layer": spec["layer"],
+        "features": list(spec.get("features") or []),
+        "include_padding": config["stats"]["include_padding"],
+        "max_tokens": model.extract.max_tokens,
+    }
+    figure = TopExamplesOptions(
+        **shared, top=spec["top"], examples=spec["examples"], dpi=config["figures"]["dpi"]
+    )
+    page = FeaturePageOptions(
+        **shared,
+        examples=spec.get("page_examples", FEATURE_PAGE["examples"]),
+        thumbnail=spec.get("page_thumbnail", FEATURE_PAGE["thumbnail"]),
+        outlying=FEATURE_PAGE["outlying"],
+        output_weights=FEATURE_PAGE["output_weights"],
+    )
+    return TopExamples(spec["model"], spec["dataset"], spec["layer"], figure, page)
 
 
 def typed(kind, settings: Mapping, where: str):

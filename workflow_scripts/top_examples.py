@@ -19,6 +19,7 @@ from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.figures import PALETTE, _pyplot, _style, save
+from workflow_scripts.options import TopExamplesOptions
 from workflow_scripts.shard_reader import file_rows, read_rows
 
 
@@ -210,31 +211,31 @@ def run(
     data: str,
     shards: list[str],
     stats: str,
-    options: dict,
+    options: TopExamplesOptions,
     title: str,
     png: str,
     pdf: str,
 ) -> None:
     """The figure_top_examples stage: the rows where each chosen feature of a layer is largest,
-    shown as tokens in context or image thumbnails. The features: ``options["features"]``, else
+    shown as tokens in context or image thumbnails. The features: ``options.features``, else
     the layer's top features by max |x| from its statistics ``stats``."""
     import pandas as pd
 
     from workflow_scripts.models import load_adapter
 
-    layer = options["layer"]
-    features = options.get("features")
+    layer = options.layer
+    features = options.features
     if not features:  # the layer's top features by max |x|, from the statistics
         frame = pd.read_parquet(stats)
         top = frame[frame["metric"] == "top_feature_max_abs"].sort_values("value", ascending=False)
-        features = [int(f) for f in top["feature"].head(options["top"])]
+        features = [int(f) for f in top["feature"].head(options.top)]
     if not features:
         raise ValueError(f"{stats}: no top features listed (stats.top_features is 0)")
     adapter, _ = load_adapter(model)
     dataset = DatasetFile(data)
-    chosen = top_rows(shards, layer, features, options["examples"], options["include_padding"])
+    chosen = top_rows(shards, layer, features, options.examples, options.include_padding)
     ids = {example for rows in chosen.values() for _, example, _ in rows}
     frame, kind, label_names = dataset.find(ids), dataset.kind, dataset.label_names
-    figure = draw(adapter, frame, kind, label_names, layer, chosen, options["max_tokens"], title)
-    save(figure, [png, pdf], options["dpi"])
+    figure = draw(adapter, frame, kind, label_names, layer, chosen, options.max_tokens, title)
+    save(figure, [png, pdf], options.dpi)
     print(f"wrote {png}, {pdf}", file=sys.stderr)

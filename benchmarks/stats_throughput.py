@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workflow_scripts.activations import ShardWriter, open_shard  # noqa: E402
 from workflow_scripts.layer_stats import compute  # noqa: E402
 from workflow_scripts.models.adapter import Readout  # noqa: E402
+from workflow_scripts.options import StatsOptions  # noqa: E402
 from workflow_scripts.rotations import random_rotation  # noqa: E402
 from workflow_scripts.shard_reader import read_rows  # noqa: E402
 
@@ -52,6 +54,7 @@ OPTIONS = {
     "top_features": 5,
     "average": "examples",
     "rms": "root_mean_square",
+    "device": "cpu",
 }
 TOKENS = 128  # rows per example
 
@@ -110,11 +113,12 @@ RSS_PROBE = """
 import re, sys
 sys.path.insert(0, {root!r})
 from workflow_scripts.layer_stats import compute
+from workflow_scripts.options import StatsOptions
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 rss = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
-compute([{path!r}], 0, [10.0], {options!r})
+compute([{path!r}], 0, [10.0], StatsOptions(**{options!r}))
 print(rss, status("VmHWM"))
 """
 
@@ -142,12 +146,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_layer(Path(tmp) / "layer.zarr", args.rows, args.width)
         print(f"layer: {args.rows} rows x {args.width} float16, {TOKENS} rows per example")
-        fast = {**OPTIONS, "rotation": "structured"}
+        typed = StatsOptions(**OPTIONS)
+        fast = replace(typed, rotation="structured")
         ours, ours_fast, low, lowest, theirs = [], [], [], [], []
         for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
             lowest.append(timed(floor, path, args.width, False))
             low.append(timed(floor, path, args.width))
-            ours.append(timed(compute, [path], 0, [10.0], OPTIONS))
+            ours.append(timed(compute, [path], 0, [10.0], typed))
             ours_fast.append(timed(compute, [path], 0, [10.0], fast))
             theirs.append(timed(study, path, args.width, args.study_examples))
         o, of, f, f0, s = (min(t) for t in (ours, ours_fast, low, lowest, theirs))

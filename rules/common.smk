@@ -185,7 +185,7 @@ def stats_options(wildcards):
 
 
 def thresholds(wildcards):
-    return " ".join(str(t) for t in study.models[wildcards.model].thresholds)
+    return list(study.models[wildcards.model].thresholds)
 
 
 def layer_stats_files(wildcards):

@@ -83,3 +83,13 @@ EXTRACT_OPTIONS = {
     "gpt2_final_readout": "raw",
     "seed": 0,
 }
+
+
+def stats_options(**settings):
+    """Statistics options: the schema's defaults (on the CPU), with ``settings`` over them."""
+    from workflow_scripts.config import load_schema
+    from workflow_scripts.options import StatsOptions
+
+    properties = load_schema()["definitions"]["stats"]["properties"]
+    defaults = {k: v["default"] for k, v in properties.items() if k != "thresholds"}
+    return StatsOptions(**{**defaults, "device": "cpu", **settings})

@@ -5,6 +5,7 @@ across all features as a Haar-random basis does, for the rotated kurtosis."""
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from support import stats_options
 
 from workflow_scripts.activations import ShardWriter
 from workflow_scripts.layer_stats import compute
@@ -149,9 +151,9 @@ def test_layer_stats_with_the_structured_rotation(tmp_path):
     writer.close({"readouts": [r.as_dict() for r in readouts]})
     # the rows are nearly one fixed vector (the massive activation, rotated): their kurtosis
     # varies with the rotation by about 0.45 (a Gaussian sample of 96), so 16 rotations
-    options = {"include_padding": False, "rotations": 16, "seed": 0, "top_features": 3}
+    options = stats_options(include_padding=False, rotations=16, seed=0, top_features=3)
     frames = {
-        kind: compute([tmp_path / "s.zarr"], 0, [10.0], {**options, "rotation": kind})
+        kind: compute([tmp_path / "s.zarr"], 0, [10.0], replace(options, rotation=kind))
         for kind in ("haar", "structured")
     }
     unrotated = [("kurtosis", "standard basis"), ("rms", "row mean")]

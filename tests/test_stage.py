@@ -63,6 +63,8 @@ def test_values_become_the_types_a_stage_declares():
 def test_a_name_the_stage_does_not_take_is_an_error():
     with pytest.raises(TypeError, match="takes no colour"):
         stage.arguments(toy, {"colour": "red"})
+    with pytest.raises(TypeError, match="a list expected, got the string '0.5 2.0'"):
+        stage.convert("0.5 2.0", list[float])
     with pytest.raises(TypeError, match="Options: .*unexpected keyword argument 'sise'"):
         stage.convert('{"sise": 2}', Options)
 

@@ -3,10 +3,13 @@ invariances, and bad input."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
+from support import stats_options
 
 from workflow_scripts import streaming_stats
 from workflow_scripts.activations import ShardWriter
@@ -22,7 +25,7 @@ from workflow_scripts.streaming_stats import (
     row_median_and_max,
 )
 
-OPTIONS = {"include_padding": False, "rotations": 1, "seed": 0, "top_features": 3}
+OPTIONS = stats_options(include_padding=False, rotations=1, seed=0, top_features=3)
 
 
 def write_shard(
@@ -106,7 +109,7 @@ def test_gaussian_rows_have_kurtosis_3_in_both_bases(tmp_path):
         [write_shard(tmp_path / "s.zarr", [x], np.arange(2000), dtype="float32")],
         0,
         [10.0],
-        {**OPTIONS, "rotations": 3},
+        replace(OPTIONS, rotations=3),
     )
     assert abs(value(frame, "kurtosis")["value"] - 3) < 0.05
     assert abs(value(frame, "rotated_kurtosis")["value"] - 3) < 0.05
@@ -163,7 +166,7 @@ def test_padding_is_excluded_unless_asked(tmp_path):
     x[padding] *= 100  # padding rows would dominate the outliers
     shard = write_shard(tmp_path / "s.zarr", [x], np.repeat(np.arange(25), 4), padding, "float32")
     without = compute([shard], 0, [10.0], OPTIONS)
-    with_padding = compute([shard], 0, [10.0], {**OPTIONS, "include_padding": True})
+    with_padding = compute([shard], 0, [10.0], replace(OPTIONS, include_padding=True))
     assert without["rows"].iloc[0] == 75 and with_padding["rows"].iloc[0] == 100
     assert value(without, "outlier_fraction", "magnitude |x| > 10")["value"] == 0
     assert value(with_padding, "outlier_fraction", "magnitude |x| > 10")["value"] == 1
@@ -200,7 +203,7 @@ def test_same_inputs_and_seed_give_identical_parquet(tmp_path):
     shard = write_shard(tmp_path / "s.zarr", [x], np.repeat(np.arange(60), 5))
     for name in ("a", "b"):
         write_parquet(
-            compute([shard], 0, [10.0], {**OPTIONS, "rotations": 2}), tmp_path / f"{name}.parquet"
+            compute([shard], 0, [10.0], replace(OPTIONS, rotations=2)), tmp_path / f"{name}.parquet"
         )
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
 
@@ -369,7 +372,7 @@ def test_the_studys_example_averages_against_numpy_float64(tmp_path):
     x = heavy_tailed(rng, len(ids), 24, outliers=(2,), scale=20.0).astype(np.float16)
     x[ids % 3 == 0] *= 3  # examples of different scales
     path = write_shard(tmp_path / "s.zarr", [x], ids)
-    options = {**OPTIONS, "average": "examples", "rms": "root_mean_square"}
+    options = replace(OPTIONS, average="examples", rms="root_mean_square")
     frame = compute([path], 0, [5.0], options)
     values = x.astype(np.float64)
     kurtosis = scipy.stats.kurtosis(values, axis=1, fisher=True, bias=True) + 3

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import pick_device
+from workflow_scripts.options import StatsOptions
 from workflow_scripts.rotations import make_rotation
 from workflow_scripts.shard_reader import file_rows, read_rows
 from workflow_scripts.streaming_stats import LayerStatistics, StatisticsError
@@ -87,40 +88,38 @@ def _prefetched(readers):
 
 
 def compute(
-    shards: list[str | Path], layer: int, thresholds: list[float], options: dict
+    shards: list[str | Path], layer: int, thresholds: list[float], options: StatsOptions
 ) -> pd.DataFrame:
     """Long-form statistics of read-out point ``layer`` over ``shards`` (in example order)."""
     if not shards:
         raise StatisticsError("no shards given")
     arrays, readout = _layer_arrays(shards, layer)
     width = readout["width"]
-    kind = options.get("rotation", "haar")
     rotations = [
-        make_rotation(kind, width, options["seed"], layer, r) for r in range(options["rotations"])
+        make_rotation(options.rotation, width, options.seed, layer, r)
+        for r in range(options.rotations)
     ]
-    device = pick_device(options.get("device", "cpu"))
+    device = pick_device(options.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # rotations in full float32, as on the CPU
     stats = LayerStatistics(
         width,
         rotations,
         device,
-        average=options.get("average", "rows"),
-        rms=options.get("rms", "row_mean"),
+        average=options.average,
+        rms=options.rms,
     )
     total = sum(a.shape[0] for a, _, _ in arrays)
     with tqdm(
         total=total, desc=f"layer {layer}", unit="row", file=sys.stderr, mininterval=5
     ) as progress:
-        for x, ids in _prefetched(_blocks(arrays, layer, width, options["include_padding"])):
+        for x, ids in _prefetched(_blocks(arrays, layer, width, options.include_padding)):
             stats.update(x, ids)
             progress.update(len(ids))
     try:
-        records = stats.results(thresholds, options["top_features"])
+        records = stats.results(thresholds, options.top_features)
     except StatisticsError as error:
         hint = (
-            ""
-            if options["include_padding"]
-            else " (padding rows excluded; see stats.include_padding)"
+            "" if options.include_padding else " (padding rows excluded; see stats.include_padding)"
         )
         raise StatisticsError(f"layer {layer}: {error}{hint}") from None
     frame = pd.DataFrame(records)
@@ -135,7 +134,7 @@ def run(
     shards: list[str],
     layer: int,
     thresholds: list[float],
-    options: dict,
+    options: StatsOptions,
     model: str,
     dataset: str,
     out: str,

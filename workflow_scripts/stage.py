@@ -91,8 +91,10 @@ def convert(value, kind):
             return None
         return convert(value, options[0])
     if origin in (list, tuple):
-        items = list(value) if isinstance(value, list | tuple) else [value]
         (item,) = typing.get_args(kind)[:1] or (object,)
+        if isinstance(value, str) and item not in (str, Path):  # one path is a list of one
+            raise TypeError(f"a list expected, got the string {value!r}")
+        items = [value] if isinstance(value, str) else list(value)
         return [convert(v, item) for v in items]
     if isinstance(value, list | tuple) and kind is not object:
         if len(value) != 1:

@@ -1,17 +1,21 @@
 """Statistics of one read-out point, accumulated in one streaming pass over chunks of rows.
 
-Per feature (for outliers and the top features): the largest and smallest value seen.
-Per row, averaged over rows:
-  kurtosis            Pearson kurtosis of the row across its features (Gaussian: 3);
+Each statistic is one entry of the registry :data:`STATISTICS`, a :class:`Statistic` that says
+what it takes from each block of rows, how it folds that into its state, and what it reports.
+The entries, in the order of their records:
+  kurtosis            Pearson kurtosis of each row across its features (Gaussian: 3), averaged;
   rotated_kurtosis    the same after a fixed random orthogonal rotation, averaged over the
                       rotations (``rotated_kurtosis_sd`` is the spread of the per-rotation means);
-  rms                 root mean square of the row;
-  max_over_median     the row's largest |x| over its median |x| (massive activations); rows
-                      whose median |x| is 0 have no ratio and are counted apart.
-Every row mean carries a standard error over examples: the rows of one example are not
-independent, so the error is cluster-robust with examples as clusters. Memory is bounded by the
-chunk: the per-example sums are closed as soon as the example's rows have passed (the rows of an
-example are contiguous, as extraction writes them).
+  rms                 root mean square of each row, averaged (or the root of the mean square);
+  max_over_median     each row's largest |x| over its median |x| (massive activations); rows
+                      whose median |x| is 0 have no ratio and are counted apart;
+  outliers            the fraction of features whose largest x (or |x|) passes a threshold;
+  top_features        the features of largest |x|.
+Per-row values are averaged over rows (or over each example's rows, then over examples), with a
+standard error over examples: the rows of one example are not independent, so the error is
+cluster-robust with examples as clusters. Memory is bounded by the chunk: the per-example sums
+are closed as soon as the example's rows have passed (the rows of an example are contiguous, as
+extraction writes them).
 """
 
 from __future__ import annotations
@@ -27,14 +31,8 @@ import torch
 from workflow_scripts.rotations import DenseRotation
 
 SUB_BYTES = 3 << 19  # float32 bytes of the rows one CPU thread computes at once
-ROW_METRICS = ("kurtosis", "rotated_kurtosis", "rms", "mean_square")
 AVERAGES = ("rows", "examples")  # over rows; or over each example's rows, then over examples
 RMS_DEFINITIONS = ("row_mean", "root_mean_square")
-
-
-def _of(average: str) -> str:
-    """How a per-row value was averaged, for a setting's name (nothing for the default)."""
-    return ", example mean" if average == "examples" else ""
 
 
 class StatisticsError(ValueError):
@@ -191,100 +189,30 @@ class ClusterMeans:
         return mean, np.sqrt(variance)
 
 
-class LayerStatistics:
-    """Accumulates the statistics of one read-out point over chunks of rows."""
+class Rows:
+    """A block of rows of one read-out point, as the statistics see it: ``array`` as stored
+    (numpy, [rows, width]), ``stored`` the same on the device, ``x`` in float32 on the device,
+    ``example_id`` of each row, and what several statistics share, computed once: each row's
+    ``mean``, second central moment ``m2`` and ``kurtosis``, and :attr:`feature_extremes`. Rows
+    without a kurtosis (NaN or inf, constant, overflowing) are refused here, whatever the
+    statistics."""
 
-    def __init__(
-        self,
-        width: int,
-        rotations: list,
-        device: str | torch.device = "cpu",
-        sort_on_device: bool | None = None,
-        average: str = "rows",
-        rms: str = "row_mean",
-    ):
-        """``rotations``: callables on a [rows, width] float32 tensor with a ``.to(device)``
-        (:func:`rotations.make_rotation`), or orthogonal matrices (applied as ``x @ q``);
-        ``device``: where the moments, rotations and extremes are computed (the sums are
-        kept in float64 on the host); ``sort_on_device``: the median and maximum of |x| with
-        torch on ``device`` rather than numpy's selection (default: on a GPU). On the CPU the rows
-        are shared out among as many threads as torch was given when this was made."""
-        if average not in AVERAGES or rms not in RMS_DEFINITIONS:
-            raise ValueError(f"average {average!r}, rms {rms!r}: see AVERAGES, RMS_DEFINITIONS")
-        self.width, self.average, self.rms = width, average, rms
-        self.threads = max(1, torch.get_num_threads())  # the job's thread count
-        self.device = torch.device(device)
-        self.sort_on_device = (
-            self.device.type != "cpu" if sort_on_device is None else sort_on_device
-        )
-        self.rotations = [
-            (DenseRotation(q) if isinstance(q, np.ndarray) else q).to(self.device)
-            for q in rotations
-        ]
-        self.feature_max = np.full(width, -np.inf, np.float32)
-        self.feature_min = np.full(width, np.inf, np.float32)
-        # per-row values: kurtosis, rotation-averaged kurtosis, rms, then each rotation
-        self.means = ClusterMeans(len(ROW_METRICS) + len(rotations))
-        self.ratio = ClusterMeans(1)
-        self.largest_ratio = -math.inf
-        self.zero_median_rows = 0
+    def __init__(self, array: np.ndarray, example_id: np.ndarray, device: torch.device):
+        self.array, self.example_id, self.device = array, example_id, device
+        self.stored = torch.from_numpy(array).to(device)
+        self.x = self.stored.to(torch.float32)
+        self.mean, self.m2, self.kurtosis = row_moments(self.x)
+        if not torch.isfinite(self.kurtosis).all():
+            self._refuse()
 
-    def update(self, chunk: np.ndarray, example_id: np.ndarray) -> None:
-        """Add rows ``chunk`` ([rows, width], any float dtype) of examples ``example_id``."""
-        if len(chunk) == 0:
-            return
-        chunk = np.ascontiguousarray(chunk)
-        if self.device.type == "cpu":
-            # a few hundred rows at a time, every statistic of them in one thread (torch at one
-            # thread each), so that their many passes stay in the cache, and the job's threads
-            # each take their own rows
-            step = max(1, SUB_BYTES // (4 * self.width))
-            parts = [
-                (chunk[i : i + step], example_id[i : i + step]) for i in range(0, len(chunk), step)
-            ]
-            with _torch_threads(1):
-                done = list(_pool(self.threads).map(lambda part: self._rows(*part), parts))
-        else:  # the whole block on the device
-            done = [self._rows(chunk, example_id)]
-        values, median, largest, maxima, minima = zip(*done)
-        self.means.update(np.concatenate(values), example_id)
-        self.feature_max = np.max([self.feature_max, *maxima], axis=0)
-        self.feature_min = np.min([self.feature_min, *minima], axis=0)
-        median, largest = np.concatenate(median), np.concatenate(largest)
-        has_ratio = median > 0
-        ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
-        self.ratio.update(ratio[:, None], example_id[has_ratio])
-        self.zero_median_rows += int((~has_ratio).sum())
-        if len(ratio):
-            self.largest_ratio = max(self.largest_ratio, float(ratio.max()))
+    @functools.cached_property
+    def feature_extremes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The largest and the smallest value of each feature over these rows (float32)."""
+        return self.x.amax(dim=0).cpu().numpy(), self.x.amin(dim=0).cpu().numpy()
 
-    def _rows(self, rows: np.ndarray, example_id: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Of some rows: their per-row values ([rows, metrics] in float64, see ``self.means``),
-        median and maximum of |x|, and the per-feature maximum and minimum."""
-        stored = torch.from_numpy(rows).to(self.device)
-        x = stored.to(torch.float32)
-        mean, m2, kurtosis = row_moments(x)
-        if not torch.isfinite(kurtosis).all():
-            self._refuse(x, m2, kurtosis, example_id)
-        rotated = torch.stack([row_kurtosis(rotate(x)) for rotate in self.rotations], dim=1)
-        mean_square = m2 + mean.square()
-        values = torch.cat(
-            [
-                torch.stack([kurtosis, rotated.mean(dim=1), mean_square.sqrt(), mean_square], 1),
-                rotated,
-            ],
-            dim=1,
-        )
-        # |x| in the stored dtype: exact, and float16 halves the work of the selection
-        if self.sort_on_device:
-            median, largest = (t.cpu().numpy() for t in row_median_and_max_torch(stored.abs()))
-        else:
-            median, largest = row_median_and_max(np.abs(rows))
-        extremes = (t.cpu().numpy() for t in (x.amax(dim=0), x.amin(dim=0)))
-        return values.double().cpu().numpy(), median, largest, *extremes
-
-    def _refuse(self, x, m2, kurtosis, example_id: np.ndarray):
+    def _refuse(self):
         """Raise the StatisticsError that says why some rows have no kurtosis."""
+        x, m2, kurtosis, example_id = self.x, self.m2, self.kurtosis, self.example_id
         bad = (~torch.isfinite(kurtosis)).nonzero()[:, 0].cpu()
         first = int(example_id[int(bad[0])])
         if not torch.isfinite(x[bad.to(self.device)]).all():
@@ -302,58 +230,332 @@ class LayerStatistics:
             f"kurtosis overflows float32 in {len(bad)} row(s) (first of example {first})"
         )
 
+
+class Report:
+    """The records of one read-out point, as the statistics add them, and what they are made
+    from: ``rows`` (how many rows were seen), ``mean`` and ``error`` (the mean and standard error
+    of each per-row value, by name), ``average`` (see :data:`AVERAGES`), ``thresholds``,
+    ``top_features``, and for settings' names ``per`` ("row mean" or "example mean") and ``of``
+    (", example mean", or nothing for the default)."""
+
+    def __init__(self, rows, mean, error, average, thresholds, top_features):
+        self.rows, self.mean, self.error, self.average = rows, mean, error, average
+        self.thresholds, self.top_features = thresholds, top_features
+        self.per = "example mean" if average == "examples" else "row mean"
+        self.of = ", example mean" if average == "examples" else ""
+        self.records = []
+
+    def add(self, metric, setting, value, spread=math.nan, rows=None, feature=None) -> None:
+        """Add one record; ``rows`` defaults to every row seen."""
+        self.records.append(
+            {
+                "metric": metric,
+                "setting": setting,
+                "value": float(value),
+                "spread": float(spread),
+                "rows": self.rows if rows is None else rows,
+                "feature": feature,
+            }
+        )
+
+    def add_mean(self, metric: str, setting: str, name: str) -> None:
+        """Add the mean of the per-row value ``name``, with its standard error as the spread."""
+        self.add(metric, setting, self.mean[name], self.error[name])
+
+
+class Statistic:
+    """One statistic of a read-out point. Made once per read-out point, with its
+    :class:`LayerStatistics` as ``self.layer`` (``width``, ``rotations``, ``device``,
+    ``average``, ``rms``, ``sort_on_device``). For each block of rows (:class:`Rows`), in a
+    worker thread, several blocks at once, so these two must not change ``self``:
+
+      row_values(rows)  per-row values to average over rows (or examples), by name:
+                        ``{name: float32 tensor [rows]}``; the means and standard errors reach
+                        ``report`` under the same names (names are shared by every statistic);
+      block(rows)       anything else to keep from the rows (numpy arrays, small);
+
+    then, in the main thread, in row order:
+
+      merge(parts, example_id)  fold the ``block`` results of consecutive blocks into the state;
+
+    and at the end:
+
+      report(out)       add the records to ``out`` (:class:`Report`).
+
+    Add one to :data:`STATISTICS` with :func:`register`."""
+
+    name = ""  # the key in STATISTICS
+
+    def __init__(self, layer: LayerStatistics):
+        self.layer = layer
+
+    def row_values(self, rows: Rows) -> dict[str, torch.Tensor]:
+        """Per-row values of ``rows`` to average, by name (none by default)."""
+        return {}
+
+    def block(self, rows: Rows):
+        """What to keep of ``rows`` for ``merge`` (nothing by default)."""
+        return None
+
+    def merge(self, parts: list, example_id: np.ndarray) -> None:
+        """Fold ``parts`` (``block`` of consecutive blocks, in row order) into the state;
+        ``example_id``: of all their rows."""
+
+    def report(self, out: Report) -> None:
+        """Add this statistic's records to ``out``."""
+        raise NotImplementedError
+
+
+STATISTICS: dict[str, type[Statistic]] = {}  # the registry: name -> Statistic, in record order
+
+
+def register(statistic: type[Statistic]) -> type[Statistic]:
+    """Add ``statistic`` to :data:`STATISTICS`, after the others (so are its records)."""
+    if not statistic.name or statistic.name in STATISTICS:
+        raise ValueError(f"a statistic needs a name of its own, not {statistic.name!r}")
+    STATISTICS[statistic.name] = statistic
+    return statistic
+
+
+@register
+class Kurtosis(Statistic):
+    """kurtosis: Pearson kurtosis of each row across its features (biased moments, Gaussian:
+    3), averaged."""
+
+    name = "kurtosis"
+
+    def row_values(self, rows):
+        return {"kurtosis": rows.kurtosis}
+
+    def report(self, out):
+        out.add_mean("kurtosis", "standard basis" + out.of, "kurtosis")
+
+
+@register
+class RotatedKurtosis(Statistic):
+    """rotated_kurtosis: each row's kurtosis after each of the layer's rotations, averaged over
+    the rotations, then over rows; rotated_kurtosis_sd: the standard deviation over rotations of
+    their mean kurtosis (NaN for one rotation)."""
+
+    name = "rotated_kurtosis"
+
+    def row_values(self, rows):
+        rotated = torch.stack([row_kurtosis(rotate(rows.x)) for rotate in self.layer.rotations], 1)
+        values = {"rotated_kurtosis": rotated.mean(dim=1)}
+        for r in range(rotated.shape[1]):
+            values[f"rotated_kurtosis {r}"] = rotated[:, r]
+        return values
+
+    def report(self, out):
+        n = len(self.layer.rotations)
+        out.add_mean("rotated_kurtosis", f"mean of {n} rotation(s)" + out.of, "rotated_kurtosis")
+        per_rotation = np.array([out.mean[f"rotated_kurtosis {r}"] for r in range(n)])
+        sd = per_rotation.std(ddof=1) if n > 1 else math.nan
+        out.add("rotated_kurtosis_sd", f"sd over {n} rotation(s)", sd)
+
+
+@register
+class Rms(Statistic):
+    """rms: with ``rms="row_mean"`` the mean of each row's root mean square; with
+    ``"root_mean_square"`` the square root of the mean of each row's (or example's) mean x^2,
+    its error carried through the root."""
+
+    name = "rms"
+
+    def row_values(self, rows):
+        mean_square = rows.m2 + rows.mean.square()
+        return {"rms": mean_square.sqrt(), "mean_square": mean_square}
+
+    def report(self, out):
+        if self.layer.rms == "row_mean":
+            out.add_mean("rms", out.per, "rms")
+        else:
+            root = math.sqrt(out.mean["mean_square"])
+            spread = out.error["mean_square"] / (2 * root) if root else 0
+            out.add("rms", f"root of the {out.per} square", root, spread)
+
+
+@register
+class MaxOverMedian(Statistic):
+    """max_over_median (massive activations): each row's largest |x| over its median |x|,
+    averaged, and its largest; rows whose median |x| is 0 have no ratio and are counted apart."""
+
+    name = "max_over_median"
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.ratio = ClusterMeans(1)
+        self.largest = -math.inf
+        self.zero_median_rows = 0
+
+    def block(self, rows):
+        # |x| in the stored dtype: exact, and float16 halves the work of the selection
+        if self.layer.sort_on_device:
+            return tuple(t.cpu().numpy() for t in row_median_and_max_torch(rows.stored.abs()))
+        return row_median_and_max(np.abs(rows.array))
+
+    def merge(self, parts, example_id):
+        median, largest = (np.concatenate(p) for p in zip(*parts))
+        has_ratio = median > 0
+        ratio = largest[has_ratio].astype(np.float64) / median[has_ratio]
+        self.ratio.update(ratio[:, None], example_id[has_ratio])
+        self.zero_median_rows += int((~has_ratio).sum())
+        if len(ratio):
+            self.largest = max(self.largest, float(ratio.max()))
+
+    def report(self, out):
+        rows = out.rows - self.zero_median_rows
+        if rows:
+            mean, error = self.ratio.finish(out.average)
+            out.add("max_over_median", out.per, mean[0], error[0], rows=rows)
+            out.add("max_over_median", "row max", self.largest, rows=rows)
+        out.add("max_over_median", "rows with median |x| = 0", self.zero_median_rows)
+
+
+class FeatureExtremes(Statistic):
+    """The largest (``max``) and smallest (``min``) value of each feature over every row: the
+    state of the per-feature statistics, which differ only in their report."""
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.max = np.full(layer.width, -np.inf, np.float32)
+        self.min = np.full(layer.width, np.inf, np.float32)
+
+    def block(self, rows):
+        return rows.feature_extremes
+
+    def merge(self, parts, example_id):
+        maxima, minima = zip(*parts)
+        self.max = np.max([self.max, *maxima], axis=0)
+        self.min = np.min([self.min, *minima], axis=0)
+
+    def magnitude(self) -> np.ndarray:
+        """The largest |x| of each feature."""
+        return np.maximum(self.max, -self.min)
+
+
+@register
+class Outliers(FeatureExtremes):
+    """outlier_fraction: the fraction of features whose activation passes each threshold in at
+    least one row, signed (``x > t``, as the study) and by magnitude (``|x| > t``)."""
+
+    name = "outliers"
+
+    def report(self, out):
+        magnitude = self.magnitude()
+        for t in out.thresholds:
+            out.add("outlier_fraction", f"signed x > {t:g}", float((self.max > t).mean()))
+            out.add("outlier_fraction", f"magnitude |x| > {t:g}", float((magnitude > t).mean()))
+
+
+@register
+class TopFeatures(FeatureExtremes):
+    """top_feature_max_abs: the ``top_features`` features of largest |x|, by rank, with their
+    index in ``feature`` (ties in index order)."""
+
+    name = "top_features"
+
+    def report(self, out):
+        magnitude = self.magnitude()
+        top = np.argsort(-magnitude, kind="stable")[: out.top_features]
+        for rank, feature in enumerate(top.tolist(), start=1):
+            out.add("top_feature_max_abs", f"rank {rank}", magnitude[feature], feature=feature)
+
+
+class LayerStatistics:
+    """Accumulates the registered statistics of one read-out point over chunks of rows."""
+
+    def __init__(
+        self,
+        width: int,
+        rotations: list,
+        device: str | torch.device = "cpu",
+        sort_on_device: bool | None = None,
+        average: str = "rows",
+        rms: str = "row_mean",
+        statistics: list[str] | None = None,
+    ):
+        """``rotations``: callables on a [rows, width] float32 tensor with a ``.to(device)``
+        (:func:`rotations.make_rotation`), or orthogonal matrices (applied as ``x @ q``);
+        ``device``: where the moments, rotations and extremes are computed (the sums are
+        kept in float64 on the host); ``sort_on_device``: the median and maximum of |x| with
+        torch on ``device`` rather than numpy's selection (default: on a GPU); ``statistics``:
+        the names of the registered statistics to compute (default: all, in the registry's
+        order). On the CPU the rows are shared out among as many threads as torch was given
+        when this was made."""
+        if average not in AVERAGES or rms not in RMS_DEFINITIONS:
+            raise ValueError(f"average {average!r}, rms {rms!r}: see AVERAGES, RMS_DEFINITIONS")
+        self.width, self.average, self.rms = width, average, rms
+        self.threads = max(1, torch.get_num_threads())  # the job's thread count
+        self.device = torch.device(device)
+        self.sort_on_device = (
+            self.device.type != "cpu" if sort_on_device is None else sort_on_device
+        )
+        self.rotations = [
+            (DenseRotation(q) if isinstance(q, np.ndarray) else q).to(self.device)
+            for q in rotations
+        ]
+        names = list(STATISTICS) if statistics is None else statistics
+        self.statistics = [STATISTICS[name](self) for name in names]
+        self.rows = 0
+        self.row_names: tuple[str, ...] = ()  # the per-row values' names, as in self.means
+        self.means: ClusterMeans | None = None  # made from the first rows
+
+    def update(self, chunk: np.ndarray, example_id: np.ndarray) -> None:
+        """Add rows ``chunk`` ([rows, width], any float dtype) of examples ``example_id``."""
+        if len(chunk) == 0:
+            return
+        chunk = np.ascontiguousarray(chunk)
+        if self.device.type == "cpu":
+            # a few hundred rows at a time, every statistic of them in one thread (torch at one
+            # thread each), so that their many passes stay in the cache, and the job's threads
+            # each take their own rows
+            step = max(1, SUB_BYTES // (4 * self.width))
+            parts = [
+                (chunk[i : i + step], example_id[i : i + step]) for i in range(0, len(chunk), step)
+            ]
+            with _torch_threads(1):
+                done = list(_pool(self.threads).map(lambda part: self._block(*part), parts))
+        else:  # the whole block on the device
+            done = [self._block(chunk, example_id)]
+        names, values, kept = zip(*done)
+        if self.means is None:
+            self.row_names, self.means = names[0], ClusterMeans(len(names[0]))
+        self.means.update(np.concatenate(values), example_id)
+        for statistic, parts in zip(self.statistics, zip(*kept)):
+            statistic.merge(list(parts), example_id)
+        self.rows += len(chunk)
+
+    def _block(self, array: np.ndarray, example_id: np.ndarray):
+        """Of some rows: the names of the statistics' per-row values, those values ([rows,
+        values] in float64), and what each statistic keeps of the rows."""
+        rows = Rows(array, example_id, self.device)
+        values = {}
+        for statistic in self.statistics:
+            for name, value in statistic.row_values(rows).items():
+                if name in values:
+                    raise ValueError(f"two statistics name a per-row value {name!r}")
+                values[name] = value
+        if values:
+            columns = torch.stack(list(values.values()), dim=1).double().cpu().numpy()
+        else:
+            columns = np.zeros((len(array), 0))
+        return tuple(values), columns, [statistic.block(rows) for statistic in self.statistics]
+
     def results(self, thresholds: list[float], top_features: int) -> list[dict]:
         """Long-form records: metric, setting, value, spread, rows (and feature, for the top
-        features)."""
-        rows = self.means.total_rows
-        if rows == 0:
+        features), each statistic's in the order of ``self.statistics``."""
+        if self.rows == 0:
             raise StatisticsError("no rows to compute statistics from")
         mean, error = self.means.finish(self.average)
-        per = "example mean" if self.average == "examples" else "row mean"
-        records = []
-
-        def add(metric, setting, value, spread=math.nan, feature=None, rows=rows):
-            records.append(
-                {
-                    "metric": metric,
-                    "setting": setting,
-                    "value": float(value),
-                    "spread": float(spread),
-                    "rows": rows,
-                    "feature": feature,
-                }
-            )
-
-        n_rot = len(self.rotations)
-        add("kurtosis", "standard basis" + _of(self.average), mean[0], error[0])
-        add(
-            "rotated_kurtosis",
-            f"mean of {n_rot} rotation(s)" + _of(self.average),
-            mean[1],
-            error[1],
+        out = Report(
+            self.rows,
+            dict(zip(self.row_names, mean)),
+            dict(zip(self.row_names, error)),
+            self.average,
+            thresholds,
+            top_features,
         )
-        per_rotation = mean[len(ROW_METRICS) :]
-        add(
-            "rotated_kurtosis_sd",
-            f"sd over {n_rot} rotation(s)",
-            per_rotation.std(ddof=1) if n_rot > 1 else math.nan,
-        )
-        if self.rms == "row_mean":  # the mean of each row's RMS
-            add("rms", per, mean[2], error[2])
-        else:  # the square root of the mean of the rows' (or examples') mean x^2
-            root = math.sqrt(mean[3])
-            add("rms", f"root of the {per} square", root, error[3] / (2 * root) if root else 0)
-        ratio_rows = rows - self.zero_median_rows
-        if ratio_rows:
-            ratio_mean, ratio_error = self.ratio.finish(self.average)
-            add("max_over_median", per, ratio_mean[0], ratio_error[0], rows=ratio_rows)
-            add("max_over_median", "row max", self.largest_ratio, rows=ratio_rows)
-        add("max_over_median", "rows with median |x| = 0", self.zero_median_rows)
-        magnitude = np.maximum(self.feature_max, -self.feature_min)
-        for t in thresholds:
-            add("outlier_fraction", f"signed x > {t:g}", float((self.feature_max > t).mean()))
-            add("outlier_fraction", f"magnitude |x| > {t:g}", float((magnitude > t).mean()))
-        top = np.argsort(-magnitude, kind="stable")[:top_features]
-        for rank, feature in enumerate(top.tolist(), start=1):
-            add("top_feature_max_abs", f"rank {rank}", magnitude[feature], feature=feature)
-        return records
+        for statistic in self.statistics:
+            statistic.report(out)
+        return out.records

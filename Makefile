@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(abspath $(VENV)/bin)
 CORES ?= all
 SNAKEMAKE_ARGS ?=
-# the rules run `python -m workflow_scripts.<stage>`: the environment's python comes first
+# the rules' scripts run with the environment's python: it comes first
 export PATH := $(BIN):$(PATH)
 
 .PHONY: run test test-fast install lint format clean

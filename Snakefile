@@ -1,8 +1,8 @@
 # residual-streams: does a network's residual stream have a privileged basis?
 # Layout: README.md. Config: config.yaml unless --configfile names another, validated against
 # workflow_scripts/config.schema.yaml and resolved into the study's plan before any job runs.
-# The rules run `python -m workflow_scripts.<stage>`: install the package (`make install`) and
-# run Snakemake from its environment.
+# Every rule runs its stage through scripts/stage.py (workflow_scripts/stage.py): install the
+# package (`make install`) and run Snakemake from its environment.
 import os
 import sys
 
@@ -31,12 +31,14 @@ try:
     study = resolve(with_overrides(config, workflow.config_settings.config))
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
-config["summary"] = study.summary()  # for the report's front page (report/workflow.rst)
+# the one value added to the config: the report's front page (report/workflow.rst) is rendered
+# with the config alone
+config["summary"] = study.summary()
 
 # The between-workflow output cache, on with `--cache` (profiles/default turns it on): a folder
 # in the working directory unless SNAKEMAKE_OUTPUT_CACHE names another, e.g. one that several
-# checkouts share. Every rule may use it: each declares the code it runs as inputs and takes
-# every config value and wildcard it uses as params, which is what the cache keys on.
+# checkouts share. Every rule may use it: each takes every config value and wildcard it uses,
+# and the key of the code it runs, as params, which is what the cache keys on.
 os.environ.setdefault(output_cache.VARIABLE, str(output_cache.default_location()))
 output_cache.guard_concurrent_stores()
 if workflow.remote_exec:  # a cluster job's own Snakemake: the submitting host's cache keys

@@ -118,8 +118,10 @@ def _tree_rss(pid: int) -> float:
     return total
 
 
-def python(module: str, *args) -> list[str]:
-    return [sys.executable, "-m", f"workflow_scripts.{module}", *map(str, args)]
+def stage(rule: str, threads: int, **values) -> list[str]:
+    """The command that runs the stage of ``rule`` as its job would (workflow_scripts.stage)."""
+    named = [f"{name}={value}" for name, value in values.items()]
+    return [sys.executable, "-m", "workflow_scripts.stage", rule, *named, "--threads", str(threads)]
 
 
 def stages(work: Path, rows: int) -> dict[str, float]:
@@ -132,26 +134,14 @@ def stages(work: Path, rows: int) -> dict[str, float]:
         data = work / f"{name}.parquet"
         spec = {"source": f"builtin:{name}", "rows": rows, "seed": 1}
         peaks[f"prepare_{kind}"], _ = peak_rss(
-            python(
-                "prepare_data",
-                "--spec",
-                json.dumps(spec),
-                "--name",
-                name,
-                "--threads",
-                2,
-                "--out",
-                data,
-            ),
+            stage("prepare_data", 2, spec=json.dumps(spec), name=name, out=data),
             work / f"prepare-{name}.log",
         )
         if kind == "text":
             tokens = work / "corpus.npy"
             style = families.get("gptr2").tokenizer
             peaks["tokenize_text"], _ = peak_rss(
-                python(
-                    "tokenize", "--data", data, "--builtin", style, "--threads", 2, "--out", tokens
-                ),
+                stage("tokenize", 2, data=data, model="", builtin=style, out=tokens),
                 work / "tokenize.log",
             )
             run = {
@@ -178,44 +168,31 @@ def stages(work: Path, rows: int) -> dict[str, float]:
             train_data = data
         model = work / f"model-{name}"
         peaks[f"train_{kind}"], _ = peak_rss(
-            python(
+            stage(
                 "train",
-                "--name",
-                name,
-                "--spec",
-                json.dumps(run),
-                "--data",
-                train_data,
-                "--checkpoint",
-                work / f"{name}.pt",
-                "--metrics",
-                work / f"{name}-metrics.parquet",
-                "--plot",
-                work / f"{name}-loss.png",
-                "--threads",
                 2,
-                "--out",
-                model,
+                model=name,
+                spec=json.dumps(run),
+                data=train_data,
+                base="",
+                tokenizer="",
+                checkpoint=work / f"{name}.pt",
+                metrics=work / f"{name}-metrics.parquet",
+                plot=work / f"{name}-loss.png",
+                out=model,
             ),
             work / f"train-{name}.log",
         )
         peaks[f"extract_{kind}"], _ = peak_rss(
-            python(
+            stage(
                 "extract",
-                "--model",
-                model,
-                "--data",
-                data,
-                "--shard",
-                0,
-                "--shards",
-                1,
-                "--options",
-                json.dumps(EXTRACT),
-                "--threads",
                 2,
-                "--out",
-                work / f"{name}.zarr",
+                model=model,
+                data=data,
+                shard=0,
+                shards=1,
+                options=json.dumps(EXTRACT),
+                out=work / f"{name}.zarr",
             ),
             work / f"extract-{name}.log",
         )
@@ -335,24 +312,18 @@ def train_wait(work: Path, data: Path, threads: int) -> tuple[float, float]:
     }
     log = work / "train-jpeg.log"
     _, seconds = peak_rss(
-        python(
+        stage(
             "train",
-            "--name",
-            "jpeg",
-            "--spec",
-            json.dumps(run),
-            "--data",
-            data,
-            "--checkpoint",
-            work / "jpeg.pt",
-            "--metrics",
-            work / "jpeg.parquet",
-            "--plot",
-            work / "jpeg.png",
-            "--threads",
             threads,
-            "--out",
-            work / "model-jpeg",
+            model="jpeg",
+            spec=json.dumps(run),
+            data=data,
+            base="",
+            tokenizer="",
+            checkpoint=work / "jpeg.pt",
+            metrics=work / "jpeg.parquet",
+            plot=work / "jpeg.png",
+            out=work / "model-jpeg",
         ),
         log,
     )

@@ -54,7 +54,7 @@ from workflow_scripts.data import builtin, store  # noqa: E402
 from workflow_scripts.extract import _kept_positions, _write_batch  # noqa: E402
 from workflow_scripts.fetch_model import fetch  # noqa: E402
 from workflow_scripts.models import load_adapter  # noqa: E402
-from workflow_scripts.options import ExtractOptions  # noqa: E402
+from workflow_scripts.options.extract import ExtractOptions  # noqa: E402
 
 # the defaults of ``extract`` in workflow_scripts/config.schema.yaml (device: cpu here)
 OPTIONS = {

@@ -2,8 +2,8 @@
 
 Two parts, in one run:
 
-1. Checks (small random-initialised models, the real stage entry points): the ``main()`` of
-   ``workflow_scripts.extract``, ``workflow_scripts.ablate`` and ``workflow_scripts.train`` is
+1. Checks (small random-initialised models, the real stage functions): the stages of
+   ``workflow_scripts.extract``, ``workflow_scripts.ablate`` and ``workflow_scripts.train`` are
    called with ``device: <--device>`` and again with ``device: cpu``, on built-in data:
 
    * extraction (gpt2, gptr2, bert, a basic BatchNorm ResNet, a bottleneck RMSNorm ResNet),
@@ -91,7 +91,8 @@ from workflow_scripts.batches import Batch, autocast  # noqa: E402
 from workflow_scripts.data import builtin, store  # noqa: E402
 from workflow_scripts.fetch_model import fetch  # noqa: E402
 from workflow_scripts.models import load_adapter  # noqa: E402
-from workflow_scripts.options import AblationOptions, ExtractOptions  # noqa: E402
+from workflow_scripts.options.ablation import AblationOptions  # noqa: E402
+from workflow_scripts.options.extract import ExtractOptions  # noqa: E402
 
 MODES = (None, "bfloat16", "float16")  # autocast / mixed_precision settings compared
 SUMMARY: list[dict] = []  # rows of the final table

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workflow_scripts.activations import ShardWriter, open_shard  # noqa: E402
 from workflow_scripts.layer_stats import compute  # noqa: E402
 from workflow_scripts.models.adapter import Readout  # noqa: E402
-from workflow_scripts.options import StatsOptions  # noqa: E402
+from workflow_scripts.options.stats import StatsOptions  # noqa: E402
 from workflow_scripts.rotations import random_rotation  # noqa: E402
 from workflow_scripts.shard_reader import read_rows  # noqa: E402
 
@@ -113,7 +113,7 @@ RSS_PROBE = """
 import re, sys
 sys.path.insert(0, {root!r})
 from workflow_scripts.layer_stats import compute
-from workflow_scripts.options import StatsOptions
+from workflow_scripts.options.stats import StatsOptions
 def status(key):
     return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 rss = status("VmRSS")

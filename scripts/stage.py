@@ -1,4 +1,5 @@
-# The script of every rule: runs the rule's stage (workflow_scripts/stage.py).
+# The script of every rule: runs the rule's stage (workflow_scripts/stage.py). Snakemake hashes it
+# into every cache key: an edit here, even to a comment, reruns every job.
 import sys
 from pathlib import Path
 

@@ -36,8 +36,8 @@ TINY_SPECS = load_config("models")
 
 
 def environment(**variables: str) -> dict:
-    """The environment of a Snakemake run: this Python's environment first on PATH (the rules
-    run ``python -m workflow_scripts.<stage>``), plus ``variables``."""
+    """The environment of a Snakemake run: this Python's environment first on PATH (the rules'
+    scripts run with the ``python`` found there), plus ``variables``."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return {**os.environ, "PATH": path, **variables}
 
@@ -88,7 +88,7 @@ EXTRACT_OPTIONS = {
 def stats_options(**settings):
     """Statistics options: the schema's defaults (on the CPU), with ``settings`` over them."""
     from workflow_scripts.config import load_schema
-    from workflow_scripts.options import StatsOptions
+    from workflow_scripts.options.stats import StatsOptions
 
     properties = load_schema()["definitions"]["stats"]["properties"]
     defaults = {k: v["default"] for k, v in properties.items() if k != "thresholds"}

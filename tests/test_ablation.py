@@ -14,7 +14,7 @@ from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.resnet import ResNetAdapter
-from workflow_scripts.options import AblationOptions
+from workflow_scripts.options.ablation import AblationOptions
 
 OPTIONS = AblationOptions(
     batch_size=8,

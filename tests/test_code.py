@@ -112,6 +112,11 @@ def test_any_change_to_what_the_code_does_is_code(edited):
     assert syntax(edited) != syntax(SOURCE)
 
 
+def test_the_syntax_is_the_code_written_back_plainly():
+    """Its form is fixed (ast.unparse): a key does not change with the Python that computes it."""
+    assert syntax(SOURCE) == "import math\n\ndef area(radius):\n    return math.pi * radius ** 2"
+
+
 def test_a_function_that_is_only_a_docstring_stays_valid():
     assert syntax('def f():\n    """Only this."""\n') == syntax("def f():\n    pass\n")
 

@@ -23,7 +23,8 @@ from workflow_scripts.fetch_model import fetch
 from workflow_scripts.models import hf_decoder, hooked, load_adapter
 from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
 from workflow_scripts.models.store import MANIFEST, WEIGHTS, read_manifest
-from workflow_scripts.options import AblationOptions, ExtractOptions
+from workflow_scripts.options.ablation import AblationOptions
+from workflow_scripts.options.extract import ExtractOptions
 from workflow_scripts.plan import resolve
 from workflow_scripts.stage_code import code_key
 

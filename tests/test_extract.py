@@ -25,7 +25,7 @@ from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import ModelDirError
-from workflow_scripts.options import ExtractOptions
+from workflow_scripts.options.extract import ExtractOptions
 from workflow_scripts.stage_code import code_key
 
 OPTIONS = EXTRACT_OPTIONS
@@ -255,7 +255,7 @@ def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
     job = (
         "import json, sys\n"
         "from workflow_scripts.extract import extract\n"
-        "from workflow_scripts.options import ExtractOptions\n"
+        "from workflow_scripts.options.extract import ExtractOptions\n"
         "options = ExtractOptions(**json.loads(sys.argv[4]))\n"
         "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], options)\n"
     )
@@ -389,7 +389,7 @@ def test_interrupted_extraction_stops_its_writer_and_leaves_nothing(model_dirs, 
     job = (
         "import json, sys\n"
         "from workflow_scripts.extract import extract\n"
-        "from workflow_scripts.options import ExtractOptions\n"
+        "from workflow_scripts.options.extract import ExtractOptions\n"
         "options = ExtractOptions(**json.loads(sys.argv[4]))\n"
         "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], options)\n"
     )

@@ -139,9 +139,9 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
     from workflow_scripts import extract as extraction
     from workflow_scripts.activations import open_shard
     from workflow_scripts.data import store
-    from workflow_scripts.figures import save
     from workflow_scripts.models import load_adapter
-    from workflow_scripts.options import ExtractOptions
+    from workflow_scripts.options.extract import ExtractOptions
+    from workflow_scripts.plotting import save
     from workflow_scripts.top_examples import draw, top_rows
 
     options = ExtractOptions(

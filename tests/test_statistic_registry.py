@@ -5,12 +5,14 @@ removed."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
 import torch
+import yaml
 
 from workflow_scripts import streaming_stats
 from workflow_scripts.rotations import random_rotation
@@ -296,3 +298,51 @@ def test_the_rows_a_statistic_sees():
     largest, smallest = rows.feature_extremes
     np.testing.assert_array_equal(largest, x64.max(axis=0))
     np.testing.assert_array_equal(smallest, x64.min(axis=0))
+
+
+THROWAWAY_ENTRY = '''
+
+@register
+class ThrowawayMaxAbs(Statistic):
+    """throwaway_max_abs: each row's largest |x|, averaged over rows."""
+
+    name = "throwaway_max_abs"
+
+    def row_values(self, rows):
+        return {"throwaway_max_abs": rows.x.abs().amax(dim=1)}
+
+    def report(self, out):
+        out.add_mean("throwaway_max_abs", out.per, "throwaway_max_abs")
+'''
+
+
+@pytest.mark.workflow
+def test_a_new_statistic_is_one_entry_through_the_whole_workflow(tmp_path):
+    """One entry appended to streaming_stats.py in a copy of the workflow: layer_stats computes
+    it, merge_stats and the statistics table carry it, equal to numpy on the stored stream."""
+    from support import REPO, WORKFLOW_FILES, load_config, snakemake
+
+    from workflow_scripts.activations import open_shard
+
+    checkout, workdir = tmp_path / "checkout", tmp_path / "work"
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            checkout.mkdir(exist_ok=True)
+            shutil.copy2(source, checkout / name)
+    with open(checkout / "workflow_scripts/streaming_stats.py", "a") as handle:
+        handle.write(THROWAWAY_ENTRY)
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(load_config("tiny")))
+    target = "results/stats/resnet-tiny/shapes.parquet"
+    result = snakemake(workdir, target, snakefile=checkout / "Snakefile", PYTHONPATH=str(checkout))
+    assert result.returncode == 0, result.stderr[-4000:]
+    frame = pd.read_parquet(workdir / target)
+    found = frame[frame["metric"] == "throwaway_max_abs"].set_index("layer")["value"]
+    assert len(found) == frame["layer"].nunique()  # every read-out point
+    shard = open_shard(workdir / "results/activations/resnet-tiny/shapes/shard-0.zarr")
+    for layer, value in found.items():
+        x = shard[f"layer-{layer}"][:].astype(np.float64)
+        assert value == pytest.approx(np.abs(x).max(axis=1).mean(), rel=1e-5)

@@ -156,27 +156,10 @@ def test_diverging_run_stops_naming_the_step(tmp_path, data):
 def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
     spec = {**LM, "steps": 80, "checkpoint_every": 10}
     out = tmp_path / "killed"
-    command = [
-        sys.executable,
-        "-m",
-        "workflow_scripts.train",
-        "--name",
-        "lm",
-        "--spec",
-        json.dumps(spec),
-        "--data",
-        str(data["tokens"]),
-        "--threads",
-        "3",  # two loader workers
-        "--checkpoint",
-        str(out / "checkpoint.pt"),
-        "--metrics",
-        str(out / "metrics.parquet"),
-        "--plot",
-        str(out / "loss.png"),
-        "--out",
-        str(out / "model"),
-    ]
+    command = [sys.executable, "-m", "workflow_scripts.stage", "train", "model=lm"]
+    command += [f"spec={json.dumps(spec)}", f"data={data['tokens']}", "base=", "tokenizer="]
+    command += [f"checkpoint={out / 'checkpoint.pt'}", f"metrics={out / 'metrics.parquet'}"]
+    command += [f"plot={out / 'loss.png'}", f"out={out / 'model'}", "--threads", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -30,7 +30,7 @@ from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import autocast, image_batches, pick_device, text_batches
 from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
-from workflow_scripts.options import AblationOptions
+from workflow_scripts.options.ablation import AblationOptions
 from workflow_scripts.sources import ABLATION_HEADS
 
 log = logging.getLogger("ablate")

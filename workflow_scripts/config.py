@@ -25,6 +25,7 @@ import yaml
 
 from workflow_scripts import families, figure_registry
 from workflow_scripts.sources import Source, dataset_kind
+from workflow_scripts.stage import InputError
 
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 SECTIONS = ("extract", "stats", "ablation", "training", "figures")
@@ -62,7 +63,7 @@ STUDY_SETTINGS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem, with a message naming the key, the value and what is allowed."""
 
 

@@ -23,7 +23,7 @@ from workflow_scripts.batches import Batch, autocast, image_batches, pick_device
 from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import MANIFEST, sha256_file
-from workflow_scripts.options import ExtractOptions
+from workflow_scripts.options.extract import ExtractOptions
 
 log = logging.getLogger("extract")
 # the options that change what is stored, recorded in the shard's attributes
@@ -219,9 +219,9 @@ def run(
     shard: int,
     shards: int,
     options: ExtractOptions,
-    readouts: int,
-    code: str,
     out: str,
+    readouts: int | None = None,
+    code: str = "",
     threads: int = 1,
 ) -> None:
     """The extract stage: shard ``shard`` of the stream of ``model`` on ``data``."""

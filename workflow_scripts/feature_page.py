@@ -32,7 +32,7 @@ from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.atomic import written
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
-from workflow_scripts.options import FeaturePageOptions
+from workflow_scripts.options.feature_page import FeaturePageOptions
 from workflow_scripts.top_examples import context, example_tokens, output_weights, stored_blocks
 
 JPEG_QUALITY = 75

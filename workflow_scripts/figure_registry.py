@@ -4,8 +4,8 @@ An entry names the figure kind, what it reads, the function of ``workflow_script
 draws it, its report caption and whether its rule uses the output cache. From the entries follow
 the rules (``rules/figures.smk``: one rule ``figure_<name>`` per entry), the kinds a config may
 list under ``figures.groups.<group>.figures`` (``workflow_scripts.config``), the report's captions
-(``report/figure.rst`` shows each job's caption) and the figures' command line (``python -m
-workflow_scripts.figures <name>``). ``tests/test_figure_registry.py`` checks the cached rules
+(``report/figure.rst`` shows each job's caption) and the kinds the figures stage draws
+(``workflow_scripts.figures.run``). ``tests/test_figure_registry.py`` checks the cached rules
 against ``profiles/default/config.yaml``. Adding a figure is one entry here and one drawing
 function in ``figures.py``.
 

@@ -22,24 +22,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from workflow_scripts.atomic import written
 from workflow_scripts.figure_registry import FIGURES, Figure
+from workflow_scripts.plotting import MARKERS, PALETTE, _pyplot, _style, save
+from workflow_scripts.stage import InputError
 
-PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
-
-class FigureError(ValueError):
+class FigureError(InputError):
     """A figure that cannot be drawn from what it was given."""
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def read_frames(paths: list[str], what: str, group: str) -> pd.DataFrame:
@@ -47,19 +36,6 @@ def read_frames(paths: list[str], what: str, group: str) -> pd.DataFrame:
     if missing:
         raise FigureError(f"group {group!r}: no {what} at {', '.join(missing)}")
     return pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
-
-
-def _style(plt):
-    plt.rcParams.update(
-        {
-            "font.size": 9,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-            "axes.grid": True,
-            "grid.alpha": 0.3,
-            "legend.frameon": False,
-        }
-    )
 
 
 def blocks_applied(frame: pd.DataFrame) -> pd.Series:
@@ -227,17 +203,6 @@ def training(metrics: dict[str, pd.DataFrame], title: str):
     )
     loss_axis.legend(fontsize=7)
     return figure
-
-
-def save(figure, outputs: list[str], dpi: int = 150) -> None:
-    """Write the figure to every path (the format from the suffix), atomically."""
-    plt = _pyplot()
-    try:
-        for path in outputs:
-            with written(path) as tmp:
-                figure.savefig(tmp, format=Path(path).suffix.lstrip("."), dpi=dpi)
-    finally:
-        plt.close(figure)
 
 
 def read_inputs(figure: Figure, paths: list[str], group: str):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import pick_device
-from workflow_scripts.options import StatsOptions
+from workflow_scripts.options.stats import StatsOptions
 from workflow_scripts.rotations import make_rotation
 from workflow_scripts.shard_reader import file_rows, read_rows
 from workflow_scripts.streaming_stats import LayerStatistics, StatisticsError

@@ -25,14 +25,11 @@ from types import MappingProxyType
 
 from workflow_scripts import families
 from workflow_scripts.config import analysis_pairs, checked, fail, model_shape
-from workflow_scripts.options import (
-    AblationOptions,
-    ExtractOptions,
-    FeaturePageOptions,
-    StatsOptions,
-    TopExamplesOptions,
-    options,
-)
+from workflow_scripts.options.ablation import AblationOptions
+from workflow_scripts.options.extract import ExtractOptions
+from workflow_scripts.options.feature_page import FeaturePageOptions
+from workflow_scripts.options.stats import StatsOptions
+from workflow_scripts.options.top_examples import TopExamplesOptions
 from workflow_scripts.sources import ABLATION_HEADS, Source, dataset_kind
 
 # what fetching a model uses of its entry: a threshold or an extraction option must not refetch
@@ -313,12 +310,15 @@ def _top_examples(spec: dict, model: Model, config: dict) -> TopExamples:
 
 
 def typed(kind, settings: Mapping, where: str):
-    """Options of ``kind`` from a config section; a name the code does not know is a
-    ConfigError here, not an error in a job."""
-    try:
-        return options(kind, settings, where)
-    except ValueError as error:
-        fail(where, f"{kind.__name__}: {error}")
+    """Options of ``kind`` from a config section; a name the code and the config do not agree
+    on is a ConfigError here, not an error in a job."""
+    names = {field.name for field in dataclasses.fields(kind)}
+    unknown, missing = set(settings) - names, names - set(settings)
+    if unknown or missing:
+        problems = [f"unknown {', '.join(sorted(unknown))}"] if unknown else []
+        problems += [f"missing {', '.join(sorted(missing))}"] if missing else []
+        fail(where, f"{kind.__name__}: {'; '.join(problems)}")
+    return kind(**settings)
 
 
 def _check_reads(study: Study, config: dict) -> None:

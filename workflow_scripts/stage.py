@@ -87,7 +87,7 @@ def convert(value, kind):
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = [k for k in typing.get_args(kind) if k is not type(None)]
-        if value is None or (isinstance(value, list | tuple) and not value):
+        if value is None or value == "" or (isinstance(value, list | tuple) and not value):
             return None
         return convert(value, options[0])
     if origin in (list, tuple):
@@ -163,3 +163,35 @@ def run_job(snakemake) -> None:
     except Exception:
         logging.getLogger("stage").exception("%s failed", name)
         sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one stage outside Snakemake, as a job would: ``python -m workflow_scripts.stage RULE
+    NAME=VALUE ... [--threads N] [--log FILE]``; a name given twice is a list, options are JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("rule", help="a rule of the workflow (stage.STAGES)")
+    parser.add_argument(
+        "values", nargs="*", metavar="NAME=VALUE", help="its inputs, outputs, params"
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log", help="where the job's stderr goes (default: here)")
+    args = parser.parse_args(argv)
+    named: dict[str, object] = {}
+    for item in args.values:
+        name, _, value = item.partition("=")
+        if name in named:
+            previous = named[name]
+            named[name] = [*(previous if isinstance(previous, list) else [previous]), value]
+        else:
+            named[name] = value
+    _log_to(args.log)
+    _set_threads(args.threads)
+    function = stage_function(args.rule)
+    _set_threads(args.threads)
+    function(**arguments(function, named, args.threads))
+
+
+if __name__ == "__main__":
+    main()

@@ -105,12 +105,12 @@ def _syntax(source: str) -> str:
             continue
         if body and _is_docstring(body[0]):
             node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree, annotate_fields=False, include_attributes=False)
+    return ast.unparse(tree)  # the same text on every Python, where ast.dump is not
 
 
 def syntax(source: str, filename: str = "<code>") -> str:
-    """The syntax tree of Python ``source`` without docstrings, as text: the same for two
-    sources that differ only in comments, docstrings and formatting."""
+    """Python ``source`` without docstrings, comments or formatting (its syntax tree written
+    back as code): the same for two sources that differ only in those."""
     try:
         return _syntax(source)
     except SyntaxError as error:

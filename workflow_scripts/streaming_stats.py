@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from workflow_scripts.rotations import DenseRotation
+from workflow_scripts.stage import InputError
 
 SUB_BYTES = 3 << 19  # float32 bytes of the rows one CPU thread computes at once
 AVERAGES = ("rows", "examples")  # over rows; or over each example's rows, then over examples
 RMS_DEFINITIONS = ("row_mean", "root_mean_square")
 
 
-class StatisticsError(ValueError):
+class StatisticsError(InputError):
     """Activations that statistics cannot be computed from: say why, never a wrong number."""
 
 

@@ -18,8 +18,8 @@ import numpy as np
 from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
-from workflow_scripts.figures import PALETTE, _pyplot, _style, save
-from workflow_scripts.options import TopExamplesOptions
+from workflow_scripts.options.top_examples import TopExamplesOptions
+from workflow_scripts.plotting import PALETTE, _pyplot, _style, save
 from workflow_scripts.shard_reader import file_rows, read_rows
 
 

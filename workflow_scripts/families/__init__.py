@@ -12,8 +12,8 @@ module asks this registry. Adding a family is one module under
 ``models/`` and one record here.
 
 Each record is a module of its own so that the output cache sees a family's facts only in the
-jobs of that family: a rule that runs a model declares its family's model module and record
-(``Family.record``) as inputs, so adding or editing a family reruns that family's jobs alone.
+jobs of that family: the code key of a rule that runs a model covers its family's model module
+and record (``Family.record``), so adding or editing a family reruns that family's jobs alone.
 
 Imported at DAG-build time (by the Snakefile, through the config): no torch, no transformers.
 """
@@ -25,11 +25,13 @@ import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from workflow_scripts.stage import InputError
+
 VOCABULARY = 50_257  # embedding rows assumed for a transformer with a real (hub) vocabulary
 DEFAULT_WIDTH = {"text": 1024, "image": 2048}  # of a hub or local model that states none
 
 
-class UnknownFamilyError(ValueError):
+class UnknownFamilyError(InputError):
     """A family name that no record has."""
 
 

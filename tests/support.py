@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,17 @@ WORKFLOW_FILES = (
     "report",
     "config.yaml",
 )
+
+
+def copy_workflow(checkout: Path) -> None:
+    """A copy of the workflow at ``checkout``, for a test that edits its code."""
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            checkout.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, checkout / name)
 
 
 def load_config(name: str) -> dict:

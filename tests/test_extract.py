@@ -245,6 +245,13 @@ def test_failure_midway_leaves_nothing_and_keeps_an_older_shard(
     np.testing.assert_array_equal(open_shard(out)["layer-1"][:], before)
 
 
+def extraction_command(model_dir, data, out, options: dict) -> list[str]:
+    """The extract stage of one whole-dataset shard in a process of its own, as its job runs."""
+    command = [sys.executable, "-m", "workflow_scripts.stage", "extract", f"model={model_dir}"]
+    command += [f"data={data}", "shard=0", "shards=1", f"options={json.dumps(options)}"]
+    return command + [f"out={out}"]
+
+
 def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
     frame = builtin.generate("corpus", 400, 0)
     data = tmp_path / "corpus.parquet"
@@ -252,16 +259,8 @@ def test_killed_extraction_leaves_no_shard(model_dirs, tmp_path):
     out = tmp_path / "shard-0.zarr"
     options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    job = (
-        "import json, sys\n"
-        "from workflow_scripts.extract import extract\n"
-        "from workflow_scripts.options.extract import ExtractOptions\n"
-        "options = ExtractOptions(**json.loads(sys.argv[4]))\n"
-        "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], options)\n"
-    )
     process = subprocess.Popen(
-        [sys.executable, "-c", job, str(model_dirs["gpt2"]), str(data), str(out)]
-        + [json.dumps(options)],
+        extraction_command(model_dirs["gpt2"], data, out, options),
         env=env,
         stderr=subprocess.DEVNULL,
     )
@@ -386,15 +385,7 @@ def test_interrupted_extraction_stops_its_writer_and_leaves_nothing(model_dirs, 
     store.write(builtin.generate("corpus", 2000, 0), data, "text", None)  # a run of minutes
     out = tmp_path / "shard-0.zarr"
     options = {**OPTIONS, "batch_size": 1, "chunk_rows": 8, "chunks_per_shard": 1}
-    job = (
-        "import json, sys\n"
-        "from workflow_scripts.extract import extract\n"
-        "from workflow_scripts.options.extract import ExtractOptions\n"
-        "options = ExtractOptions(**json.loads(sys.argv[4]))\n"
-        "extract(sys.argv[1], sys.argv[2], 0, 1, sys.argv[3], options)\n"
-    )
-    command = [sys.executable, "-c", job, str(model_dirs["gpt2"]), str(data), str(out)]
-    command += [json.dumps(options)]
+    command = extraction_command(model_dirs["gpt2"], data, out, options)
     log = tmp_path / "extract.log"
     with open(log, "w") as handle:
         process = subprocess.Popen(

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-from support import REPO, WORKFLOW_FILES, snakemake
+from support import copy_workflow, snakemake
 
 from workflow_scripts import families
 from workflow_scripts.activations import open_shard
@@ -213,13 +212,7 @@ def test_the_registry_refuses_a_name_twice_and_a_default_head_it_lacks(registere
 @pytest.mark.workflow
 def test_a_new_family_is_one_module_and_one_entry(tmp_path):
     checkout, workdir = tmp_path / "checkout", tmp_path / "work"
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            checkout.mkdir(exist_ok=True)
-            shutil.copy2(source, checkout / name)
+    copy_workflow(checkout)
     # the two changes a contributor makes
     (checkout / "workflow_scripts/models/toy_mlp.py").write_text(TOY_MODULE)
     (checkout / "workflow_scripts/families/toy.py").write_text(TOY_RECORD)

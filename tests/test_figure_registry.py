@@ -9,11 +9,9 @@ report caption.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import yaml
-from support import REPO, WORKFLOW_FILES, load_config, snakemake
+from support import REPO, copy_workflow, load_config, snakemake
 
 from workflow_scripts import figure_registry, figures
 from workflow_scripts.config import ConfigError, load_schema, validate
@@ -140,19 +138,13 @@ def test_the_config_takes_the_registered_group_figures(default_config, monkeypat
 @pytest.mark.workflow
 def test_a_new_figure_is_one_entry_and_one_drawing_function(tmp_path):
     checkout, workdir = tmp_path / "checkout", tmp_path / "work"
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            checkout.mkdir(exist_ok=True)
-            shutil.copy2(source, checkout / name)
+    copy_workflow(checkout)
     # the two changes a contributor makes
     with open(checkout / "workflow_scripts/figure_registry.py", "a") as handle:
         handle.write(TOY_ENTRY)
     module = checkout / "workflow_scripts/figures.py"
-    before, after = module.read_text().split("\n\ndef save(")  # beside the other drawings
-    module.write_text(f"{before}{TOY_DRAWING}\n\ndef save({after}")
+    before, after = module.read_text().split("\n\ndef read_inputs(")  # beside the other drawings
+    module.write_text(f"{before}{TOY_DRAWING}\n\ndef read_inputs({after}")
 
     config = load_config("tiny")
     config["figures"]["groups"]["resnets"]["figures"] = ["kurtosis", "throwaway_rms"]

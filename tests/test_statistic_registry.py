@@ -5,7 +5,6 @@ removed."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -320,18 +319,12 @@ class ThrowawayMaxAbs(Statistic):
 def test_a_new_statistic_is_one_entry_through_the_whole_workflow(tmp_path):
     """One entry appended to streaming_stats.py in a copy of the workflow: layer_stats computes
     it, merge_stats and the statistics table carry it, equal to numpy on the stored stream."""
-    from support import REPO, WORKFLOW_FILES, load_config, snakemake
+    from support import copy_workflow, load_config, snakemake
 
     from workflow_scripts.activations import open_shard
 
     checkout, workdir = tmp_path / "checkout", tmp_path / "work"
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            checkout.mkdir(exist_ok=True)
-            shutil.copy2(source, checkout / name)
+    copy_workflow(checkout)
     with open(checkout / "workflow_scripts/streaming_stats.py", "a") as handle:
         handle.write(THROWAWAY_ENTRY)
     workdir.mkdir()

@@ -155,7 +155,9 @@ def test_figures_and_the_report(finished_run):
     assert result.returncode == 0, result.stderr[-3000:]
     html = (finished_run / "results/report.html").read_text(errors="replace")
     assert "kurtosis-resnets.png" in html and "ablation-resnets.png" in html
-    assert "Ablating a block removes its residual branch" in html  # a caption
+    # a caption's line breaks: whitespace, or "\n" in the report's embedded JSON
+    text = " ".join(html.replace("\\n", " ").split())
+    assert "Ablating a block removes its residual branch" in text  # a caption
     assert "statistics.csv" in html and "ablation.csv" in html  # the tables
     assert "resnet-tiny (resnet, " in html and "averaged over rows" in html  # the front page
     assert "{'models'" not in html

@@ -145,18 +145,27 @@ def job_name(rule: str, wildcards: Mapping) -> str:
 
 def run_job(snakemake) -> None:
     """Run the stage of a Snakemake job (the ``snakemake`` object of a ``script:``)."""
-    _log_to(snakemake.log[0] if snakemake.log else None)
-    _set_threads(snakemake.threads)
-    name = job_name(snakemake.rule, dict(snakemake.wildcards.items()))
     named = {
         **dict(snakemake.input.items()),
         **dict(snakemake.output.items()),
         **dict(snakemake.params.items()),
     }
+    log = snakemake.log[0] if snakemake.log else None
+    run_stage(snakemake.rule, named, snakemake.threads, log, dict(snakemake.wildcards.items()))
+
+
+def run_stage(
+    rule: str, named: Mapping, threads: int, log: str | None, wildcards: Mapping | None = None
+) -> None:
+    """Run the stage of ``rule`` on a job's named values, as every job runs: stderr to ``log``,
+    the threads set (before torch is imported, and in torch after), bad input one line."""
+    _log_to(log)
+    _set_threads(threads)
+    name = job_name(rule, wildcards or {})
     try:
-        function = stage_function(snakemake.rule)
-        _set_threads(snakemake.threads)
-        function(**arguments(function, named, snakemake.threads))
+        function = stage_function(rule)
+        _set_threads(threads)
+        function(**arguments(function, named, threads))
     except InputError as error:
         logging.getLogger("stage").error("%s: %s", name, error)
         sys.exit(1)
@@ -186,11 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             named[name] = [*(previous if isinstance(previous, list) else [previous]), value]
         else:
             named[name] = value
-    _log_to(args.log)
-    _set_threads(args.threads)
-    function = stage_function(args.rule)
-    _set_threads(args.threads)
-    function(**arguments(function, named, args.threads))
+    run_stage(args.rule, named, args.threads, args.log)
 
 
 if __name__ == "__main__":

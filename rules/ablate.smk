@@ -16,6 +16,7 @@ rule ablate:
         runtime=job_resource("ablate", "runtime"),
     params:
         options=ablation_options,
+        dtype=model_dtype,
         model_name="{model}",
         dataset_name="{dataset}",
         code=model_stage_code("ablate"),

@@ -154,6 +154,11 @@ def extraction_options(wildcards):
     return as_json(study.models[wildcards.model].extract)
 
 
+def model_dtype(wildcards):
+    """The dtype a job loads and runs its model in (models.<name>.dtype)."""
+    return study.models[wildcards.model].dtype
+
+
 def shard_count(wildcards):
     return study.datasets[wildcards.dataset].shards
 

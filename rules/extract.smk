@@ -20,6 +20,7 @@ rule extract:
         shard="{shard}",
         shards=shard_count,
         options=extraction_options,
+        dtype=model_dtype,
         readouts=readout_count,
         code=model_stage_code("extract"),
     script:

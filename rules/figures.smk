@@ -97,6 +97,7 @@ rule figure_top_examples:
     params:
         options=top_examples_options,
         title="{model} on {dataset}, read-out point {layer}",
+        dtype=model_dtype,
         code=model_stage_code("figure_top_examples"),
     script:
         "../scripts/stage.py"
@@ -126,6 +127,7 @@ rule feature_page:
     params:
         options=feature_page_options,
         title="{model} on {dataset}, read-out point {layer}: the top examples of every feature",
+        dtype=model_dtype,
         code=model_stage_code("feature_page"),
     script:
         "../scripts/stage.py"

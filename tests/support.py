@@ -54,6 +54,31 @@ def environment(**variables: str) -> dict:
     return {**os.environ, "PATH": path, **variables}
 
 
+def hub_snapshot(cache: Path, repo: str, files: Path, commit: str) -> None:
+    """Lay out the files of the folder ``files`` in the Hugging Face hub cache ``cache`` as what
+    huggingface_hub downloads of ``repo`` at ``commit``, with ``main`` pointing at it (plain
+    files where it would link to blobs): ``hf:<repo>`` then resolves offline."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    shutil.copytree(files, root / "snapshots" / commit, ignore=shutil.ignore_patterns("manifest*"))
+
+
+def run_stage(rule: str, cache: Path | None = None, **named: str) -> subprocess.CompletedProcess:
+    """One stage run as its job runs it (``python -m workflow_scripts.stage``), offline, with
+    ``cache`` as the Hugging Face hub cache."""
+    hub = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)} if cache else {}
+    return subprocess.run(
+        [sys.executable, "-m", "workflow_scripts.stage", rule]
+        + [f"{name}={value}" for name, value in named.items()],
+        cwd=REPO,
+        env=environment(**hub),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def snakemake(
     workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile", timeout=600, **variables
 ):

@@ -7,6 +7,7 @@ its own cache folder (SNAKEMAKE_OUTPUT_CACHE), with `--cache` as profiles/defaul
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -128,6 +129,10 @@ def cache_entry(path: Path) -> Path:
     return entries.pop()
 
 
+# the jobs of one model from its extraction on, in the test config
+FROM_EXTRACTION = {"extract", "layer_stats", "merge_stats", "figure_kurtosis", "table_statistics"}
+
+
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory):
     """One workflow, run once to the end; the tests below change it one step at a time."""
@@ -166,13 +171,7 @@ def test_an_extraction_option_or_a_source_reruns_that_model_from_extraction_on(w
     config = workflow.changed()
     config["models"]["gpt2-tiny"]["extract"] = {"max_tokens": 24}
     jobs = workflow.run(config)
-    assert rules_of(jobs) == {
-        "extract",
-        "layer_stats",
-        "merge_stats",
-        "figure_kurtosis",
-        "table_statistics",
-    }
+    assert rules_of(jobs) == FROM_EXTRACTION
     assert models_of(jobs) == {"gpt2-tiny"}
 
     other = fetch({**TINY_SPECS["gpt2"], "seed": 7}, tmp_path / "gpt2-seed7")
@@ -191,6 +190,16 @@ def test_an_extraction_option_or_a_source_reruns_that_model_from_extraction_on(w
         "table_statistics",
     }
     assert models_of(jobs) == {"gpt2-tiny"}
+
+
+def test_a_models_dtype_reruns_that_model_from_extraction_on_not_its_fetch(workflow):
+    config = workflow.changed()
+    config["models"]["gpt2-tiny"]["dtype"] = "bfloat16"
+    jobs = workflow.run(config)
+    assert rules_of(jobs) == FROM_EXTRACTION
+    assert models_of(jobs) == {"gpt2-tiny"}
+    shard = workflow.result("activations/gpt2-tiny/pairs/shard-0.zarr")
+    assert json.loads((shard / "zarr.json").read_text())["attributes"]["model_dtype"] == "bfloat16"
 
 
 def test_code_edits_rerun_the_stages_that_run_that_code(workflow):

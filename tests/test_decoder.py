@@ -4,14 +4,14 @@ hidden states, storing and fetching, extraction, ablation and the skipped block.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from support import EXTRACT_OPTIONS
+from support import EXTRACT_OPTIONS, hub_snapshot, run_stage
 from torch import nn
 
 from workflow_scripts import extract as extraction
@@ -201,12 +201,12 @@ def test_local_save_pretrained_directory(tmp_path):
         torch.testing.assert_close(streams[k], hidden[k], rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_of_another_layout_is_refused_when_fetched(model_dirs, tmp_path):
+def test_a_model_another_family_reads_is_refused_when_fetched(model_dirs, tmp_path):
     plain = tmp_path / "gpt2"
     shutil.copytree(model_dirs["gpt2"], plain)
     (plain / MANIFEST).unlink()
     with pytest.raises(  # its config.json's model_type, checked before anything is loaded
-        ValueError, match=r"is a 'gpt2' model, not family 'decoder' \(model_type 'llama' or"
+        ValueError, match=r"is a 'gpt2' model: family 'gpt2' reads it, not 'decoder'"
     ):
         fetch({"family": "decoder", "source": f"local:{plain}", "blocks": 2}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -393,66 +393,40 @@ def test_logit_lens_accuracy_of_a_decoder(decoder_dirs, dataset_files):
     }
 
 
-class FakeHub:
-    def __init__(self, sha):
-        self.sha = sha
-
-    def model_info(self, repo, revision):
-        return SimpleNamespace(sha=self.sha)
-
-
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def fake_hub(monkeypatch, repo: str, local) -> None:
-    """hf:<repo> answered from the save_pretrained folder ``local``: no network."""
-    monkeypatch.setattr("huggingface_hub.HfApi", lambda: FakeHub(COMMIT))
-
-    def redirect(original):
-        def load(name, *args, **kwargs):
-            if str(name) == repo:
-                assert kwargs.pop("revision") == COMMIT  # the pinned commit is asked for
-                name = local
-            return original(name, *args, **kwargs)
-
-        return load
-
-    for owner in (
-        transformers.AutoConfig,
-        transformers.AutoTokenizer,
-        transformers.LlamaForCausalLM,
-        transformers.BertForMaskedLM,
-    ):
-        monkeypatch.setattr(owner, "from_pretrained", redirect(owner.from_pretrained))
-
-
-def test_hub_model_of_another_type_is_refused(model_dirs, tmp_path, monkeypatch):
-    fake_hub(monkeypatch, "google-bert/bert-base-uncased", model_dirs["bert"])
-    with pytest.raises(
-        ValueError,
-        match=r"hf:google-bert/bert-base-uncased is a 'bert' model, "
-        r"not family 'decoder' \(model_type 'llama' or 'qwen2' "
-        r"or 'gpt_neox' or 'mistral'\)",
-    ):
-        fetch(
-            {"family": "decoder", "source": "hf:google-bert/bert-base-uncased", "blocks": 12},
-            tmp_path / "out",
-        )
-    assert not (tmp_path / "out").exists()
-
-
-def test_hub_decoder_is_pinned_and_loads(decoder_dirs, tmp_path, monkeypatch):
-    fake_hub(monkeypatch, "someone/tiny-llama", decoder_dirs["llama"])
-    manifest = fetch(
-        {"family": "decoder", "source": "hf:someone/tiny-llama", "blocks": 2}, tmp_path / "hub"
-    )
+def test_hub_decoder_is_pinned_and_loads(decoder_dirs, tmp_path):
+    """hf: through huggingface_hub's own cache, offline: ``main`` resolves to its commit, which
+    the manifest pins."""
+    hub_snapshot(tmp_path / "hub", "someone/tiny-llama", decoder_dirs["llama"], COMMIT)
+    spec = {"family": "decoder", "source": "hf:someone/tiny-llama", "blocks": 2}
+    done = run_stage("fetch_model", tmp_path / "hub", spec=json.dumps(spec), out=tmp_path / "m")
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(tmp_path / "m")
     assert manifest["revision"] == COMMIT and manifest["requested_revision"] == "main"
-    adapter, _ = load_adapter(tmp_path / "hub")
+    adapter, _ = load_adapter(tmp_path / "m")
     reference, _ = load_adapter(decoder_dirs["llama"])
     assert len(adapter.readouts) == 3
     inputs = encode(adapter)
     with torch.no_grad():
         torch.testing.assert_close(adapter.logits(inputs), reference.logits(inputs), rtol=0, atol=0)
+
+
+def test_hub_model_of_another_family_is_refused_before_its_weights(model_dirs, tmp_path):
+    """Only the config is read before the check: the snapshot here has no weights at all."""
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    shutil.copy(model_dirs["bert"] / "config.json", folder)
+    hub_snapshot(tmp_path / "hub", "google-bert/bert-base-uncased", folder, COMMIT)
+    spec = {"family": "decoder", "source": "hf:google-bert/bert-base-uncased", "blocks": 12}
+    done = run_stage("fetch_model", tmp_path / "hub", spec=json.dumps(spec), out=tmp_path / "m")
+    assert done.returncode == 1 and "Traceback" not in done.stderr  # one line
+    assert (
+        "hf:google-bert/bert-base-uncased is a 'bert' model: family 'bert' reads it, not "
+        "'decoder'" in done.stderr
+    )
+    assert not (tmp_path / "m").exists()
 
 
 def test_config_accepts_decoder_models(default_config):

@@ -104,6 +104,7 @@ def test_layout_attributes_and_codecs(model_dirs, dataset_files, tmp_path):
     for k in range(3):
         array = group[f"layer-{k}"]
         assert array.shape == (rows, 32) and array.dtype == np.float16
+        assert array.attrs["dtype"] == "float16"  # the storage dtype, read back as it is
         assert array.chunks == (16, 32) and array.shards == (64, 32)
         assert isinstance(array.metadata.codecs[0], ShardingCodec)
         inner = [type(c).__name__ for c in array.metadata.codecs[0].codecs]

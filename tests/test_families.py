@@ -81,10 +81,10 @@ def write(model, tokenizer, directory):
     Path(directory, "config.json").write_text(json.dumps(model.config))
 
 
-def load(directory, family, head=None, num_labels=None):
+def load(directory, family, head=None, num_labels=None, dtype=None):
     model = _net(json.loads(Path(directory, "config.json").read_text()))
     model.load_state_dict(load_file(Path(directory, "model.safetensors")))
-    return model.eval(), None
+    return model.to(getattr(torch, dtype or "float32")).eval(), None
 
 
 class Skip(nn.Module):

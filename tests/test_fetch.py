@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
-from support import TINY_SPECS
+import torch
+import transformers
+from support import TINY_SPECS, hub_snapshot, run_stage
+from torch import nn
 
-from workflow_scripts.fetch_model import count_parameters, fetch, resolve_revision
+from workflow_scripts.fetch_model import count_parameters, fetch
 from workflow_scripts.models import load_adapter
+from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
 from workflow_scripts.models.store import (
     MANIFEST,
     WEIGHTS,
@@ -105,33 +108,66 @@ def test_a_failed_fetch_keeps_the_previous_directory_intact(model_dirs, tmp_path
     assert read_manifest(out) == before
 
 
-class FakeHub:
-    """Stands in for huggingface_hub.HfApi: answers model_info for a branch."""
-
-    def __init__(self, sha):
-        self.sha, self.calls = sha, []
-
-    def model_info(self, repo, revision):
-        self.calls.append((repo, revision))
-        return SimpleNamespace(sha=self.sha)
+COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
-def test_hub_branch_is_pinned_to_its_commit():
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    hub = FakeHub(commit)
-    assert resolve_revision("openai-community/gpt2", "main", hub) == commit
-    assert hub.calls == [("openai-community/gpt2", "main")]
+class StudyRMSNorm(nn.Module):
+    """The study's RMSLayerNorm (its src/models/text.py): one gain, a 0-d tensor."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x / torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True) + self.eps) * self.weight
 
 
-def test_hub_commit_is_kept_without_asking():
-    commit = "fedcba9876543210fedcba9876543210fedcba98"
-    hub = FakeHub("not used")
-    assert resolve_revision("gpt2", commit, hub) == commit and hub.calls == []
+def study_gptr2(folder) -> transformers.GPT2LMHeadModel:
+    """A tiny gptr2-nano as the study's hub checkpoints are: a GPT-2 config naming the author's
+    class ``GPTR``, weights in ``pytorch_model.bin`` with 0-d norm gains, GPT-2's tokenizer."""
+    tokenizer = builtin_tokenizer("gpt2")
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    norms = [(p, n, c) for p in model.modules() for n, c in p.named_children()]
+    for parent, name, child in norms:
+        if isinstance(child, nn.LayerNorm):
+            setattr(parent, name, StudyRMSNorm(child.eps))
+            getattr(parent, name).weight.data.fill_(0.5 + torch.rand(()).item())
+    folder.mkdir()
+    config.architectures = ["GPTR"]
+    config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    tokenizer.save_pretrained(folder)
+    return model
 
 
-def test_hub_answer_that_is_not_a_commit_is_refused():
-    with pytest.raises(ValueError, match="not a commit"):
-        resolve_revision("gpt2", "main", FakeHub(None))
+def test_the_studys_gptr2_checkpoints_load_from_the_hub(tmp_path):
+    """hf: offline, from huggingface_hub's cache: a gptr2-nano checkpoint in the study's form is
+    pinned to its commit, stored as safetensors, and reads as the study read it
+    (``hidden_states``, the last after ln_f)."""
+    study = study_gptr2(tmp_path / "gptr")
+    repo = "George-Ogden/gptr2-nano-with-momentum-with-weight-decay"
+    hub_snapshot(tmp_path / "hub", repo, tmp_path / "gptr", COMMIT)
+    spec = {"family": "gptr2", "source": f"hf:{repo}", "blocks": 2}
+    done = run_stage("fetch_model", tmp_path / "hub", spec=json.dumps(spec), out=tmp_path / "m")
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(tmp_path / "m")
+    assert manifest["revision"] == COMMIT and WEIGHTS in manifest["files"]
+    assert manifest["parameters"] == sum(p.numel() for p in study.parameters())
+    adapter, _ = load_adapter(tmp_path / "m", final_readout="final_norm")
+    inputs = dict(adapter.tokenizer(["the old pilot found the map ."], return_tensors="pt"))
+    with torch.no_grad():
+        streams = adapter.streams(inputs)
+        hidden = study(**inputs, output_hidden_states=True).hidden_states
+        own = study(**inputs).logits
+        torch.testing.assert_close(adapter.logits(inputs), own, rtol=1e-5, atol=1e-5)
+    assert len(streams) == len(hidden) == 3
+    for stream, reference in zip(streams, hidden):
+        torch.testing.assert_close(stream, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_a_local_checkpoint_of_another_model_type_is_refused(model_dirs, tmp_path):

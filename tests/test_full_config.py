@@ -116,17 +116,47 @@ def test_the_study_config_is_the_study():
         assert study.models[name].extract.max_tokens == 128
     assert study.stats_options.average == "examples"
     assert not study.ablation_options.final_norm and not study.ablation_options.shortcut_relu
-    assert {str(m.source) for m in study.models.values() if "George-Ogden" in str(m.source)} == {
-        f"hf:George-Ogden/{name}"
-        for name in (
-            "roberta-base-cased-finetuned-mnli",
-            "roberta-large-cased-finetuned-mnli",
-            "gpt2-finetuned-mnli",
-            "gpt2-medium-finetuned-mnli",
-            "gptr2-nano-with-momentum",
-            "gptr2-nano-without-momentum",
-        )
+    hub = {m.source.location for m in study.models.values() if m.source.scheme == "hf"}
+    assert hub == {STUDY_HUB_IDS.get(i, i) for i in STUDY_SCRIPT_MODELS if i not in TORCHVISION}
+    assert {
+        m.source.location for m in study.models.values() if m.source.scheme == "torchvision"
+    } == set(TORCHVISION)
+    # Figure 8's four regimes, drawn together
+    assert set(study.figure_groups["gptr2-nano-optimizers"].models) == {
+        name for name in study.models if name.startswith("gptr2-nano-")
     }
+    assert len(study.figure_groups["gptr2-nano-optimizers"].models) == 4
+
+
+# every model the study's scripts run (github.com/George-Ogden/residual-streams, scripts/run-text.sh
+# and scripts/run-image.sh), as its scripts name them
+STUDY_SCRIPT_MODELS = (
+    "roberta-base",
+    "roberta-large",
+    "gpt2",
+    "gpt2-medium",
+    "George-Ogden/roberta-large-cased-finetuned-mnli",
+    "George-Ogden/roberta-base-cased-finetuned-mnli",
+    "George-Ogden/gpt2-finetuned-mnli",
+    "George-Ogden/gpt2-medium-finetuned-mnli",
+    "George-Ogden/gptr2-nano-without-momentum-with-weight-decay",
+    "George-Ogden/gptr2-nano-with-momentum-with-weight-decay",
+    "George-Ogden/gptr2-nano-without-momentum-without-weight-decay",
+    "George-Ogden/gptr2-nano-with-momentum-without-weight-decay",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+)
+TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# the hub's canonical ids of the scripts' short ones (the short ones redirect to them)
+STUDY_HUB_IDS = {
+    "roberta-base": "FacebookAI/roberta-base",
+    "roberta-large": "FacebookAI/roberta-large",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+}
 
 
 def test_the_full_study_estimate_is_computed_from_the_config():
@@ -164,3 +194,35 @@ def test_the_estimate_of_one_extraction_and_one_training_run():
         for m in ("gpt2", "gpt2-medium")
     )
     assert large > small
+
+
+@pytest.mark.parametrize("stage", ["extract", "ablate"])
+def test_job_memory_counts_the_model_in_its_dtype(stage):
+    """A 7B-shape decoder: its weights at 4 bytes in float32, 2 in bfloat16 (and auto); the
+    stored stream at the storage dtype's bytes."""
+    from workflow_scripts.estimate import extraction, job_resources
+
+    config = yaml.safe_load(FULL.read_text())
+    config["models"]["big"] = {
+        "family": "decoder",
+        "source": "hf:someone/big",
+        "blocks": 32,
+        "width": 4096,
+    }
+    config["analyses"].append({"models": ["big"], "datasets": ["mnli-matched"]})
+    memory = {}
+    for dtype in ("float32", "bfloat16", "auto"):
+        config["models"]["big"]["dtype"] = dtype
+        memory[dtype] = job_resources(resolve(config), stage, "big", "mnli-matched")["mem_mb"]
+    big = resolve(config).models["big"]
+    saved = 2 * big.size.parameters * (2 if stage == "ablate" else 1)  # 2 bytes a parameter
+    if stage == "extract":  # and 2 bytes a value of the batches on their way to the writer
+        tokens = big.extract.batch_size * big.extract.max_tokens
+        saved += 2 * 3 * tokens * big.size.readouts * big.size.width
+    assert memory["float32"] - memory["bfloat16"] == pytest.approx(1.5 * saved / 2**20, abs=1)
+    assert memory["auto"] == memory["bfloat16"]
+    stored = {}
+    for dtype in ("float16", "bfloat16", "float32"):
+        config["extract"] = {"dtype": dtype}
+        stored[dtype] = extraction(resolve(config), "big", "mnli-matched")["bytes"]
+    assert stored["float16"] == stored["bfloat16"] == stored["float32"] / 2

@@ -92,3 +92,28 @@ def test_a_damaged_shard_file_is_refused_naming_it(tmp_path, damage):
     np.testing.assert_array_equal(  # the other files still read
         read_rows(group, "layer-0", 0, 64, path), group["layer-0"][0:64]
     )
+
+
+def test_bfloat16_is_read_raw_decoded_and_its_checksums_verified(tmp_path):
+    import torch
+
+    x = (np.random.default_rng(0).standard_normal((ROWS, WIDTH)) * 1e6).astype(np.float32)
+    readouts = [Readout(0, 0, 0, "block.0", WIDTH)]
+    writer = ShardWriter(tmp_path / "s.zarr", readouts, ROWS, "bfloat16", 16, 4)
+    writer.append([x], np.arange(ROWS) // 5, np.zeros(ROWS, np.int32), np.zeros(ROWS, bool))
+    writer.close({"readouts": [r.as_dict() for r in readouts]})
+    path = tmp_path / "s.zarr"
+    group = open_shard(path)
+    assert raw_layout(group["layer-0"]) == (64, 16) and group["layer-0"].dtype == np.uint16
+    expected = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    for start, stop in RANGES:
+        got = read_rows(group, "layer-0", start, stop, path)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected[start:stop])
+        np.testing.assert_array_equal(got, read_rows_with_zarr(group, "layer-0", start, stop, path))
+    file = path / "layer-0" / "c" / "1" / "0"
+    data = bytearray(file.read_bytes())
+    data[40] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"layer-0 rows 60:70 are corrupted on disk"):
+        read_rows(group, "layer-0", 60, 70, path)

@@ -105,10 +105,15 @@ def score(
 
 
 def ablate(
-    model_dir: str | Path, data_path: str | Path, options: AblationOptions, workers: int = 0
+    model_dir: str | Path,
+    data_path: str | Path,
+    options: AblationOptions,
+    workers: int = 0,
+    dtype: str | None = None,
 ) -> pd.DataFrame:
-    """Long-form accuracies for every read-out point and direction."""
-    adapter, _ = load_adapter(model_dir)
+    """Long-form accuracies for every read-out point and direction, the model run in ``dtype``
+    (float32 where None)."""
+    adapter, _ = load_adapter(model_dir, dtype=dtype)
     dataset = DatasetFile(data_path)
     label_order = check_compatible(adapter, dataset, f"{model_dir} on {data_path}")
     device = pick_device(options.device)
@@ -177,9 +182,11 @@ def run(
     dataset_name: str,
     out: str,
     threads: int = 1,
+    dtype: str | None = None,
 ) -> None:
-    """The ablate stage: accuracy of ``model`` on ``data`` under head and tail ablation."""
-    frame = ablate(model, data, options, max(0, threads - 1))
+    """The ablate stage: accuracy of ``model`` (run in ``dtype``) on ``data`` under head and
+    tail ablation."""
+    frame = ablate(model, data, options, max(0, threads - 1), dtype)
     frame.insert(0, "dataset", dataset_name)
     frame.insert(0, "model", model_name)
     write_parquet(frame, out)

@@ -4,6 +4,9 @@ Arrays:
   ``layer-{k}``  ``[rows, width]`` stream at read-out point k (float16 by default), chunked by rows
                  and stored with the sharding codec (``chunks_per_shard`` chunks per file);
                  every chunk carries a crc32c checksum, so a corrupted chunk fails to read.
+                 Its attribute ``dtype`` is the storage dtype (:data:`STORAGE_DTYPES`): float16
+                 and float32 are stored as such; bfloat16, which Zarr does not have, as its bit
+                 patterns in uint16 (the high half of a float32), decoded on read.
   ``example_id`` ``[rows]`` int64, the dataset example each row comes from;
   ``position``   ``[rows]`` int32, the token position (0 for images);
   ``is_padding`` ``[rows]`` bool, true for rows at padding tokens.
@@ -17,10 +20,16 @@ whatever the number of rows. It runs in a thread of its own, beside the forward 
 writes the read-out points of a shard in parallel threads. Chunks are stored uncompressed by
 default (activations do not compress: zstd stores 0.92 to 0.94 of the raw bytes at half the
 speed), ``compression: zstd`` on request; every chunk carries a crc32c checksum either way.
+
+Nothing is stored that the storage dtype cannot hold: the writer checks every batch, before any
+of it is buffered, for rows that are not finite in the stream itself or not after the cast, and
+stops with :class:`StreamOverflowError` naming the read-out point, the example and the setting
+to change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import queue
@@ -30,6 +39,7 @@ from pathlib import Path
 
 import google_crc32c
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
@@ -38,6 +48,178 @@ from workflow_scripts.output_cache import provenance
 from workflow_scripts.stage import InputError
 
 INDEX_ARRAYS = {"example_id": np.int64, "position": np.int32, "is_padding": np.bool_}
+
+# the storage dtypes of the stream (``extract.dtype``) and the dtype of their Zarr arrays:
+# bfloat16 is stored as its bit patterns
+STORAGE_DTYPES = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.uint16),
+    "float32": np.dtype(np.float32),
+}
+# the largest finite value of each
+STORAGE_MAX = {
+    "float16": float(np.finfo(np.float16).max),  # 65504
+    "bfloat16": float(torch.finfo(torch.bfloat16).max),  # 3.39e38
+    "float32": float(np.finfo(np.float32).max),  # 3.40e38
+}
+# the smallest magnitude that a cast to each rounds to inf: half an ulp past its largest value
+# (ties go to the even significand: inf)
+ROUNDS_TO_INF = {
+    "float16": 65520.0,
+    "bfloat16": (2 - 2**-8) * 2.0**127,
+    "float32": (2 - 2**-24) * 2.0**127,
+}
+# casts that keep every finite value finite: (from, to storage dtype)
+_KEEPS_FINITE = {
+    (torch.float16, "float16"),
+    (torch.float16, "bfloat16"),
+    (torch.float16, "float32"),
+    (torch.bfloat16, "bfloat16"),
+    (torch.bfloat16, "float32"),
+    (torch.float32, "float32"),
+}
+
+
+def storage_dtype(name) -> str:
+    """The name of storage dtype ``name`` (a name, numpy dtype or type), checked."""
+    name = "bfloat16" if str(name) == "bfloat16" else np.dtype(name).name
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {name!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+    return name
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``x`` (any float dtype, on any device) as stored in storage dtype ``dtype``: float16 and
+    float32 by torch's cast (round to nearest even; past float16's range is inf); bfloat16 by
+    torch's cast too, its bit patterns as int16 (torch's uint16 has few kernels; the writer
+    reads them as uint16)."""
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16)
+    return x.to(getattr(torch, dtype))
+
+
+def to_storage_checked(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x`` ([rows, width]) as stored (:func:`to_storage`), and per row whether it is
+    finite in ``x`` and after the cast ([2, rows] bool): computed where ``x`` is, without a
+    sync, for the writer to check (:meth:`ShardWriter.append`'s ``finite``). Both come from
+    each row's largest and smallest value (NaN propagates through them), one cheap reduction
+    each, no pass over the cast: a finite value becomes inf in the cast exactly when its
+    magnitude reaches :data:`ROUNDS_TO_INF` (round to nearest even)."""
+    stored = to_storage(x, dtype)
+    high, low = x.amax(dim=1), x.amin(dim=1)
+    source = torch.isfinite(high) & torch.isfinite(low)
+    if (x.dtype, dtype) in _KEEPS_FINITE:
+        after = source
+    else:  # a comparison with NaN is false
+        limit = ROUNDS_TO_INF[dtype]
+        after = (high.to(torch.float64) < limit) & (low.to(torch.float64) > -limit)
+    return stored, torch.stack((source, after))
+
+
+def encode(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Host rows ``x`` (numpy, any float dtype) as stored in storage dtype ``dtype``, the same
+    as :func:`to_storage` gives (torch's rounding)."""
+    if dtype != "bfloat16":
+        with np.errstate(over="ignore"):  # past float16's range is inf, as in torch
+            return np.asarray(x, STORAGE_DTYPES[dtype])
+    tensor = torch.from_numpy(np.ascontiguousarray(x))
+    return to_storage(tensor, dtype).numpy().view(np.uint16)
+
+
+def decode(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored rows of storage dtype ``dtype`` as float values: float16 and float32 as they are;
+    bfloat16's bit patterns (uint16) as float32, exactly (the bits become the high half)."""
+    if dtype != "bfloat16":
+        return x
+    if x.dtype != np.uint16:
+        raise ValueError(f"bfloat16 rows are stored as uint16, not {x.dtype}")
+    out = np.empty(x.shape, np.uint32)
+    np.left_shift(x, 16, out=out, dtype=np.uint32)  # the high half of a float32, low half 0
+    return out.view(np.float32)
+
+
+def stored_dtype(array: zarr.Array) -> str:
+    """The storage dtype of an array of a shard: its ``dtype`` attribute (layer arrays), else
+    its Zarr dtype (index arrays, and layer arrays of shards written before the attribute)."""
+    dtype = array.attrs.get("dtype")
+    if dtype is None:
+        return np.dtype(array.dtype).name
+    if dtype not in STORAGE_DTYPES or np.dtype(array.dtype) != STORAGE_DTYPES[dtype]:
+        raise ShardError(f"{array.name}: stored as {array.dtype}, but its attributes say {dtype}")
+    return dtype
+
+
+def _host(column) -> np.ndarray:
+    """A column handed to the writer (numpy, or a CPU tensor) as numpy; a bfloat16 tensor as
+    its bit patterns (int16)."""
+    if isinstance(column, torch.Tensor):
+        if column.dtype == torch.bfloat16:
+            column = column.view(torch.int16)
+        return column.numpy()
+    return np.asarray(column)
+
+
+class StreamOverflowError(InputError):
+    """A value of the stream that the storage dtype cannot hold (NaN or inf, or past its
+    range): never stored; the message names the read-out point, the row and what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSource:
+    """Where the rows of a shard come from, for the message of a value that cannot be stored:
+    the model's config name, the dtype it runs in, the autocast dtype of its forward (None:
+    none), and whether rows are token positions (text) or examples (images)."""
+
+    model: str = "<name>"
+    model_dtype: str | None = None
+    autocast: str | None = None
+    tokens: bool = True
+
+
+def overflow_message(
+    readout: Readout,
+    example_id: int,
+    position: int | None,
+    padding: bool,
+    in_source: bool,
+    dtype: str,
+    source: StreamSource,
+) -> str:
+    """Why a row cannot be stored, and what to change: ``in_source``: the model's forward
+    itself gave NaN or inf; else a finite value is past the range of storage dtype ``dtype``."""
+    where = f"read-out {readout.index} ({readout.name}), example {example_id}"
+    if position is not None:
+        where += f", token position {position}" + (" (padding)" if padding else "")
+    if in_source:
+        steps = []
+        if source.model_dtype != "float32":
+            steps.append(f"models.{source.model}.dtype: float32")
+        if source.autocast is not None:
+            steps.append(f"extract.autocast: null (the forward ran under {source.autocast})")
+        if steps:
+            advice = f"run the model in a wider dtype: set {' and '.join(steps)} in the config"
+        else:
+            advice = (
+                f"it runs in float32 already (models.{source.model}.dtype) without autocast, "
+                "so no wider dtype helps: check its weights and inputs"
+            )
+        return (
+            f"{where}: the model's own forward gave NaN or inf (before any cast to {dtype}), "
+            f"which is never stored; {advice}. Nothing was stored"
+        )
+    if dtype == "float16":
+        advice = (
+            "set extract.dtype: bfloat16 (float16's bytes with float32's range) or "
+            "extract.dtype: float32 in the config"
+        )
+    elif dtype == "bfloat16":
+        advice = "set extract.dtype: float32 in the config"
+    else:
+        advice = "no storage dtype is wider"
+    return (
+        f"{where}: a finite value past {dtype}'s range (±{STORAGE_MAX[dtype]:.5g}) would be "
+        f"stored as inf; {advice}. Nothing was stored"
+    )
 
 
 def layer_name(index: int) -> str:
@@ -85,10 +267,17 @@ class ShardWriter:
     """Writes the rows of one extraction shard in order; call :meth:`append` per batch and
     :meth:`close` at the end (or :meth:`abort`). Rows go to ``path`` exactly as given.
 
+    ``dtype``: the storage dtype of the read-out points (:data:`STORAGE_DTYPES`), recorded as
+    each layer array's ``dtype`` attribute and the group's (unless ``close`` is given one).
+
     ``append`` hands a batch to a writer thread through a queue of ``depth`` batches and returns
     at once, so the next forward pass runs while this batch is buffered and written; a batch's
     arrays may still be on their way from the GPU (``ready``: a CUDA event the thread waits on).
-    An error in the writer is raised by the next ``append`` or by ``close``."""
+    Before any row of a batch is buffered, the thread checks that every row is finite in the
+    stream and in the storage dtype, and otherwise stops with :class:`StreamOverflowError`
+    (its message says where from: ``source``). An error in the writer is raised by the next
+    ``append`` or by ``close``: bad input (an InputError) as it is, any other wrapped in a
+    RuntimeError naming the shard."""
 
     def __init__(
         self,
@@ -100,12 +289,15 @@ class ShardWriter:
         chunks_per_shard: int,
         compression: str = "none",
         depth: int = 2,
+        source: StreamSource | None = None,
     ):
         if rows <= 0:
             raise ValueError(f"{path}: nothing to write (0 rows)")
         if compression not in COMPRESSORS:
             raise ValueError(f"compression {compression!r}: choose one of {sorted(COMPRESSORS)}")
-        self.path, self.rows, self.dtype = Path(path), rows, np.dtype(dtype)
+        self.storage = storage_dtype(dtype)
+        self.path, self.rows, self.dtype = Path(path), rows, STORAGE_DTYPES[self.storage]
+        self.readouts, self.source = list(readouts), source or StreamSource()
         chunk = min(chunk_rows, rows)
         self.block = chunk * min(chunks_per_shard, math.ceil(rows / chunk))
         self.group = zarr.open_group(self.path, mode="w", zarr_format=3)
@@ -125,6 +317,7 @@ class ShardWriter:
                     dtype=self.dtype,
                     chunks=(chunk, readout.width),
                     shards=(self.block, readout.width),
+                    attributes={"dtype": self.storage},
                     **codecs,
                 )
             )
@@ -158,20 +351,31 @@ class ShardWriter:
         position: np.ndarray,
         is_padding: np.ndarray,
         ready=None,
+        finite=None,
     ) -> None:
         """Queue a batch: one ``[rows, width]`` array (numpy, or a CPU tensor) per read-out and
-        the rows' index arrays; ``ready``, if given, is waited on before the arrays are read."""
+        the rows' index arrays; ``ready``, if given, is waited on before the arrays are read.
+        A read-out's array is either already in the storage dtype (for bfloat16: a bfloat16
+        tensor, or its bit patterns as int16 or uint16, :func:`to_storage`) or in any float
+        dtype, cast here (:func:`encode`). ``finite``: per read-out and row, whether the row is
+        finite in the stream and after the cast (``[readouts, 2, rows]`` bool, stacked from
+        :func:`to_storage_checked`); without it, the writer checks the rows it casts itself and
+        stores rows given in the storage dtype as they are."""
         self._raise()
         columns = [*streams, example_id, position, is_padding]
         n = len(example_id)
         if any(len(c) != n for c in columns):
             raise ValueError("every read-out and index array of a batch needs the same rows")
+        if len(streams) != len(self.readouts):
+            raise ValueError(f"{len(streams)} read-outs given, the shard has {len(self.readouts)}")
+        if finite is not None and tuple(finite.shape) != (len(streams), 2, n):
+            raise ValueError(f"finite has shape {tuple(finite.shape)}, not {(len(streams), 2, n)}")
         if self.announced + n > self.rows:
             raise ValueError(f"{self.path}: more rows than the {self.rows} announced")
         self.announced += n
         while True:  # wait for room, but not for a writer that has died
             try:
-                self.queue.put((columns, ready), timeout=0.5)
+                self.queue.put((columns, ready, finite), timeout=0.5)
                 return
             except queue.Full:
                 self._raise()
@@ -182,13 +386,55 @@ class ShardWriter:
             if item is None or self.error is not None:
                 return
             try:
-                columns, ready = item
+                columns, ready, finite = item
                 if ready is not None:
                     ready.synchronize()
-                self._buffer([c.numpy() if hasattr(c, "numpy") else c for c in columns])
+                columns = [_host(c) for c in columns]
+                streams = len(self.readouts)
+                if self.storage == "bfloat16":  # its bit patterns, as to_storage gives them
+                    columns[:streams] = [
+                        c.view(np.uint16) if c.dtype == np.int16 else c for c in columns[:streams]
+                    ]
+                stored, checked = zip(*(self._stored(c) for c in columns[:streams]))
+                columns[:streams] = stored
+                self._check(np.asarray(checked if finite is None else finite), *columns[streams:])
+                self._buffer(columns)
             except BaseException as error:  # noqa: BLE001 - handed to the main thread
                 self.error = error
                 return
+
+    def _stored(self, column: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A read-out's rows in the stored dtype, and the ``finite`` flags of :meth:`append` for
+        them ([2, rows]): rows given in the stored dtype are stored as given (all flags true:
+        the caller has checked them, or stores NaN or inf on purpose, as the tests of the
+        readers' refusal do); rows cast here (:func:`encode`) are checked here."""
+        if column.dtype == self.dtype:
+            return column, np.ones((2, len(column)), bool)
+        if column.dtype == np.bool_ or not np.issubdtype(column.dtype, np.number):
+            raise TypeError(f"read-out rows of dtype {column.dtype} for {self.storage} storage")
+        stored = encode(column, self.storage)
+        if self.storage == "bfloat16":  # an exponent of all ones is inf or NaN
+            after = ((stored & 0x7F80) != 0x7F80).all(axis=1)
+        else:
+            after = np.isfinite(stored).all(axis=1)
+        return stored, np.stack((np.isfinite(column).all(axis=1), after))
+
+    def _check(self, finite, example_id, position, is_padding) -> None:
+        """Refuse a batch with a row that is not finite as stored (:class:`StreamOverflowError`
+        for its first read-out point and row)."""
+        if finite.all():
+            return
+        r, i = (int(v) for v in np.argwhere(~finite.all(axis=1))[0])
+        message = overflow_message(
+            self.readouts[r],
+            int(example_id[i]),
+            int(position[i]) if self.source.tokens else None,
+            bool(is_padding[i]),
+            not bool(finite[r, 0, i]),
+            self.storage,
+            self.source,
+        )
+        raise StreamOverflowError(message)  # the stage names the job (its shard)
 
     def _buffer(self, columns: list[np.ndarray]) -> None:
         n, offset = len(columns[-1]), 0
@@ -231,6 +477,8 @@ class ShardWriter:
         self.written = end
 
     def _raise(self) -> None:
+        if isinstance(self.error, InputError):  # bad input, said as it is (a one-line error)
+            raise self.error
         if self.error is not None:
             raise RuntimeError(f"{self.path}: writing failed ({self.error})") from self.error
 
@@ -251,7 +499,7 @@ class ShardWriter:
         self.pool.shutdown()
         if self.written != self.rows:
             raise ValueError(f"{self.path}: wrote {self.written} rows of {self.rows} announced")
-        self.group.attrs.update(attributes)
+        self.group.attrs.update({"dtype": self.storage, **attributes})
 
     def abort(self) -> None:
         """Stop the writer thread and its pool after an error elsewhere, so that nothing writes
@@ -302,13 +550,17 @@ def _check_files(group: zarr.Group, path: Path) -> None:
 
 
 def read_rows(group: zarr.Group, name: str, start: int, stop: int, shard: str | Path) -> np.ndarray:
-    """Rows ``start:stop`` of array ``name`` of a shard. A chunk whose crc32c checksum or zstd
+    """Rows ``start:stop`` of array ``name`` of a shard, as float values for a read-out point
+    (bfloat16 decoded to float32, :func:`decode`). A chunk whose crc32c checksum or zstd
     frame does not match its bytes raises ShardError naming the shard (and the output cache
     entry it came from): a corrupted chunk is refused, never used."""
+    array = group[name]
+    dtype = stored_dtype(array)
     try:
-        return group[name][start:stop]
+        rows = array[start:stop]
     except (ValueError, RuntimeError, OSError) as error:
         raise ShardError(
             f"{shard}: {name} rows {start}:{stop} are corrupted on disk ({error})"
             f"{provenance(Path(shard, name))}"
         ) from None
+    return decode(rows, dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from workflow_scripts.options.precision import bytes_per_value
 from workflow_scripts.plan import Study, resolve
 
 # measured on one H100 (benchmarks/gpu_stages.py, bfloat16 autocast): effective FLOP/s
@@ -52,7 +53,7 @@ def extraction(study: Study, model: str, dataset: str) -> dict:
     tokens = 1 if image else tokens_per_row(data.entry, options.max_tokens)
     per_example = options.rows_per_example or tokens
     rows = data.estimated_rows * min(per_example, tokens)
-    stored = rows * size.readouts * size.width * (2 if options.dtype == "float16" else 4)
+    stored = rows * size.readouts * size.width * bytes_per_value(options.dtype)
     flops = data.estimated_rows * tokens * size.flops_per_row
     rate = RESNET_FLOPS_PER_S["forward"] if image else TRANSFORMER_FLOPS_PER_S
     seconds = max(flops / rate, stored / ZARR_BYTES_PER_S)  # the GPU waits for the writer
@@ -108,16 +109,21 @@ def loader_bytes(study: Study, run: str) -> float:
 
 
 def job_resources(study: Study, stage: str, model: str, dataset: str | None = None) -> dict:
-    """mem_mb and runtime (minutes) of one job: the model in float32 plus what the stage holds,
-    with room to spare; run time from the estimate, at least 10 minutes, doubled for safety."""
+    """mem_mb and runtime (minutes) of one job: the model in its dtype (training: float32) plus
+    what the stage holds, with room to spare; run time from the estimate, at least 10 minutes,
+    doubled for safety."""
     size = study.models[model].size
-    model_mb = size.parameters * 4 / 2**20
+    dtype = study.models[model].dtype if stage != "train" else "float32"
+    model_mb = size.parameters * bytes_per_value(dtype) / 2**20
     if stage == "extract":
         options = study.models[model].extract
-        row_bytes = size.readouts * size.width * 4
-        buffer = options.chunk_rows * options.chunks_per_shard * row_bytes
+        row = size.readouts * size.width
+        buffer = (
+            options.chunk_rows * options.chunks_per_shard * row * bytes_per_value(options.dtype)
+        )
         batch = options.batch_size * (1 if _image(study, model) else options.max_tokens)
-        memory = model_mb + (buffer + 3 * batch * row_bytes) / 2**20
+        # a batch's streams in the model's dtype, on their way to the host and the writer
+        memory = model_mb + (buffer + 3 * batch * row * bytes_per_value(dtype)) / 2**20
         shards = study.datasets[dataset].shards
         seconds = extraction(study, model, dataset)["gpu_seconds"] / shards
     elif stage == "ablate":

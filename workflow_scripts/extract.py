@@ -4,7 +4,10 @@ The shard is a contiguous block of the dataset's rows, read from the row groups 
 batch at a time. Text is tokenized twice (a first pass counts the rows to store), then run in
 batches; every token position becomes a row, padding
 included and flagged. Images give one row per image: the block output mean-pooled over space.
-The group is written under a temporary name and renamed when complete.
+The group is written under a temporary name and renamed when complete. Every batch is checked
+before it is stored: a row that is NaN or inf in the model's stream, or past the storage dtype's
+range, stops the job (activations.StreamOverflowError) and leaves no shard; the check is computed
+on the device beside the cast and read by the writer thread, so it costs the GPU no sync.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.activations import ShardWriter
+from workflow_scripts.activations import ShardWriter, StreamSource, to_storage_checked
 from workflow_scripts.atomic import written
 from workflow_scripts.batches import Batch, autocast, image_batches, pick_device, text_batches
 from workflow_scripts.data.store import DatasetError, DatasetFile
@@ -73,11 +76,13 @@ def extract(
     code: str = "",
     readouts: int | None = None,
     workers: int = 0,
+    dtype: str | None = None,
 ) -> None:
     """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``,
     reading only the shard's rows. ``readouts``: the number of read-out points the config
-    promises (checked); ``workers``: processes decoding images."""
-    adapter, manifest = load_adapter(model_dir, options.gpt2_final_readout)
+    promises (checked); ``workers``: processes decoding images; ``dtype``: the model's
+    (float32 where None)."""
+    adapter, manifest = load_adapter(model_dir, options.gpt2_final_readout, dtype)
     if readouts is not None and readouts != len(adapter.readouts):
         raise ValueError(
             f"model {model_dir} has {len(adapter.readouts)} read-out points, but "
@@ -134,6 +139,7 @@ def extract(
         "shards": shards,
         "example_range": [start, stop],
         "options": {k: getattr(options, k) for k in CONTENT_OPTIONS},
+        "model_dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
         "digests": {
             "model": sha256_file(Path(model_dir, MANIFEST)),
             "dataset": sha256_file(data_path),
@@ -149,6 +155,7 @@ def extract(
             options.chunk_rows,
             options.chunks_per_shard,
             options.compression,
+            source=_stream_source(adapter, model_dir, device, options),
         )
         total = (stop - start + options.batch_size - 1) // options.batch_size
         try:
@@ -168,6 +175,17 @@ def extract(
     log.info("wrote %s: %d rows x %d read-outs", out, rows, len(adapter.readouts))
 
 
+def _stream_source(adapter, model_dir, device, options: ExtractOptions) -> StreamSource:
+    """Where the stream comes from, for the message of a value it cannot store."""
+    dtype = next((p.dtype for p in adapter.model.parameters()), torch.float32)
+    return StreamSource(
+        model=Path(model_dir).name,  # results/models/{model}: the model's config name
+        model_dtype=str(dtype).removeprefix("torch."),
+        autocast=options.autocast if device.type == "cuda" else None,
+        tokens=adapter.modality == "text",
+    )
+
+
 def _to_host(tensors: list[torch.Tensor], device) -> tuple[list[torch.Tensor], object]:
     """The tensors on the host: from a GPU, copied without blocking into pinned memory, with the
     CUDA event that marks the copies done (the writer thread waits on it)."""
@@ -181,35 +199,44 @@ def _to_host(tensors: list[torch.Tensor], device) -> tuple[list[torch.Tensor], o
     return host, ready
 
 
+def _stored(rows: list[torch.Tensor], dtype: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The rows of each read-out point in storage dtype ``dtype``, and whether each row is
+    finite in the stream and after the cast (``[readouts, 2, rows]`` bool, for the writer to
+    check): computed on the rows' device, with no sync."""
+    stored, finite = zip(*(to_storage_checked(r, dtype) for r in rows))
+    return list(stored), torch.stack(finite)
+
+
 def _write_batch(
     adapter, batch: Batch, writer: ShardWriter, device, options: ExtractOptions
 ) -> None:
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}
-    store_dtype = getattr(torch, options.dtype)
     with torch.inference_mode(), autocast(device, options.autocast):
         streams = adapter.streams(inputs)
     if batch.padding is None:  # images: one row per example
-        host, ready = _to_host([s.to(store_dtype) for s in streams], device)
+        stored, finite = _stored(list(streams), options.dtype)
+        host, ready = _to_host([*stored, finite], device)  # the flags come with the rows
         n = len(batch.example_id)
-        writer.append(host, batch.example_id, np.zeros(n, np.int32), np.zeros(n, bool), ready)
+        writer.append(
+            host[:-1], batch.example_id, np.zeros(n, np.int32), np.zeros(n, bool), ready, host[-1]
+        )
         return
     examples, tokens = batch.padding.shape
     keep = [_kept_positions(p, e, options) for p, e in zip(batch.padding, batch.example_id)]
     rows = np.concatenate([i * tokens + k for i, k in enumerate(keep)])
     flat_rows = torch.from_numpy(rows).to(device)
-    host, ready = _to_host(
-        [
-            s.reshape(examples * tokens, -1).index_select(0, flat_rows).to(store_dtype)
-            for s in streams
-        ],
-        device,
+    stored, finite = _stored(
+        [s.reshape(examples * tokens, -1).index_select(0, flat_rows) for s in streams],
+        options.dtype,
     )
+    host, ready = _to_host([*stored, finite], device)  # the flags come with the rows
     writer.append(
-        host,
+        host[:-1],
         np.repeat(batch.example_id, [len(k) for k in keep]),
         (rows % tokens).astype(np.int32),
         batch.padding.reshape(-1)[rows],
         ready,
+        host[-1],
     )
 
 
@@ -223,7 +250,10 @@ def run(
     readouts: int | None = None,
     code: str = "",
     threads: int = 1,
+    dtype: str | None = None,
 ) -> None:
-    """The extract stage: shard ``shard`` of the stream of ``model`` on ``data``."""
+    """The extract stage: shard ``shard`` of the stream of ``model`` (run in ``dtype``) on
+    ``data``."""
     # image decoding in worker processes; the main process keeps one core
-    extract(model, data, shard, shards, out, options, code, readouts, workers=max(0, threads - 1))
+    workers = max(0, threads - 1)
+    extract(model, data, shard, shards, out, options, code, readouts, workers, dtype)

@@ -280,12 +280,19 @@ def _html_escape(text: str) -> str:
 
 
 def build(
-    model: str, data: str, shards: list[str], options: FeaturePageOptions, title: str, out: str
+    model: str,
+    data: str,
+    shards: list[str],
+    options: FeaturePageOptions,
+    title: str,
+    out: str,
+    dtype: str | None = None,
 ) -> dict:
-    """Write the page of ``options.layer`` to ``out``; returns its data."""
+    """Write the page of ``options.layer`` to ``out`` (the model loaded in ``dtype``); returns
+    its data."""
     from workflow_scripts.models import load_adapter
 
-    adapter, _ = load_adapter(model)
+    adapter, _ = load_adapter(model, dtype=dtype)
     dataset = DatasetFile(data)
     best = top_k(shards, options.layer, options.examples, options.include_padding)
     shown = describe_examples(dataset, adapter, best, options)
@@ -298,10 +305,16 @@ def build(
 
 
 def run(
-    model: str, data: str, shards: list[str], options: FeaturePageOptions, title: str, out: str
+    model: str,
+    data: str,
+    shards: list[str],
+    options: FeaturePageOptions,
+    title: str,
+    out: str,
+    dtype: str | None = None,
 ) -> None:
     """The feature_page stage: one offline page of every feature's top examples."""
-    content = build(model, data, shards, options, title, out)
+    content = build(model, data, shards, options, title, out, dtype)
     print(
         f"wrote {out}: {content['features']} features, top {content['k']} of "
         f"{content['rows']} rows, {len(content['examples'])} examples shown",

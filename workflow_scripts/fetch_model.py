@@ -84,7 +84,7 @@ def _local(spec: dict, path: str, tmp: Path) -> dict:
     else:
         verify_files(source, {})
         config = json.loads((source / "config.json").read_text())
-        check_model_type(f"local model {path!r}", config.get("model_type"), spec["family"])
+        check_model_type(f"local model {path!r}", config, spec["family"])
     for item in sorted(source.iterdir()):
         if item.name == MANIFEST:
             continue
@@ -92,43 +92,67 @@ def _local(spec: dict, path: str, tmp: Path) -> dict:
     return fields
 
 
-def check_model_type(where: str, model_type: str | None, family: str) -> None:
-    """A Hugging Face checkpoint's ``model_type`` against the family the config names (families
-    without Hugging Face model types, the ResNets, have nothing to check)."""
-    expected = families.get(family).model_types
+def check_model_type(where: str, config: dict, family: str) -> None:
+    """A Hugging Face checkpoint's config (``model_type``) against the family the config names:
+    one of its model types, or any decoder-only one (families without Hugging Face model types,
+    the ResNets, have nothing to check)."""
+    record, model_type = families.get(family), config.get("model_type")
+    if record.decoder_only and config.get("is_encoder_decoder"):
+        raise ModelDirError(
+            f"{where} is a {model_type!r} encoder-decoder model; family {family!r} reads "
+            "decoder-only models"
+        )
+    owner = [f.name for f in families.FAMILIES.values() if model_type in f.model_types]
+    if record.decoder_only and owner:
+        raise ModelDirError(
+            f"{where} is a {model_type!r} model: family {owner[0]!r} reads it, not {family!r}"
+        )
+    expected = record.model_types
     if expected and model_type not in expected:
-        raise ValueError(
+        raise ModelDirError(
             f"{where} is a {model_type!r} model, not family {family!r} "
             f"(model_type {' or '.join(map(repr, expected))})"
         )
 
 
-def resolve_revision(repo: str, revision: str, api) -> str:
-    """The commit a branch or tag of a hub repository points to now (a commit is kept)."""
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    commit = api.model_info(repo, revision=revision).sha
-    if not commit or not re.fullmatch(r"[0-9a-f]{40}", commit):
-        raise ValueError(
-            f"hub repository {repo!r} at {revision!r} resolved to {commit!r}, not a commit"
-        )
-    return commit
+# what a checkpoint is made of besides its weights: configs and the tokenizer's files
+CHECKPOINT_FILES = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def download(repo: str, revision: str, weights: bool = True) -> Path:
+    """The snapshot folder of ``repo`` at ``revision`` in the Hugging Face cache, named by its
+    commit (offline, with ``HF_HUB_OFFLINE=1``, the cached one): configs and tokenizer files,
+    and with ``weights`` the safetensors weights, else (an older checkpoint) its PyTorch ones;
+    never both, nor other frameworks' files."""
+    from huggingface_hub import snapshot_download
+
+    def fetch(revision: str, patterns: list[str]) -> Path:
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        if not re.fullmatch(r"[0-9a-f]{40}", folder.name):
+            raise ModelDirError(f"hf:{repo}@{revision} resolved to {folder.name!r}, not a commit")
+        return folder
+
+    snapshot = fetch(revision, CHECKPOINT_FILES)
+    if weights:  # at the commit just resolved, so the files are of one version
+        snapshot = fetch(snapshot.name, [*CHECKPOINT_FILES, "*.safetensors"])
+        if not any(snapshot.glob("*.safetensors")):
+            snapshot = fetch(snapshot.name, [*CHECKPOINT_FILES, "pytorch_model*.bin"])
+    return snapshot
 
 
 def _hub(spec: dict, repo_and_revision: str, tmp: Path) -> dict:
-    import transformers
-    from huggingface_hub import HfApi
-
     repo, _, revision = repo_and_revision.partition("@")
-    commit = resolve_revision(repo, revision or "main", HfApi())
-    log.info("hf:%s at %s is commit %s", repo, revision or "main", commit)
-    config = transformers.AutoConfig.from_pretrained(repo, revision=commit)
-    check_model_type(f"hf:{repo}", config.model_type, spec["family"])
-    model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-    model = model_class.from_pretrained(repo, revision=commit)
-    model.save_pretrained(tmp)
-    transformers.AutoTokenizer.from_pretrained(repo, revision=commit).save_pretrained(tmp)
-    return {"revision": commit, "requested_revision": revision or "main"}
+    revision = revision or "main"
+    snapshot = download(repo, revision, weights=False)
+    log.info("hf:%s at %s is commit %s", repo, revision, snapshot.name)
+    if not (snapshot / "config.json").is_file():
+        raise ModelDirError(f"hf:{repo} at {snapshot.name} has no config.json")
+    config = json.loads((snapshot / "config.json").read_text())
+    check_model_type(f"hf:{repo}", config, spec["family"])  # before the weights are downloaded
+    snapshot = download(repo, snapshot.name)
+    model, tokenizer = load_model(snapshot, spec["family"], dtype="auto")  # as stored
+    write_model_files(model, tokenizer, spec["family"], tmp)
+    return {"revision": snapshot.name, "requested_revision": revision}
 
 
 def _torchvision(spec: dict, arch: str, tmp: Path) -> dict:

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.activations import layer_name, open_shard
+from workflow_scripts.activations import layer_name, open_shard, stored_dtype
 from workflow_scripts.atomic import write_parquet
 from workflow_scripts.batches import pick_device
 from workflow_scripts.options.stats import StatsOptions
@@ -33,22 +33,22 @@ BLOCK_BYTES = 64 << 20  # float32 bytes of one block of rows
 
 def _layer_arrays(shards: list[str | Path], layer: int):
     """The shards' arrays of ``layer`` and its read-out record, after checking they agree."""
-    arrays, readout = [], None
+    arrays, dtypes, readout = [], [], None
     for path in shards:
         group = open_shard(path)
         readouts = group.attrs["readouts"]
         if layer >= len(readouts):
             raise StatisticsError(f"{path}: has {len(readouts)} read-out points, no layer {layer}")
         array = group[layer_name(layer)]
-        if readout is not None and (
-            readouts[layer] != readout or array.dtype != arrays[0][0].dtype
-        ):
+        dtype = stored_dtype(array)  # float16, bfloat16 or float32, read as float values
+        if readout is not None and (readouts[layer] != readout or dtype != dtypes[0]):
             raise StatisticsError(
                 f"shards disagree on layer {layer}: {shards[0]} has {readout} as "
-                f"{arrays[0][0].dtype}, {path} has {readouts[layer]} as {array.dtype}"
+                f"{dtypes[0]}, {path} has {readouts[layer]} as {dtype}"
             )
         readout = readouts[layer]
         arrays.append((array, group, path))
+        dtypes.append(dtype)
     return arrays, readout
 
 

@@ -28,6 +28,7 @@ from workflow_scripts.config import analysis_pairs, checked, fail, model_shape
 from workflow_scripts.options.ablation import AblationOptions
 from workflow_scripts.options.extract import ExtractOptions
 from workflow_scripts.options.feature_page import FeaturePageOptions
+from workflow_scripts.options.precision import DEFAULT_MODEL_DTYPE
 from workflow_scripts.options.stats import StatsOptions
 from workflow_scripts.options.top_examples import TopExamplesOptions
 from workflow_scripts.sources import ABLATION_HEADS, Source, dataset_kind
@@ -69,6 +70,7 @@ class Model:
     entry: Mapping  # its config entry (a trained model's: family, source, head, num_labels)
     extract: ExtractOptions  # the model's own over the global ones
     thresholds: tuple[float, ...]  # outlier thresholds
+    dtype: str = DEFAULT_MODEL_DTYPE  # loaded and run in (workflow_scripts/options/precision.py)
 
     @property
     def run(self) -> str | None:
@@ -280,6 +282,7 @@ def _model(config: dict, name: str, spec: dict) -> Model:
             ExtractOptions, {**config["extract"], **spec.get("extract", {})}, f"models.{name}"
         ),
         thresholds=tuple(float(v) for v in (value if isinstance(value, list) else [value])),
+        dtype=spec.get("dtype", DEFAULT_MODEL_DTYPE),
     )
 
 

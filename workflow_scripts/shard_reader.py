@@ -7,7 +7,9 @@ shard file, every inner chunk's C-order little-endian bytes followed by their cr
 index ((offset, length) as little-endian uint64 a chunk, all ones for a chunk not stored) and
 its crc32c. Such rows are read into the output array with one read a chunk and every checksum
 verified: about a third of the CPU time of Zarr's codec pipeline, which on a few cores competes
-with the statistics themselves. Any other layout (zstd) is read through Zarr.
+with the statistics themselves. Any other layout (zstd) is read through Zarr. Either way a
+read-out point stored as bfloat16 (uint16 bit patterns) is decoded to float32
+(:func:`activations.decode`), so callers see float values whatever the storage dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
-from workflow_scripts.activations import ShardError
+from workflow_scripts.activations import ShardError, decode, stored_dtype
 from workflow_scripts.activations import read_rows as read_rows_with_zarr
 from workflow_scripts.output_cache import provenance
 
@@ -71,20 +73,22 @@ def _checked(data: np.ndarray | bytes, checksum: bytes, what: str) -> None:
 def read_rows(group: zarr.Group, name: str, start: int, stop: int, shard: str | Path) -> np.ndarray:
     """Rows ``start:stop`` of array ``name`` of a shard, as :func:`activations.read_rows` gives
     them (a chunk or shard file not stored reads as the fill value, as in Zarr; open_shard has
-    already refused an activation shard with a file missing); a chunk or index whose checksum
-    does not match raises ShardError naming the shard."""
+    already refused an activation shard with a file missing; bfloat16 decoded to float32); a
+    chunk or index whose checksum does not match raises ShardError naming the shard."""
     array = group[name]
     layout = raw_layout(array)
     if layout is None:
         return read_rows_with_zarr(group, name, start, stop, shard)
+    dtype = stored_dtype(array)
     start, stop, _ = slice(start, stop).indices(array.shape[0])
     try:
-        return _read_raw(array, name, Path(shard), layout, start, max(start, stop))
+        rows = _read_raw(array, name, Path(shard), layout, start, max(start, stop))
     except (_Corrupted, OSError) as error:
         raise ShardError(
             f"{shard}: {name} rows {start}:{stop} are corrupted on disk ({error})"
             f"{provenance(Path(shard, name))}"
         ) from None
+    return decode(rows, dtype)
 
 
 def _read_raw(array, name: str, shard: Path, layout, start: int, stop: int) -> np.ndarray:

@@ -199,4 +199,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the module the stages import, whose InputError they raise, not this __main__ copy of it
+    from workflow_scripts import stage
+
+    stage.main()

@@ -215,10 +215,12 @@ def run(
     title: str,
     png: str,
     pdf: str,
+    dtype: str | None = None,
 ) -> None:
     """The figure_top_examples stage: the rows where each chosen feature of a layer is largest,
     shown as tokens in context or image thumbnails. The features: ``options.features``, else
-    the layer's top features by max |x| from its statistics ``stats``."""
+    the layer's top features by max |x| from its statistics ``stats``. ``dtype``: what the
+    model (its tokenizer or preprocessing is what is used) is loaded in."""
     import pandas as pd
 
     from workflow_scripts.models import load_adapter
@@ -231,7 +233,7 @@ def run(
         features = [int(f) for f in top["feature"].head(options.top)]
     if not features:
         raise ValueError(f"{stats}: no top features listed (stats.top_features is 0)")
-    adapter, _ = load_adapter(model)
+    adapter, _ = load_adapter(model, dtype=dtype)
     dataset = DatasetFile(data)
     chosen = top_rows(shards, layer, features, options.examples, options.include_padding)
     ids = {example for rows in chosen.values() for _, example, _ in rows}

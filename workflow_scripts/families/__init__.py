@@ -4,11 +4,11 @@ A family is a module under ``workflow_scripts.models`` (building, storing, loadi
 its models; see ``workflow_scripts.models``) plus its record, a ``register(Family(...))`` call in
 a module of this package named after it (``families/<name>.py``, found when the package is
 imported): what it reads, its heads and the Hugging Face classes that carry them, the
-``model_type`` values a hub checkpoint may have, how a Hugging Face model of it is configured and
-laid out (its config settings, where its blocks and final norm sit, its norms), its architecture
-settings and their checks, its read-out points, its size and FLOP estimate, its built-in
-tokenizer and its default outlier threshold (and the study's, where that differs). Every other
-module asks this registry. Adding a family is one module under
+``model_type`` values a hub checkpoint may have (or any decoder-only one), how a Hugging Face
+model of it is configured and laid out (its config settings, where its blocks and final norm
+sit, its norms), its architecture settings and their checks, its read-out points, its size and
+FLOP estimate, its built-in tokenizer and its default outlier threshold (and the study's, where
+that differs). Every other module asks this registry. Adding a family is one module under
 ``models/`` and one record here.
 
 Each record is a module of its own so that the output cache sees a family's facts only in the
@@ -84,6 +84,7 @@ class Family:
     check_arch: Callable[[str, Mapping], str | None]
     estimate: Callable[[Family, int, Mapping, int, bool], ModelSize]
     model_types: tuple[str, ...] = ()
+    decoder_only: bool = False  # any Hugging Face model_type but encoder-decoder ones
     tokenizer: str | None = None  # the built-in tokenizer's style: its special tokens and pairs
     trained_by: tuple[str, ...] = ()
     embedding_readout: bool = True  # the stream is also read before the first block

@@ -5,8 +5,9 @@ the same four functions:
 
 - ``init(spec, tokenizer=None) -> (model, tokenizer)``: a random-initialised model; a text
   family uses ``tokenizer``, else its built-in one; a ResNet has no tokenizer (None);
-- ``load(directory, family, head=None, num_labels=None) -> (model, tokenizer)``: a stored model,
-  under ``head`` (with ``num_labels`` classes) instead of its stored one where given;
+- ``load(directory, family, head=None, num_labels=None, dtype=None) -> (model, tokenizer)``: a
+  stored model, under ``head`` (with ``num_labels`` classes) instead of its stored one where
+  given, in ``dtype`` (``workflow_scripts.models.precision``: float32 where None);
 - ``write(model, tokenizer, directory)``: the stored layout (weights, config.json, the
   tokenizer's files);
 - ``adapter(model, tokenizer, family, final_readout)``: the model wrapped for extraction and
@@ -37,13 +38,15 @@ def load_model(directory: str | Path, family: str, **options):
     return family_module(family).load(directory, family, **options)
 
 
-def load_adapter(directory: str | Path, final_readout: str = "raw") -> tuple[Adapter, dict]:
-    """The adapter of the model stored in ``directory`` (checked against its manifest) and the
-    manifest."""
+def load_adapter(
+    directory: str | Path, final_readout: str = "raw", dtype: str | None = None
+) -> tuple[Adapter, dict]:
+    """The adapter of the model stored in ``directory`` (checked against its manifest), in
+    ``dtype`` (float32 where None), and the manifest."""
     manifest = read_manifest(directory)
     family = manifest["family"]
     module = family_module(family)
-    model, tokenizer = module.load(directory, family)
+    model, tokenizer = module.load(directory, family, dtype=dtype)
     return module.adapter(model, tokenizer, family, final_readout), manifest
 
 

@@ -112,7 +112,7 @@ class HookedTransformer(Adapter):
         # class names where the checkpoint has real ones (not Hugging Face's LABEL_0, ...)
         generic = [f"LABEL_{i}" for i in range(len(names))]
         self.label_names = names if names and names != generic else None
-        width = model.config.hidden_size
+        width = model.config.get_text_config().hidden_size
         self.readouts = [Readout(0, 0, 0, "embeddings", width)] + [
             Readout(k, 0, k, f"block.{k - 1}", width) for k in range(1, len(blocks) + 1)
         ]

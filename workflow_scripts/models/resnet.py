@@ -25,6 +25,7 @@ from torchvision.models import resnet as tv
 
 from workflow_scripts.models.adapter import Adapter, Readout
 from workflow_scripts.models.norms import ScalarRMSNorm
+from workflow_scripts.models.precision import torch_dtype
 from workflow_scripts.models.store import CONFIG, WEIGHTS
 
 BLOCKS = {"basic": tv.BasicBlock, "bottleneck": tv.Bottleneck}
@@ -174,10 +175,15 @@ def init(spec: dict, tokenizer=None) -> tuple[nn.Module, None]:
 
 
 def load(
-    directory: str | Path, family: str, head: str | None = None, num_labels: int | None = None
+    directory: str | Path,
+    family: str,
+    head: str | None = None,
+    num_labels: int | None = None,
+    dtype: str | None = None,
 ) -> tuple[nn.Module, None]:
-    """The model stored in ``directory`` (carrying its config.json), and no tokenizer; a ResNet
-    keeps its stored head and classes."""
+    """The model stored in ``directory`` (carrying its config.json) in ``dtype`` (float32 by
+    default; see ``workflow_scripts.models.precision``), and no tokenizer; a ResNet keeps its
+    stored head and classes."""
     config = json.loads(Path(directory, CONFIG).read_text())
     if head not in (None, "image_classification"):
         raise ValueError(f"family resnet has only the image_classification head, not {head!r}")
@@ -186,8 +192,10 @@ def load(
             f"{directory}: a ResNet keeps its {config['num_classes']} classes, not {num_labels}"
         )
     model = from_config(config)
-    model.load_state_dict(load_file(Path(directory, WEIGHTS)))
-    return model.eval(), None
+    state = load_file(Path(directory, WEIGHTS))
+    model.load_state_dict(state)
+    stored = next(v.dtype for v in state.values() if v.is_floating_point())
+    return model.to(torch_dtype(dtype, stored)).eval(), None
 
 
 def write(model: nn.Module, tokenizer, directory: str | Path) -> None:
@@ -237,8 +245,12 @@ class ResNetAdapter(Adapter):
         m = self.model
         return m.maxpool(m.relu(m.bn1(m.conv1(x))))
 
+    def pixels(self, inputs) -> torch.Tensor:
+        """The images in the model's dtype."""
+        return inputs["pixel_values"].to(self.model.fc.weight.dtype)
+
     def streams(self, inputs):
-        x = self.stem(inputs["pixel_values"])
+        x = self.stem(self.pixels(inputs))
         out = []
         for stage in self.stages:
             for block in stage:
@@ -247,10 +259,10 @@ class ResNetAdapter(Adapter):
         return out
 
     def forward(self, inputs):
-        return self.model(inputs["pixel_values"])
+        return self.model(self.pixels(inputs))
 
     def logits(self, inputs):
-        return self.model(inputs["pixel_values"])
+        return self.model(self.pixels(inputs))
 
     def without_branch(self, block):
         return ShortcutOnly(block, self.shortcut_relu)

@@ -17,6 +17,8 @@ from workflow_scripts.stage import InputError
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a checkpoint saved in several files
+PICKLED_WEIGHTS = "pytorch_model.bin"  # an older checkpoint's (read, never written here)
 CONFIG = "config.json"
 
 
@@ -61,12 +63,31 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def verify_files(directory: str | os.PathLike, expected: dict[str, str]) -> None:
-    """Raise ModelDirError unless the weights and config exist and every file matches."""
+def read_weights(directory: str | os.PathLike) -> dict:
+    """The state dict stored in ``directory``: ``model.safetensors``, the files its index names,
+    or (an older Hugging Face checkpoint) ``pytorch_model.bin``, unpickled as tensors only."""
+    import torch
+    from safetensors.torch import load_file
+
     root = Path(directory)
-    for required in (WEIGHTS, CONFIG):
-        if not (root / required).is_file():
-            raise ModelDirError(f"model directory {str(root)!r} has no {required}")
+    if (root / WEIGHTS).is_file():
+        return load_file(root / WEIGHTS)
+    if (root / WEIGHTS_INDEX).is_file():
+        files = sorted(set(json.loads((root / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        return {k: v for name in files for k, v in load_file(root / name).items()}
+    if (root / PICKLED_WEIGHTS).is_file():
+        return torch.load(root / PICKLED_WEIGHTS, map_location="cpu", weights_only=True)
+    raise ModelDirError(f"model directory {str(root)!r} has no {WEIGHTS}")
+
+
+def verify_files(directory: str | os.PathLike, expected: dict[str, str]) -> None:
+    """Raise ModelDirError unless the weights (one file, or an index of several) and config
+    exist and every file matches."""
+    root = Path(directory)
+    if not (root / CONFIG).is_file():
+        raise ModelDirError(f"model directory {str(root)!r} has no {CONFIG}")
+    if not (root / WEIGHTS).is_file() and not (root / WEIGHTS_INDEX).is_file():
+        raise ModelDirError(f"model directory {str(root)!r} has no {WEIGHTS} (nor {WEIGHTS_INDEX})")
     for name, digest in expected.items():
         path = root / name
         if not path.is_file():

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file
 from torch import nn
 
 from workflow_scripts import families
 from workflow_scripts.models.builtin_tokenizer import SPECIALS, builtin_tokenizer
 from workflow_scripts.models.hooked import HookedTransformer, load_tokenizer, save_pretrained
 from workflow_scripts.models.norms import ScalarRMSNorm
-from workflow_scripts.models.store import WEIGHTS
+from workflow_scripts.models.precision import hf_dtype, torch_dtype
+from workflow_scripts.models.store import read_weights
 
 
 def head_class(family: str, head: str) -> type[transformers.PreTrainedModel]:
@@ -67,14 +67,25 @@ def build(spec: dict, tokenizer) -> transformers.PreTrainedModel:
     return model.eval()
 
 
-def _load_with_scalar_rms_norm(model_class, config, directory: str | Path, reheaded: bool):
+def _load_with_scalar_rms_norm(
+    model_class, config, directory: str | Path, reheaded: bool, dtype: str | None
+):
     """A model with ScalarRMSNorms (gptr2), which ``from_pretrained`` cannot build: its stored
     weights loaded into a model whose LayerNorms became ScalarRMSNorms (``reheaded``: the base
-    model's weights only, under a newly initialised head)."""
+    model's weights only, under a newly initialised head), in ``dtype``."""
     model = model_class(config)
     use_scalar_rms_norm(model)
-    state = load_file(Path(directory, WEIGHTS))
+    state = read_weights(directory)
     prefix = model.base_model_prefix
+    if not any(k.startswith(prefix + ".") for k in state):  # a base model's weights
+        state = {f"{prefix}.{k}": v for k, v in state.items()}
+    # GPT-2's causal-mask buffers, which checkpoints of older transformers kept
+    state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state = {  # a scalar gain saved as a 0-d tensor (the study's checkpoints)
+        k: v.reshape(shapes[k]) if k in shapes and v.numel() == 1 == shapes[k].numel() else v
+        for k, v in state.items()
+    }
     if reheaded:
         state = {k: v for k, v in state.items() if k.startswith(prefix + ".")}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -87,7 +98,7 @@ def _load_with_scalar_rms_norm(model_class, config, directory: str | Path, rehea
             f"(missing {missing}, unexpected {unexpected})"
         )
     model.tie_weights()
-    return model
+    return model.to(torch_dtype(dtype, next(iter(state.values())).dtype))
 
 
 # the family interface (see ``workflow_scripts.models``)
@@ -100,21 +111,30 @@ def init(spec: dict, tokenizer=None):
 
 
 def load(
-    directory: str | Path, family: str, head: str | None = None, num_labels: int | None = None
+    directory: str | Path,
+    family: str,
+    head: str | None = None,
+    num_labels: int | None = None,
+    dtype: str | None = None,
 ):
-    """The model and tokenizer stored in ``directory``; with ``head``, under that head instead
-    of the stored one (a new head is randomly initialised: the start of a fine-tune)."""
+    """The model and tokenizer stored in ``directory``, in ``dtype`` (float32 by default; see
+    ``workflow_scripts.models.precision``); with ``head``, under that head instead of the stored
+    one (a new head is randomly initialised: the start of a fine-tune)."""
     overrides = {} if num_labels is None else {"num_labels": num_labels}
     config = transformers.AutoConfig.from_pretrained(directory, **overrides)
     if head is None:
-        model_class = getattr(transformers, config.architectures[0])
+        # the checkpoint's own class, or (a class of its author's, as the study's "GPTR")
+        # the family's default head
+        model_class = getattr(transformers, (config.architectures or [""])[0], None)
+        if model_class is None:
+            model_class = head_class(family, families.get(family).default_head)
     else:
         model_class = head_class(family, head)
         config.architectures = [model_class.__name__]
     if families.get(family).scalar_rms_norm:
-        model = _load_with_scalar_rms_norm(model_class, config, directory, head is not None)
+        model = _load_with_scalar_rms_norm(model_class, config, directory, head is not None, dtype)
     else:
-        model = model_class.from_pretrained(directory, config=config)
+        model = model_class.from_pretrained(directory, config=config, dtype=hf_dtype(dtype))
     return model.eval(), load_tokenizer(directory)
 
 

@@ -4,7 +4,7 @@ In a temporary folder (a copy of the workflow, an empty cache): runs the default
 (every job computes and stores its outputs in the cache), deletes ``results/``, and runs it again
 with the cache warm (every job links its outputs from the cache). Prints both wall times and
 their ratio; the target is a warm run under 20% of the cold one. Both runs use the same number of
-cores and the same Snakemake options as `make run` (profiles/default: `--cache`).
+cores and the same Snakemake options as `make run` (profiles/default; every job uses the cache).
 
     .venv/bin/python benchmarks/cache_warm.py              # the default workflow, about 6 min
     .venv/bin/python benchmarks/cache_warm.py --cores 2
@@ -37,9 +37,9 @@ WORKFLOW_FILES = (
 def timed_run(checkout: Path, cache: Path, cores: int) -> float:
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--cores", str(cores), "--cache", "--quiet", "all"],
+        [sys.executable, "-m", "snakemake", "--cores", str(cores), "--quiet", "all"],
         cwd=checkout,
-        env={**os.environ, "SNAKEMAKE_OUTPUT_CACHE": str(cache)},
+        env={**os.environ, "RESIDUAL_STREAMS_CACHE": str(cache)},
         capture_output=True,
         text=True,
     )

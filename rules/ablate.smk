@@ -7,7 +7,6 @@ rule ablate:
         out="results/ablation/{model}/{dataset}.parquet",
     log:
         "results/logs/ablate/{model}/{dataset}.log",
-    cache: True
     conda:
         "../envs/workflow.yaml"
     threads: 1

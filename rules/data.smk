@@ -9,7 +9,6 @@ rule prepare_data:
         out="results/data/{dataset}.parquet",
     log:
         "results/logs/prepare_data/{dataset}.log",
-    cache: True
     conda:
         "../envs/workflow.yaml"
     threads: 8
@@ -31,7 +30,6 @@ rule tokenize:
         out="results/tokens/{dataset}/{tokenizer}.npy",
     log:
         "results/logs/tokenize/{dataset}/{tokenizer}.log",
-    cache: True
     conda:
         "../envs/workflow.yaml"
     threads: 8

@@ -9,7 +9,6 @@ rule extract:
         out=directory("results/activations/{model}/{dataset}/shard-{shard}.zarr"),
     log:
         "results/logs/extract/{model}/{dataset}/shard-{shard}.log",
-    cache: True
     conda:
         "../envs/workflow.yaml"
     threads: 1

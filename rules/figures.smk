@@ -25,7 +25,6 @@ for figure in FIGURES.values():
             f"results/logs/figures/{figure.name}-{{group}}.log",
         wildcard_constraints:
             group=names_pattern(study.figure_groups),
-        cache: figure.cached
         conda:
             "../envs/workflow.yaml"
         params:
@@ -57,7 +56,6 @@ for figure in FIGURES.values():
             pdf=f"results/figures/{figure.name}.pdf",
         log:
             f"results/logs/figures/{figure.name}.log",
-        cache: figure.cached
         conda:
             "../envs/workflow.yaml"
         params:
@@ -91,7 +89,6 @@ rule figure_top_examples:
         # read as roberta-base-mnli + matched
         model=names_pattern(study.models),
         dataset=names_pattern(study.datasets),
-    cache: True
     conda:
         "../envs/workflow.yaml"
     params:
@@ -121,7 +118,6 @@ rule feature_page:
     wildcard_constraints:
         model=names_pattern(study.models),
         dataset=names_pattern(study.datasets),
-    cache: True
     conda:
         "../envs/workflow.yaml"
     params:
@@ -144,7 +140,6 @@ rule table_statistics:
         ),
     log:
         "results/logs/tables/statistics.log",
-    cache: True
     conda:
         "../envs/workflow.yaml"
     params:
@@ -165,4 +160,3 @@ use rule table_statistics as table_ablation with:
         ),
     log:
         "results/logs/tables/ablation.log",
-    cache: True  # not inherited by `use rule`

@@ -11,7 +11,6 @@ rule fetch_model:
         "results/logs/fetch_model/{model}.log",
     wildcard_constraints:
         model=fetched_model_names(),
-    cache: True
     localrule: True
     conda:
         "../envs/workflow.yaml"

@@ -9,7 +9,6 @@ rule layer_stats:
         out="results/stats/{model}/{dataset}/layer-{layer}.parquet",
     log:
         "results/logs/layer_stats/{model}/{dataset}/layer-{layer}.log",
-    cache: True
     conda:
         "../envs/workflow.yaml"
     threads: 1
@@ -33,7 +32,6 @@ rule merge_stats:
         out="results/stats/{model}/{dataset}.parquet",
     log:
         "results/logs/merge_stats/{model}/{dataset}.log",
-    cache: True
     conda:
         "../envs/workflow.yaml"
     params:

@@ -15,7 +15,6 @@ rule train:
         "results/logs/train/{model}.log",
     wildcard_constraints:
         model=trained_model_names(),
-    cache: True
     conda:
         "../envs/workflow.yaml"
     threads: 8

@@ -1,7 +1,7 @@
 """The output cache and reruns: real Snakemake runs of a tiny config, in a temporary folder.
 
 Each run uses a copy of the workflow (so its code can be edited), its own working directory and
-its own cache folder (SNAKEMAKE_OUTPUT_CACHE), with `--cache` as profiles/default sets it.
+its own cache folder (RESIDUAL_STREAMS_CACHE).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import yaml
 from support import REPO, TINY_SPECS, WORKFLOW_FILES, environment, load_config
 
 from workflow_scripts.fetch_model import fetch
+from workflow_scripts.output_cache import HIT
 
 pytestmark = pytest.mark.workflow
 
@@ -67,14 +68,13 @@ class Workflow:
             str(self.workdir / "config.yaml"),
             "--cores",
             "2",
-            "--cache",
             "--rerun-incomplete",
             *args,
         ]
 
     def environment(self) -> dict:
         """The jobs run the copy's code, and store in and take from this cache folder."""
-        return environment(SNAKEMAKE_OUTPUT_CACHE=str(self.cache), PYTHONPATH=str(self.checkout))
+        return environment(RESIDUAL_STREAMS_CACHE=str(self.cache), PYTHONPATH=str(self.checkout))
 
     def run(self, config: dict, *args) -> list[tuple[str, dict]]:
         """Run to the end; the jobs it scheduled, as (rule, wildcards)."""
@@ -106,8 +106,8 @@ def scheduled_jobs(log: str) -> list[tuple[str, dict]]:
 
 
 def ran(log: Path) -> bool:
-    """Whether the job of this log ran: it writes to it; one taken from the cache does not."""
-    return log.exists() and log.stat().st_size > 0
+    """Whether the job of this log computed its results (one taken from the cache says so)."""
+    return log.exists() and HIT not in log.read_text()
 
 
 def rules_of(jobs) -> set[str]:
@@ -119,14 +119,9 @@ def models_of(jobs) -> set[str]:
 
 
 def cache_entry(path: Path) -> Path:
-    """The cache entry a result links to: the result itself, or its files, are symbolic links."""
-    if path.is_symlink():
-        return path.resolve()
-    # a folder taken from the cache: its entries link to the entry's (but the timestamp file
-    # that Snakemake adds)
-    entries = {p.resolve().parent for p in path.iterdir() if p.name != ".snakemake_timestamp"}
-    assert len(entries) == 1, entries
-    return entries.pop()
+    """The cache entry folder a result links into (the result is a link to one of its items)."""
+    assert path.is_symlink(), path
+    return path.resolve().parent
 
 
 # the jobs of one model from its extraction on, in the test config
@@ -266,22 +261,61 @@ def test_a_warm_cache_brings_back_deleted_results_without_running_jobs(workflow)
 def test_deleting_a_cache_entry_recomputes_it(workflow):
     config = workflow.changed()
     gpt2 = next(name for name in config["models"] if name.startswith("gpt2"))  # maybe renamed
-    data = workflow.result("data/pairs.parquet")  # a file entry
-    shard = workflow.result(f"activations/{gpt2}/pairs/shard-0.zarr")  # a folder entry
+    data = workflow.result("data/pairs.parquet")  # a file
+    shard = workflow.result(f"activations/{gpt2}/pairs/shard-0.zarr")  # a folder
     expected = {
         path: pd.read_parquet(path)
         for path in (data, workflow.result(f"stats/{gpt2}/pairs.parquet"))
     }
-    shutil.rmtree(cache_entry(shard))
-    cache_entry(data).unlink()
+    entry = cache_entry(shard)
+    shutil.rmtree(entry)  # by hand: this checkout's link now dangles
+    # a job that reads it makes it again first (Snakemake takes the dangling link for a
+    # missing input), and stores it again under the same key
+    changed = copy.deepcopy(config)
+    changed["models"][gpt2]["thresholds"] = [3.5]
+    jobs = workflow.run(changed)
+    assert ("extract", {"model": gpt2, "dataset": "pairs", "shard": "0"}) in jobs
+    assert ran(workflow.result(f"logs/extract/{gpt2}/pairs/shard-0.log"))
+    assert cache_entry(shard) == entry
+    shutil.rmtree(entry)  # and again: this time nothing reads it
+    # a part of an entry deleted by hand: the entry is incomplete
+    (cache_entry(data) / "out.parquet").unlink()
+    pruned = subprocess.run(
+        [sys.executable, "-m", "workflow_scripts.output_cache", "prune"],
+        capture_output=True,
+        text=True,
+        env=workflow.environment(),
+        cwd=workflow.workdir,
+    )
+    assert pruned.returncode == 0, pruned.stderr
+    assert not shard.is_symlink() and not data.is_symlink()  # their links went
     jobs = workflow.run(config)
     assert ("prepare_data", {"dataset": "pairs"}) in jobs
     assert ("extract", {"model": gpt2, "dataset": "pairs", "shard": "0"}) in jobs
     assert ran(workflow.result("logs/prepare_data/pairs.log"))  # computed, not linked
     assert ran(workflow.result(f"logs/extract/{gpt2}/pairs/shard-0.log"))
-    assert cache_entry(shard).exists() and cache_entry(data).exists()  # stored again
+    assert (cache_entry(data) / "out.parquet").is_file() and cache_entry(shard) == entry
     for path, frame in expected.items():  # the same numbers
         pd.testing.assert_frame_equal(pd.read_parquet(path), frame)
+
+
+def test_a_dry_run_changes_nothing(workflow):
+    """Parsing the workflow has no side effects: a dangling link in results/ (an entry deleted,
+    a result of another config) stays as it is in a dry run."""
+    ghost = workflow.workdir / "results/stats/ghost/pairs/layer-0.parquet"
+    ghost.parent.mkdir(parents=True)
+    ghost.symlink_to(workflow.cache / ("0" * 64) / "out.parquet")
+    result = subprocess.run(
+        workflow.command(workflow.changed(), "-n"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=workflow.environment(),
+        cwd=workflow.workdir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ghost.is_symlink() and not ghost.exists()
+    shutil.rmtree(workflow.workdir / "results/stats/ghost")
 
 
 def corrupt(path: Path) -> None:
@@ -294,9 +328,9 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
     config = workflow.changed()
     gpt2 = next(name for name in config["models"] if name.startswith("gpt2"))  # maybe renamed
     shard = cache_entry(workflow.result(f"activations/{gpt2}/pairs/shard-0.zarr"))
-    corrupt(next((shard / "layer-1").rglob("c/*/*")))
+    corrupt(next((shard / "out.zarr" / "layer-1").rglob("c/*/*")))
     model = cache_entry(workflow.result("models/roberta-tiny"))
-    corrupt(model / "model.safetensors")
+    corrupt(model / "out" / "model.safetensors")
     shutil.rmtree(workflow.workdir / "results")
 
     # statistics computed anew (new thresholds) read the corrupted chunk: refused
@@ -419,23 +453,3 @@ def test_two_checkouts_storing_the_same_entries_at_once(tmp_path):
         flow.result(f"stats/{model}/pairs.parquet") for flow in flows for model in ["roberta-tiny"]
     )
     pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
-
-
-def test_a_deleted_entry_of_another_config_is_removed_not_built(tmp_path):
-    """A dangling link left by an earlier config (a model this config does not have) goes, and
-    the run does not try to build it."""
-    flow = Workflow(tmp_path)
-    ghost = flow.workdir / "results/stats/ghost/pairs/layer-0.parquet"
-    ghost.parent.mkdir(parents=True)
-    ghost.symlink_to(tmp_path / "cache" / "deleted-entry.parquet")
-    result = subprocess.run(
-        flow.command(CONFIG, "-n"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=flow.environment(),
-        cwd=flow.workdir,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "this config does not make it" in result.stderr
-    assert not ghost.is_symlink()

@@ -1,7 +1,7 @@
 """The figure registry: adding a figure is one registry entry and one drawing function.
 
 The registry's entries are checked against what follows from them (the drawing functions, the
-config's allowed kinds, the profile's list of cached rules), and a throwaway figure is added to a
+config's allowed kinds), and a throwaway figure is added to a
 copy of the workflow, as a contributor would add one (one entry in figure_registry.py, one
 function in figures.py, nothing else), which then runs through the DAG to its PNG, PDF and
 report caption.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from support import REPO, copy_workflow, load_config, snakemake
+from support import copy_workflow, load_config, snakemake
 
 from workflow_scripts import figure_registry, figures
 from workflow_scripts.config import ConfigError, load_schema, validate
@@ -55,14 +55,13 @@ def toy_figure(**changes) -> Figure:
 
 def test_the_registry_holds_the_studys_figures():
     study = {
-        "outliers": ("statistics", "figure_outliers", True),
-        "kurtosis": ("statistics", "figure_kurtosis", True),
-        "regimes": ("statistics", "figure_regimes", True),
-        "ablation": ("ablation", "figure_ablation", True),
-        "training": ("training", "figure_training", True),
+        "outliers": ("statistics", "figure_outliers"),
+        "kurtosis": ("statistics", "figure_kurtosis"),
+        "regimes": ("statistics", "figure_regimes"),
+        "ablation": ("ablation", "figure_ablation"),
+        "training": ("training", "figure_training"),
     }
-    assert {name: (FIGURES[name].inputs, FIGURES[name].rule, FIGURES[name].cached)
-            for name in study} == study  # fmt: skip
+    assert {name: (FIGURES[name].inputs, FIGURES[name].rule) for name in study} == study
     assert figure_registry.group_figures()[:4] == ["outliers", "kurtosis", "regimes", "ablation"]
     assert "training" in figure_registry.training_figures()
 
@@ -100,16 +99,6 @@ def test_the_registry_refuses_bad_entries(monkeypatch):
         figure_registry.register(toy_figure(caption="of {runs}"))
     with pytest.raises(ValueError, match="caption names 'group'"):
         figure_registry.register(toy_figure(inputs="training", caption="of {group}"))
-
-
-def test_the_profile_names_every_cached_figure():
-    """profiles/default is static YAML: its list of cached rules names the figure rules that the
-    registry caches (tests/test_slurm.py checks the whole list against the parsed rules)."""
-    profile = yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())
-    for figure in FIGURES.values():
-        assert (figure.rule in profile["cache"]) == figure.cached, figure.rule
-    listed = {rule for rule in profile["cache"] if rule.startswith("figure_")}
-    assert listed - {f.rule for f in FIGURES.values()} == {"figure_top_examples"}
 
 
 def test_the_schema_default_is_registered():

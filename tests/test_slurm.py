@@ -1,7 +1,8 @@
 """profiles/slurm on a real SLURM: scripts/slurm-localhost.sh installs and starts a single-node
 SLURM on this machine (Debian, root, apt), the tiny test config (tests/configs/tiny.yaml) runs
 through it with the profile, and gives the same statistics and ablation results as a local run;
-a second checkout sharing the first's output cache computes nothing; a training job cancelled
+a second checkout sharing the first's output cache computes nothing, whether the first ran
+locally or through SLURM and the second runs through SLURM or locally; a training job cancelled
 (scancel) or requeued (scontrol requeue) midway resumes and ends as an unbroken run.
 
 Fails, not skips, where SLURM cannot be installed or started: CI runs this on a fresh machine."""
@@ -22,6 +23,8 @@ import pandas as pd
 import pytest
 import yaml
 from support import REPO, environment, job_counts, load_config
+
+from workflow_scripts import output_cache
 
 TINY_CONFIG = load_config("tiny")
 TRAINING_CONFIG = load_config("interrupted")  # one small language model, checkpoints every 20
@@ -65,7 +68,7 @@ def start_snakemake(
 ) -> subprocess.Popen:
     """Snakemake in workdir, under `timeout -k` (SIGTERM alone does not stop it while jobs run),
     its output in workdir/snakemake.out; its output cache in ``cache``, else in the working
-    directory (profiles/default turns the cache on)."""
+    directory."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     command = [
         "timeout",
@@ -83,9 +86,9 @@ def start_snakemake(
         str(workdir / "config.yaml"),
         *args,
     ]
-    env = {k: v for k, v in environment().items() if k != "SNAKEMAKE_OUTPUT_CACHE"}
+    env = {k: v for k, v in environment().items() if k != output_cache.VARIABLE}
     if cache is not None:
-        env["SNAKEMAKE_OUTPUT_CACHE"] = str(cache)
+        env[output_cache.VARIABLE] = str(cache)
     with open(workdir / "snakemake.out", "w") as out:
         return subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -133,36 +136,53 @@ def slurm():
 def runs(slurm, tmp_path_factory):
     """The tiny config through SLURM with profiles/slurm, and locally with --cores 2 and no
     --profile (profiles/default, the workflow profile, applies to both, as it does for users), at
-    the same time: the SLURM run leaves the CPUs idle while it polls. Locally only the results
-    that are compared. Then a second checkout through SLURM, sharing the first's cache folder."""
-    slurm_dir, again_dir, local_dir = (
-        tmp_path_factory.mktemp(name) for name in ("slurm", "slurm-again", "local")
-    )
-    cache = tmp_path_factory.mktemp("shared-cache")
-    local = start_snakemake(local_dir, "--cores", "2", *RESULTS, timeout=600)
-    processes = [local]
+    the same time (the SLURM run leaves the CPUs idle while it polls), each with a cache folder
+    of its own. Then second checkouts, each sharing one of those folders: through SLURM after
+    the local run, locally after the SLURM run, and through SLURM after the SLURM run."""
+    names = ("slurm", "local", "slurm-after-local", "local-after-slurm", "slurm-after-slurm")
+    dirs = {name: tmp_path_factory.mktemp(name) for name in names}
+    caches = {name: tmp_path_factory.mktemp(f"cache-{name}") for name in ("slurm", "local")}
+    processes = []
+    outputs, seconds = {}, {}
+
+    def run(name, cache, local=False):
+        start = time.monotonic()
+        if local:
+            processes.append(start_snakemake(dirs[name], "--cores", "2", timeout=600, cache=cache))
+        else:
+            processes.append(through_slurm(dirs[name], timeout=600, cache=cache))
+        return processes[-1], start
+
     try:
-        start = time.monotonic()
-        processes.append(through_slurm(slurm_dir, timeout=600, cache=cache))
-        slurm_output = finish(processes[-1], slurm_dir)
-        first_seconds = time.monotonic() - start
-        finish(local, local_dir)
-        start = time.monotonic()
-        processes.append(through_slurm(again_dir, timeout=600, cache=cache))
-        again_output = finish(processes[-1], again_dir)
-        again_seconds = time.monotonic() - start
+        local, local_start = run("local", caches["local"], local=True)
+        first, start = run("slurm", caches["slurm"])
+        outputs["slurm"] = finish(first, dirs["slurm"])
+        seconds["slurm"] = time.monotonic() - start
+        outputs["local"] = finish(local, dirs["local"])
+        seconds["local"] = time.monotonic() - local_start
+        for name, cache, is_local in (
+            ("slurm-after-local", caches["local"], False),
+            ("local-after-slurm", caches["slurm"], True),
+            ("slurm-after-slurm", caches["slurm"], False),
+        ):
+            process, start = run(name, cache, local=is_local)
+            outputs[name] = finish(process, dirs[name])
+            seconds[name] = time.monotonic() - start
     finally:
         stop(processes)
-    print(
-        f"first checkout: {first_seconds:.0f} s, {len(submitted(slurm_output))} SLURM jobs; "
-        f"second, from the cache: {again_seconds:.0f} s, {len(submitted(again_output))} jobs"
-    )
+    for name in names:
+        logs = list((dirs[name] / "results/logs").rglob("*.log"))
+        computed = [log for log in logs if output_cache.HIT not in log.read_text()]
+        print(
+            f"{name}: {seconds[name]:.0f} s, {len(logs)} jobs, {len(computed)} computed, "
+            f"{len(logs) - len(computed)} from the cache"
+        )
     return SimpleNamespace(
-        slurm_dir=slurm_dir,
-        slurm_output=slurm_output,
-        local_dir=local_dir,
-        again_dir=again_dir,
-        again_output=again_output,
+        dirs=dirs,
+        outputs=outputs,
+        slurm_dir=dirs["slurm"],
+        slurm_output=outputs["slurm"],
+        local_dir=dirs["local"],
     )
 
 
@@ -228,45 +248,25 @@ def test_slurm_and_local_runs_give_the_same_results(runs):
         )
 
 
-def test_the_profiles_name_every_cached_rule(tmp_path, monkeypatch):
-    """profiles/default names the cached rules one by one (a bare --cache does not reach SLURM
-    jobs): exactly the rules with `cache: True`."""
-    # the Snakefile, parsed in this process, sets the cache folder and cleans results/ where it
-    # runs: here, not in the checkout, and not for the tests that run after this one
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SNAKEMAKE_OUTPUT_CACHE", str(tmp_path / "cache"))
-    from snakemake.api import SnakemakeApi
-    from snakemake.caching.rule import CacheFlag
-    from snakemake.settings.types import ConfigSettings, ResourceSettings
-
-    profile = yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())
-    with SnakemakeApi() as api:
-        workflow = api.workflow(
-            snakefile=REPO / "Snakefile",
-            resource_settings=ResourceSettings(),
-            config_settings=ConfigSettings(configfiles=[REPO / "config.yaml"]),
-            workdir=tmp_path,
-        )._workflow
-        cached = {r.name for r in workflow.rules if r.cache and r.cache.flag & CacheFlag.output}
-    assert sorted(profile["cache"]) == sorted(cached)
-    assert "cache" not in yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
-
-
-def test_a_second_checkout_sharing_the_cache_computes_nothing_through_slurm(runs):
-    first, again = submitted(runs.slurm_output), submitted_logs(runs.again_output)
-    assert sorted(rule for rule, _ in again.values()) == sorted(first.values())
-    for rule, log in again.values():
-        text = Path(runs.again_dir, log).read_text()
-        assert "from cache" in text, (rule, text[-2000:])  # Snakemake: "Symlinking ... from cache"
-        assert "to cache" not in text, (rule, text[-2000:])  # nothing stored: nothing computed
-    # the jobs' own logs are written by their commands only (Snakemake creates them empty):
-    # none ran
-    written = [p for p in (runs.again_dir / "results/logs").rglob("*.log") if p.stat().st_size]
-    assert not written, written
-    assert all(p.stat().st_size for p in (runs.slurm_dir / "results/logs/extract").rglob("*.log"))
+@pytest.mark.parametrize("second", ["slurm-after-local", "local-after-slurm", "slurm-after-slurm"])
+def test_a_second_checkout_sharing_the_cache_computes_nothing(runs, second):
+    """Local and SLURM jobs compute the same keys: whichever ran first, the second run takes every
+    result from the cache (each job's log says so) and gives the same numbers."""
+    first = runs.dirs["local" if second.endswith("local") else "slurm"]
+    logs = sorted((runs.dirs[second] / "results/logs").rglob("*.log"))
+    assert len(logs) == len(list((first / "results/logs").rglob("*.log")))
+    for log in logs:
+        text = log.read_text()
+        assert output_cache.HIT in text and output_cache.STORED not in text, (log, text[-2000:])
+    computed = list((first / "results/logs/extract").rglob("*.log"))
+    assert computed and all(output_cache.STORED in log.read_text() for log in computed)
+    if second.startswith("slurm"):
+        assert sorted(submitted(runs.outputs[second]).values()) == sorted(
+            submitted(runs.slurm_output).values()
+        )
     for path in RESULTS:
         pd.testing.assert_frame_equal(
-            pd.read_parquet(runs.again_dir / path), pd.read_parquet(runs.slurm_dir / path), obj=path
+            pd.read_parquet(runs.dirs[second] / path), pd.read_parquet(first / path), obj=path
         )
 
 

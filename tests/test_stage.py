@@ -72,7 +72,6 @@ def test_a_name_the_stage_does_not_take_is_an_error():
 def workflow_rules(tmp_path, monkeypatch, configfile=REPO / "config.yaml"):
     """The rules of the workflow, parsed in this process (away from the checkout)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SNAKEMAKE_OUTPUT_CACHE", str(tmp_path / "cache"))
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, ResourceSettings
 

@@ -164,6 +164,24 @@ def _check_thresholds(where: str, thresholds) -> None:
         fail(where, f"{thresholds!r}: thresholds must be finite numbers")
 
 
+DEFAULT_CONFIG = "config.yaml"  # in the working directory
+
+
+def with_defaults(config: Mapping) -> dict:
+    """The config Snakemake gives the Snakefile, completed: a config with ``models`` came from
+    ``--configfile`` (with any ``--config`` values merged in) and stands alone; any other is
+    ``--config`` values alone, merged over the default config, ``config.yaml``. Either way the
+    scalars Snakemake left as strings are typed (see :func:`with_overrides`)."""
+    if "models" in config:
+        return with_overrides({}, config)
+    if not Path(DEFAULT_CONFIG).is_file():
+        raise ConfigError(
+            f"no config: {DEFAULT_CONFIG} is not in the working directory {os.getcwd()} and no "
+            "--configfile was given"
+        )
+    return with_overrides(yaml.safe_load(Path(DEFAULT_CONFIG).read_text()), config)
+
+
 def with_overrides(config: Mapping, overrides: Mapping) -> dict:
     """``config`` with the ``--config`` values merged over it, nested keys included. Snakemake
     parses a nested value (``extract={batch_size: 8}``) with every scalar as a string; here the

@@ -1,13 +1,12 @@
 """The figure kinds: everything the workflow knows about each figure it draws, one entry each.
 
 An entry names the figure kind, what it reads, the function of ``workflow_scripts.figures`` that
-draws it, its report caption and whether its rule uses the output cache. From the entries follow
+draws it and its report caption. From the entries follow
 the rules (``rules/figures.smk``: one rule ``figure_<name>`` per entry), the kinds a config may
 list under ``figures.groups.<group>.figures`` (``workflow_scripts.config``), the report's captions
 (``report/figure.rst`` shows each job's caption) and the kinds the figures stage draws
-(``workflow_scripts.figures.run``). ``tests/test_figure_registry.py`` checks the cached rules
-against ``profiles/default/config.yaml``. Adding a figure is one entry here and one drawing
-function in ``figures.py``.
+(``workflow_scripts.figures.run``). Every figure's job goes through the output cache, as every
+job does. Adding a figure is one entry here and one drawing function in ``figures.py``.
 
 Imported by the Snakefile at DAG-build time: no matplotlib, no pandas, no torch.
 """
@@ -52,15 +51,13 @@ class Figure:
     ``draw(data, title) -> matplotlib Figure``, where ``data`` is one long-form DataFrame of
     every input (statistics, ablation) or {run: metrics DataFrame} (training) and ``title`` the
     group's name. ``caption``: the report's caption, reStructuredText with ``{fields}``
-    (``GROUP_FIELDS`` or ``TRAINING_FIELDS``). ``cached``: whether the rule uses the output cache
-    (then ``profiles/default/config.yaml`` names the rule).
+    (``GROUP_FIELDS`` or ``TRAINING_FIELDS``).
     """
 
     name: str
     inputs: str
     draw: str
     caption: str
-    cached: bool = True
 
     @property
     def rule(self) -> str:

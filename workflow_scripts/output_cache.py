@@ -1,169 +1,264 @@
-"""Snakemake's between-workflow output cache: where it lives, and which entry a result came from.
+"""The output cache: every job's results stored once, under a key of what made them, and shared
+by every run that uses the same folder (local runs, cluster jobs, other checkouts).
 
-With ``--cache`` (profiles/default turns it on) Snakemake moves each output of a rule into the
-cache folder under a hash of everything that made it, and leaves a symbolic link in ``results/``;
-a later run, in this checkout or another one that uses the same folder, links the entry instead
-of running the job.
+A job's key is a sha256 of its rule, its params (every config value and wildcard it uses, and
+the key of the code it runs: ``stage_code``) and a digest of each input: the key and output of
+the cache entry an input links to, else the input's content. It is computed inside the job, from
+the job's own inputs, by the job itself, the same way wherever the job runs: a SLURM job and a
+local run of the same job compute the same key, with no knowledge of the DAG and nothing of
+Snakemake's internals.
+
+An entry is the folder ``<cache>/<key>/``: one item per named output (``out.parquet``,
+``png.png``, ``out.zarr``, ...) and ``entry.json`` (the rule, the outputs, the sha256 of every
+file). It is assembled under a temporary name and renamed into place, so it is complete or
+absent; two runs storing the same key at once keep the first. Files are stored read-only. A
+job's outputs in ``results/`` are symbolic links to the entry's items: a job whose key has an
+entry links it instead of running (its log says so). A result whose entry was deleted is a
+dangling link, which Snakemake takes for an existing result: ``python -m
+workflow_scripts.output_cache prune`` removes those links, and the next run makes them again
+(``remove ENTRY`` deletes an entry and prunes at once; a job that would read a dangling link
+stops and says so).
+
+The folder is ``$RESIDUAL_STREAMS_CACHE``, else ``.cache/residual-streams`` in the working
+directory; ``RESIDUAL_STREAMS_CACHE=off`` turns the cache off.
 """
 
 from __future__ import annotations
 
-import errno
+import hashlib
+import json
 import os
+import re
 import shutil
+import stat
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-VARIABLE = "SNAKEMAKE_OUTPUT_CACHE"
-DEFAULT = ".cache/snakemake"  # in the working directory
+VARIABLE = "RESIDUAL_STREAMS_CACHE"
+DEFAULT = ".cache/residual-streams"  # in the working directory
+ENTRY = "entry.json"
+KEY = re.compile(r"[0-9a-f]{64}")
+TIMESTAMP = ".snakemake_timestamp"  # what Snakemake adds to a folder output
+HIT = "taken from the output cache entry"  # what a job's log says, then the entry
+STORED = "stored in the output cache entry"
 
 
-def default_location() -> Path:
-    """``.cache/snakemake`` in the working directory."""
-    return Path(DEFAULT).resolve()
+def folder() -> Path | None:
+    """The cache folder ($RESIDUAL_STREAMS_CACHE, else .cache/residual-streams here), or None
+    where the variable says ``off``."""
+    value = os.environ.get(VARIABLE) or DEFAULT
+    return None if value == "off" else Path(value).resolve()
 
 
-def create() -> Path:
-    """The cache folder ($SNAKEMAKE_OUTPUT_CACHE), created if missing: Snakemake stores entries
-    only in a folder that exists."""
-    folder = Path(os.environ.get(VARIABLE) or default_location())
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (a file: itself, as ""), by relative path."""
+    if not root.is_dir():
+        return {"": sha256_file(root)}
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != TIMESTAMP
+    }
+
+
+def entry_of(path: str | Path) -> tuple[str, str] | None:
+    """(key, output item) of the cache entry that ``path``, a result, links to; None for a
+    result that is not a link into an entry."""
+    path = Path(path)
+    if not path.is_symlink():
+        return None
+    target = Path(os.path.realpath(path))
+    if KEY.fullmatch(target.parent.name):
+        return target.parent.name, target.name
+    return None
 
 
 def cache_entry(path: str | Path) -> Path | None:
-    """The cache entry that ``path`` (a result file, or a file inside a result folder) links to,
-    or None when it does not come from the cache."""
+    """The cache entry folder that ``path`` (a result, or a file inside a result folder) comes
+    from, or None."""
     path = Path(path)
     for candidate in (path, *path.parents):
-        if candidate.is_symlink():
-            return candidate.resolve()
+        if entry_of(candidate) is not None:
+            return Path(os.path.realpath(candidate)).parent
     return None
 
 
 def provenance(path: str | Path) -> str:
     """`` (cache entry X)`` for a result that comes from the cache; empty otherwise. For error
-    messages: a corrupted entry must be deleted before a rerun recomputes it."""
+    messages: a corrupted entry must be deleted, whole, before a rerun recomputes it."""
     entry = cache_entry(path)
     return (
-        f" (from the output cache entry {entry}: delete it and rerun to recompute)" if entry else ""
+        f" (from the output cache entry {entry}: delete it, `python -m "
+        f"workflow_scripts.output_cache remove {entry}`, and run again to recompute it)"
+        if entry
+        else ""
     )
 
 
-TIMESTAMP = ".snakemake_timestamp"  # what Snakemake adds to a folder output
+def input_digest(path: str | Path, root: Path | None = None) -> str:
+    """What a job's key knows of one input: the cache entry it links to, else its content (and,
+    within a list of files, its path below the list's common folder: an image's class folder)."""
+    linked = entry_of(path)
+    if linked is not None:
+        return "entry:" + "/".join(linked)
+    content = hashlib.sha256(json.dumps(file_digests(Path(path)), sort_keys=True).encode())
+    name = str(Path(path).relative_to(root)) if root is not None else ""
+    return f"content:{name}:{content.hexdigest()}"
 
 
-def remove_dangling_links(root: str | Path = "results") -> list[Path]:
-    """Remove the results that link to a cache entry that was deleted, so that a rerun computes
-    them again (Snakemake would fail on a dangling link, or take a folder output whose files
-    link nowhere as done). A file result is its link; a folder result taken from the cache is a
-    folder of links (with Snakemake's timestamp file) and goes as a whole. Returns what went."""
-    removed = []
-    for folder, subfolders, files in os.walk(root):
-        here = Path(folder)
-        dangling = [
-            here / name
-            for name in (*subfolders, *files)
-            if (here / name).is_symlink() and not (here / name).exists()
-        ]
-        if (here / TIMESTAMP).exists():  # a folder output: its files are not walked further
-            subfolders.clear()
-            if dangling:
-                shutil.rmtree(here)
-                removed.append(here)
-            continue
-        for link in dangling:
-            link.unlink()
-            removed.append(link)
-    return removed
+def job_key(rule: str, inputs: Mapping, params: Mapping) -> str:
+    """The key of a job: its rule, its params, and the digest of each of its inputs (a named
+    input is one path or a list of them)."""
+    digests = {}
+    for name, value in inputs.items():
+        if isinstance(value, (str, os.PathLike)):
+            digests[name] = input_digest(value)
+        else:
+            paths = [Path(p) for p in value]
+            root = Path(os.path.commonpath([p.absolute() for p in paths])) if paths else None
+            root = root.parent if root is not None and len(paths) == 1 else root
+            digests[name] = [input_digest(p, root) for p in paths]
+    job = {"rule": rule, "params": dict(params), "inputs": digests}
+    return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class _EntryMoves:
-    """Stands in for ``shutil`` in Snakemake's local output cache (9.x): its store moves a
-    finished entry from a temporary folder to its place, and a folder moved onto one that
-    exists lands *inside* it. When two runs sharing a cache store the same entry at once, the
-    second would nest a copy in the first's. Here the second keeps the first's (same key, so the
-    same content) and drops its own; every other call is shutil's."""
-
-    def __getattr__(self, name):
-        return getattr(shutil, name)
-
-    @staticmethod
-    def move(source, destination, copy_function=shutil.copy2):
-        source, destination = Path(source), Path(destination)
-        if not (source.is_dir() and source.name == destination.name):
-            return shutil.move(source, destination, copy_function=copy_function)
-        try:  # an entry's last move, within the cache folder: one atomic rename
-            os.rename(source, destination)
-        except OSError as error:
-            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not destination.is_dir():
-                raise
-            shutil.rmtree(source)  # another run stored this entry first
-        return str(destination)
+def item_name(name: str, path: str | Path) -> str:
+    """An output's name in its entry: the output's name in the rule and its file extension (not
+    the dots of a name: a model folder ``qwen2.5-0.5b`` has none)."""
+    return name + "".join(s for s in Path(path).suffixes if s[1:].isalpha())
 
 
-def entry_hash(path: str | Path) -> str | None:
-    """The provenance hash a result's cache entry is named by (the entry is ``<hash><ext>``), or
-    None when ``path`` does not come from the cache. A folder taken from the cache may be a
-    folder of links: its files name the entry."""
-    path = Path(path)
-    entry = cache_entry(path)
-    if entry is None and path.is_dir() and not path.is_symlink():
-        link = next((p for p in path.iterdir() if p.is_symlink()), None)
-        entry = None if link is None else link.resolve().parent
-    if entry is None or len(entry.name) < 64:
+def _replace(path: Path) -> None:
+    """Remove what stands at ``path`` (a dangling link, an earlier result) before a link goes
+    there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _link(outputs: Mapping[str, str], entry: Path) -> None:
+    for name, path in outputs.items():
+        path = Path(path)
+        _replace(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(entry / item_name(name, path), path)
+
+
+def restore(key: str, outputs: Mapping[str, str], cache: Path) -> Path | None:
+    """Link a job's outputs to the entry of ``key`` where it is stored: the entry, or None. An
+    entry missing one of its items (a part deleted by hand) is removed, so that the job
+    computes and stores it again."""
+    entry = cache / key
+    if not (entry / ENTRY).is_file():
         return None
-    name = entry.name[:64]
-    return name if all(c in "0123456789abcdef" for c in name) else None
+    items = json.loads((entry / ENTRY).read_text())["items"]
+    if any(not (entry / item).exists() for item in items):
+        remove(entry)
+        return None
+    _link(outputs, entry)
+    return entry
 
 
-def _cached_inputs_as_upstream(original):
-    """Wraps Snakemake's provenance hash of a job. Snakemake hashes an input made by another job
-    through that job's own provenance hash, but a cluster job's Snakemake knows only its own job:
-    it would hash such an input by its content (and fail on a folder), so its cache key would
-    not be the one the submitting Snakemake computes. Here an input that no job of the DAG makes
-    but that links to a cache entry counts as made by an upstream job whose hash is the entry's
-    name: the key a cluster job computes is then the submitting host's."""
+def remove(entry: Path) -> None:
+    """Delete an entry (its folders are read-only: made writable first)."""
+    for folder, _, _ in os.walk(entry):
+        os.chmod(folder, 0o755)
+    shutil.rmtree(entry)
 
-    class Upstream(str):
-        """Stands in for the job that made a cached input."""
 
-    async def provenance_hash(self, job):
-        if job in self._hashes:  # an upstream stand-in, or a job already hashed
-            return self._hashes[job]
-        dependencies = job.dag.dependencies[job]
-        made_upstream = set().union(*dependencies.values()) if dependencies else set()
-        added = []
-        for file in job.input:
-            digest = None if file in made_upstream else entry_hash(file)
-            if digest is not None:
-                upstream = Upstream(digest)
-                self._hashes[upstream] = digest
-                dependencies.setdefault(upstream, set()).add(file)
-                added.append(upstream)
+def _read_only(root: Path) -> None:
+    """Files read-only for everyone, folders listable and closed to writes."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(folder, name), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        os.chmod(folder, 0o555)
+
+
+def store(key: str, outputs: Mapping[str, str], cache: Path, rule: str) -> Path:
+    """Move a job's finished outputs into the entry of ``key`` and link them back; returns the
+    entry. Another run that stored the same key first wins: its entry is linked, ours dropped."""
+    cache.mkdir(parents=True, exist_ok=True)
+    entry = cache / key
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache))
+    try:
+        items = {}
+        for name, path in outputs.items():
+            item = staging / item_name(name, path)
+            shutil.move(path, item)
+            items[item.name] = file_digests(item)
+        record = {"key": key, "rule": rule, "items": items}
+        (staging / ENTRY).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        _read_only(staging)
         try:
-            return await original(self, job)
-        finally:
-            for upstream in added:
-                dependencies.pop(upstream, None)
-
-    provenance_hash.wrapped = original
-    return provenance_hash
-
-
-def guard_cluster_jobs() -> None:
-    """Give a cluster job's Snakemake (``--mode remote``) the cache keys of the submitting one
-    (see ``_cached_inputs_as_upstream``); the submitting Snakemake knows every job, and needs
-    nothing."""
-    from snakemake.caching.hash import ProvenanceHashMap
-
-    method = ProvenanceHashMap._get_provenance_hash
-    if not hasattr(method, "wrapped"):
-        ProvenanceHashMap._get_provenance_hash = _cached_inputs_as_upstream(method)
+            os.rename(staging, entry)
+        except OSError:
+            if not (entry / ENTRY).is_file():
+                raise
+    finally:
+        if staging.exists():
+            remove(staging)
+    _link(outputs, entry)
+    return entry
 
 
-def guard_concurrent_stores() -> None:
-    """Make Snakemake's store of a folder entry safe against a concurrent store of the same."""
-    from snakemake.caching import local
+def dangling(results: str | Path = "results") -> list[Path]:
+    """The results under ``results`` that link to a cache entry that is gone."""
+    found = []
+    for folder, subfolders, files in os.walk(results):
+        for name in (*subfolders, *files):
+            path = Path(folder, name)
+            if path.is_symlink() and not path.exists():
+                found.append(path)
+    return found
 
-    if getattr(local, "shutil", None) is shutil:
-        local.shutil = _EntryMoves()
+
+def prune(results: str | Path = "results") -> list[Path]:
+    """Remove the results that link to a deleted cache entry, so that the next run makes them
+    again (Snakemake takes a dangling link for an existing output). Returns what went."""
+    gone = dangling(results)
+    for path in gone:
+        path.unlink()
+    return gone
+
+
+USAGE = """python -m workflow_scripts.output_cache remove ENTRY...   delete cache entries
+python -m workflow_scripts.output_cache prune [RESULTS]     remove links to deleted entries"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The cache's two commands, run in the working directory of the workflow:
+
+    ``remove ENTRY...`` deletes cache entries (their folders are read-only), e.g. a corrupted one
+    an error message names, then prunes ``results/``; ``prune [RESULTS]`` removes the results
+    that link to a deleted entry (in this working directory; every other checkout that linked it
+    prunes its own), so that the next run makes them again."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The output cache's commands.", usage=USAGE)
+    parser.add_argument("command", choices=["remove", "prune"])
+    parser.add_argument("paths", nargs="*", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "remove":
+        for entry in args.paths:
+            if not (KEY.fullmatch(entry.name) and (entry / ENTRY).is_file()):
+                raise SystemExit(
+                    f"{entry}: not an output cache entry (a folder <key>/ with {ENTRY})"
+                )
+            remove(entry)
+            print(f"removed {entry}")
+    for path in prune(*(args.paths if args.command == "prune" else [])):
+        print(f"removed {path}: its cache entry was deleted; the next run makes it again")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,8 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 
+from workflow_scripts import output_cache
+
 # rule name -> the module that holds its stage's ``run``
 STAGES = {
     "fetch_model": "workflow_scripts.fetch_model",
@@ -144,21 +146,44 @@ def job_name(rule: str, wildcards: Mapping) -> str:
 
 
 def run_job(snakemake) -> None:
-    """Run the stage of a Snakemake job (the ``snakemake`` object of a ``script:``)."""
-    named = {
-        **dict(snakemake.input.items()),
-        **dict(snakemake.output.items()),
-        **dict(snakemake.params.items()),
-    }
+    """Run the stage of a Snakemake job (the ``snakemake`` object of a ``script:``), through the
+    output cache (``workflow_scripts.output_cache``): a job whose key has an entry links it."""
+    inputs, outputs = dict(snakemake.input.items()), dict(snakemake.output.items())
+    params = dict(snakemake.params.items())
+    named = {**inputs, **outputs, **params}
     log = snakemake.log[0] if snakemake.log else None
-    run_stage(snakemake.rule, named, snakemake.threads, log, dict(snakemake.wildcards.items()))
+    wildcards = dict(snakemake.wildcards.items())
+    cache = output_cache.folder()
+    if cache is None:
+        run_stage(snakemake.rule, named, snakemake.threads, log, wildcards)
+        return
+    _log_to(log)
+    name = job_name(snakemake.rule, wildcards)
+    gone = [p for p in snakemake.input if Path(p).is_symlink() and not Path(p).exists()]
+    if gone:  # Snakemake takes a link to a deleted entry for an existing result
+        logging.getLogger("stage").error(
+            "%s: %s links to a deleted output cache entry; run `python -m "
+            "workflow_scripts.output_cache prune` here, then run again to make it anew",
+            name,
+            gone[0],
+        )
+        sys.exit(1)
+    key = output_cache.job_key(snakemake.rule, inputs, params)
+    entry = output_cache.restore(key, outputs, cache)
+    if entry is not None:
+        print(f"{output_cache.HIT}: {entry}", file=sys.stderr)
+        return
+    run_stage(snakemake.rule, named, snakemake.threads, None, wildcards)
+    entry = output_cache.store(key, outputs, cache, snakemake.rule)
+    print(f"{output_cache.STORED}: {entry}", file=sys.stderr)
 
 
 def run_stage(
     rule: str, named: Mapping, threads: int, log: str | None, wildcards: Mapping | None = None
 ) -> None:
-    """Run the stage of ``rule`` on a job's named values, as every job runs: stderr to ``log``,
-    the threads set (before torch is imported, and in torch after), bad input one line."""
+    """Run the stage of ``rule`` on a job's named values, as every job runs: stderr to ``log``
+    (where given), the threads set (before torch is imported, and in torch after), bad input one
+    line."""
     _log_to(log)
     _set_threads(threads)
     name = job_name(rule, wildcards or {})

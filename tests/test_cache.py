@@ -318,6 +318,45 @@ def test_a_dry_run_changes_nothing(workflow):
     shutil.rmtree(workflow.workdir / "results/stats/ghost")
 
 
+def test_a_changed_byte_in_cached_statistics_is_refused_then_recomputed(workflow):
+    """A cached file is checked against the sha256 its entry recorded by every job that reads
+    it: the error names the whole entry and how to delete it, after which the rerun recomputes
+    it and ends with the numbers of an unbroken run."""
+    config = workflow.changed()
+    gpt2 = next(name for name in config["models"] if name.startswith("gpt2"))  # maybe renamed
+    merged = workflow.result(f"stats/{gpt2}/pairs.parquet")
+    expected = pd.read_parquet(merged)
+    entry = cache_entry(workflow.result(f"stats/{gpt2}/pairs/layer-1.parquet"))
+    item = entry / "out.parquet"
+    os.chmod(item, 0o644)
+    corrupt(item)
+    os.chmod(item, 0o444)
+    merged.unlink()  # merge_stats, which reads it, runs again
+    result = subprocess.run(
+        workflow.command(config, "--keep-going"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=workflow.environment(),
+        cwd=workflow.workdir,
+    )
+    assert result.returncode != 0
+    log = workflow.result(f"logs/merge_stats/{gpt2}/pairs.log").read_text()
+    assert "does not match the sha256 recorded when it was stored" in log
+    assert f"python -m workflow_scripts.output_cache remove {entry}" in log
+    removed = subprocess.run(
+        [sys.executable, "-m", "workflow_scripts.output_cache", "remove", str(entry)],
+        capture_output=True,
+        text=True,
+        env=workflow.environment(),
+        cwd=workflow.workdir,
+    )
+    assert removed.returncode == 0, removed.stderr
+    jobs = workflow.run(config)
+    assert ("layer_stats", {"model": gpt2, "dataset": "pairs", "layer": "1"}) in jobs
+    pd.testing.assert_frame_equal(pd.read_parquet(merged), expected)
+
+
 def corrupt(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

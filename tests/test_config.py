@@ -401,3 +401,43 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"{good}: valid" in out
     assert f"{bad}, line 3, column" in err and "not valid YAML" in err
+
+
+def test_the_default_config_is_used_unless_a_config_file_is_given(tmp_path, monkeypatch):
+    """What the Snakefile does with Snakemake's `config`: --config values alone are merged over
+    config.yaml; a config with models came from --configfile and stands alone."""
+    from workflow_scripts.config import with_defaults
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no config: config.yaml is not in the working"):
+        with_defaults({"extract": {"batch_size": "8"}})
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    merged = with_defaults({"extract": {"batch_size": "8"}})
+    assert merged["extract"]["batch_size"] == 8 and "gpt2-init" in merged["models"]
+    given = {"models": {"m": {"family": "gpt2", "source": "init:"}}, "extract": {"seed": "3"}}
+    assert with_defaults(given) == {**given, "extract": {"seed": 3}}
+
+
+def test_figures_whose_names_run_together_are_refused(default_config):
+    """Names may hold '-', which also joins them in a figure's file name: model `a-b` on dataset
+    `c` and model `a` on dataset `b-c` would both write top-examples-a-b-c-layer1.*."""
+    config = copy.deepcopy(default_config)
+    models, datasets = config["models"], config["datasets"]
+    models["gpt2-init-x"] = copy.deepcopy(models["gpt2-init"])
+    datasets["x-corpus"] = copy.deepcopy(datasets["corpus"])
+    datasets["corpus-x"] = copy.deepcopy(datasets["corpus"])
+    config["analyses"].append(
+        {"models": ["gpt2-init", "gpt2-init-x"], "datasets": ["corpus", "x-corpus", "corpus-x"]}
+    )
+    config["figures"]["top_examples"] = [
+        {"model": "gpt2-init-x", "dataset": "corpus", "layer": 1},
+        {"model": "gpt2-init", "dataset": "x-corpus", "layer": 1},
+    ]
+    with pytest.raises(
+        ConfigError,
+        match=r"figures.top_examples.1 .*writes results/figures/top-examples-gpt2-init-x-corpus-"
+        r"layer1.\*, as figures.top_examples.0 \(model 'gpt2-init-x', dataset 'corpus'",
+    ):
+        resolve(config)
+    config["figures"]["top_examples"][1]["dataset"] = "corpus-x"
+    resolve(config)

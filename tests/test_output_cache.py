@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,64 @@ def test_the_folder_comes_from_the_environment(tmp_path, monkeypatch):
 )
 def test_an_item_is_named_by_its_output_and_extension(name, path, item):
     assert output_cache.item_name(name, path) == item
+
+
+def test_a_changed_byte_in_a_stored_file_is_refused_naming_the_entry(tmp_path):
+    cache = tmp_path / "cache"
+    out = write(tmp_path / "results" / "layer-0.parquet", "kurtosis 2.7478")
+    entry = store("d" * 64, {"out": str(out)}, cache, "layer_stats")
+    output_cache.verify(entry)
+    item = entry / "out.parquet"
+    os.chmod(item, 0o644)
+    item.write_text("kurtosis 2.7439")
+    os.chmod(item, 0o444)
+    with pytest.raises(output_cache.CacheError, match="does not match the sha256") as error:
+        output_cache.verify(entry)
+    assert f"output_cache remove {entry}" in str(error.value)
+    with pytest.raises(output_cache.CacheError, match="does not match"):  # nor linked again
+        restore("d" * 64, {"out": str(tmp_path / "elsewhere.parquet")}, cache)
+    os.chmod(item, 0o666)
+    with pytest.raises(output_cache.CacheError, match="writable by other users"):
+        output_cache.verify(entry)
+
+
+def test_the_cache_folder_is_private_and_one_everyone_may_write_is_refused(tmp_path):
+    cache = output_cache.checked_folder(tmp_path / "new" / "cache")
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    os.chmod(cache, 0o777)
+    with pytest.raises(output_cache.CacheError, match="writable by every user.*chmod o-w"):
+        output_cache.checked_folder(cache)
+    os.chmod(cache, 0o3770)  # a cache shared by a group (setgid, sticky)
+    assert output_cache.checked_folder(cache) == cache
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_cannot_change_an_entry(tmp_path):
+    """As user nobody, with the cache readable by all (as a shared cache is): appending to an
+    entry's file, adding a file to it or replacing the entry all fail."""
+    import subprocess
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="shared-"))  # outside pytest's private folders
+    try:
+        os.chmod(root, 0o755)
+        cache = root / "cache"
+        cache.mkdir(mode=0o755)
+        os.chmod(cache, 0o755)
+        out = write(root / "results" / "page.html", "<p>features</p>")
+        entry = store("c" * 64, {"out": str(out)}, cache, "feature_page")
+        attempts = [
+            f"echo '<script>' >> {entry / 'out.html'}",
+            f"touch {entry / 'extra'}",
+            f"mv {entry} {cache / 'moved'}",
+            f"mkdir {cache / ('b' * 64)}",
+        ]
+        for attempt in attempts:
+            done = subprocess.run(
+                ["su", "nobody", "-s", "/bin/sh", "-c", attempt], capture_output=True
+            )
+            assert done.returncode != 0, attempt
+        assert (entry / "out.html").read_text() == "<p>features</p>"
+        output_cache.verify(entry)
+    finally:
+        output_cache.remove(root)

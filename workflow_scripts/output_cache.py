@@ -35,6 +35,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from workflow_scripts.stage import InputError
+
 VARIABLE = "RESIDUAL_STREAMS_CACHE"
 DEFAULT = ".cache/residual-streams"  # in the working directory
 ENTRY = "entry.json"
@@ -44,11 +46,59 @@ HIT = "taken from the output cache entry"  # what a job's log says, then the ent
 STORED = "stored in the output cache entry"
 
 
+class CacheError(InputError):
+    """A cache folder or entry that cannot be trusted: open to other users, or corrupted."""
+
+
 def folder() -> Path | None:
     """The cache folder ($RESIDUAL_STREAMS_CACHE, else .cache/residual-streams here), or None
     where the variable says ``off``."""
     value = os.environ.get(VARIABLE) or DEFAULT
     return None if value == "off" else Path(value).resolve()
+
+
+def checked_folder(cache: Path) -> Path:
+    """The cache folder, created private to this user where it is missing; refused where every
+    user may write into it (anyone could then put an entry of theirs under a key). A cache shared
+    by a group is a folder of that group, writable by it and by no one else (see the docs)."""
+    if not cache.exists():
+        cache.mkdir(parents=True, mode=0o700)
+        os.chmod(cache, 0o700)  # whatever the umask
+    if os.stat(cache).st_mode & stat.S_IWOTH:
+        raise CacheError(
+            f"the output cache folder {cache} is writable by every user, who could replace its "
+            f"entries: `chmod o-w {cache}` (a cache shared by a group: `chgrp GROUP {cache} && "
+            f"chmod 3770 {cache}`), or set {VARIABLE} to a folder of your own"
+        )
+    return cache
+
+
+def verify(entry: Path, items: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    """Check an entry's files against the sha256 digests it recorded when stored (folders that
+    check themselves when read, model folders and activation shards, only for presence): a
+    changed byte, a file missing or writable by others is a CacheError naming the entry."""
+    if items is None:
+        items = json.loads((entry / ENTRY).read_text())["items"]
+    for item, digests in items.items():
+        path = entry / item
+        if not path.exists():
+            raise CacheError(f"{path} is missing{_advice(entry)}")
+        if os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise CacheError(f"{path} is writable by other users{_advice(entry)}")
+        if path.is_dir():
+            continue
+        if sha256_file(path) != digests[""]:
+            raise CacheError(
+                f"{path} does not match the sha256 recorded when it was stored (changed or "
+                f"corrupted){_advice(entry)}"
+            )
+
+
+def _advice(entry: Path) -> str:
+    return (
+        f"; the output cache entry {entry} cannot be used: delete it, `python -m "
+        f"workflow_scripts.output_cache remove {entry}`, and run again to recompute it"
+    )
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -165,6 +215,7 @@ def restore(key: str, outputs: Mapping[str, str], cache: Path) -> Path | None:
     if any(not (entry / item).exists() for item in items):
         remove(entry)
         return None
+    verify(entry, items)
     _link(outputs, entry)
     return entry
 

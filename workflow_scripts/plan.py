@@ -258,6 +258,7 @@ def resolve(config: Mapping) -> Study:
     )
     _check_reads(study, full)
     _check_contexts(study)
+    _check_paths(study)
     return study
 
 
@@ -356,6 +357,37 @@ def _check_reads(study: Study, config: dict) -> None:
                         f"model {name!r} {declared}; ablation on {kind} dataset {data!r} "
                         f"needs {needed}: set its head: if the checkpoint has one",
                     )
+
+
+def figure_files(study: Study) -> dict[str, str]:
+    """Every file under results/figures/ the study draws (without its extension), and where the
+    config asks for it. Names may hold ``-``, which also joins them in these names (as
+    rules/figures.smk writes them)."""
+    files: dict[str, list[str]] = {}
+    for name, group in study.figure_groups.items():
+        for figure in group.figures:
+            files.setdefault(f"{figure}-{name}", []).append(f"figures.groups.{name} ({figure})")
+    for i, spec in enumerate(study.top_examples):
+        where = (
+            f"figures.top_examples.{i} (model {spec.model!r}, dataset {spec.dataset!r}, "
+            f"layer {spec.layer})"
+        )
+        stem = f"{spec.model}-{spec.dataset}-layer{spec.layer}"
+        for prefix in ("top-examples", "features"):
+            files.setdefault(f"{prefix}-{stem}", []).append(where)
+    return files
+
+
+def _check_paths(study: Study) -> None:
+    """No two figures of the config share a file: model `a-b` on dataset `c` and model `a` on
+    dataset `b-c` would both write top-examples-a-b-c-layer1.png, one silently lost."""
+    for stem, wheres in figure_files(study).items():
+        if len(set(wheres)) > 1:
+            fail(
+                wheres[1],
+                f"writes results/figures/{stem}.*, as {wheres[0]} does: rename a model, dataset "
+                "or group so that the names cannot run together",
+            )
 
 
 def _check_contexts(study: Study) -> None:

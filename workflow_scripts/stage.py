@@ -26,8 +26,6 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 
-from workflow_scripts import output_cache
-
 # rule name -> the module that holds its stage's ``run``
 STAGES = {
     "fetch_model": "workflow_scripts.fetch_model",
@@ -148,6 +146,8 @@ def job_name(rule: str, wildcards: Mapping) -> str:
 def run_job(snakemake) -> None:
     """Run the stage of a Snakemake job (the ``snakemake`` object of a ``script:``), through the
     output cache (``workflow_scripts.output_cache``): a job whose key has an entry links it."""
+    from workflow_scripts import output_cache
+
     inputs, outputs = dict(snakemake.input.items()), dict(snakemake.output.items())
     params = dict(snakemake.params.items())
     named = {**inputs, **outputs, **params}
@@ -168,8 +168,16 @@ def run_job(snakemake) -> None:
             gone[0],
         )
         sys.exit(1)
-    key = output_cache.job_key(snakemake.rule, inputs, params)
-    entry = output_cache.restore(key, outputs, cache)
+    try:
+        output_cache.checked_folder(cache)
+        for path in snakemake.input:  # what this job reads from the cache, as it was stored
+            if (entry := output_cache.cache_entry(path)) is not None:
+                output_cache.verify(entry)
+        key = output_cache.job_key(snakemake.rule, inputs, params)
+        entry = output_cache.restore(key, outputs, cache)
+    except output_cache.CacheError as error:
+        logging.getLogger("stage").error("%s: %s", name, error)
+        sys.exit(1)
     if entry is not None:
         print(f"{output_cache.HIT}: {entry}", file=sys.stderr)
         return

@@ -441,3 +441,10 @@ def test_figures_whose_names_run_together_are_refused(default_config):
         resolve(config)
     config["figures"]["top_examples"][1]["dataset"] = "corpus-x"
     resolve(config)
+
+
+@pytest.mark.parametrize("value", [0, -2.5, [4, 0]])
+def test_a_threshold_of_zero_or_below_is_refused(default_config, value):
+    default_config["models"]["gpt2-init"]["thresholds"] = value
+    with pytest.raises(ConfigError, match=r"models.gpt2-init.thresholds: .*must be above 0"):
+        validate(default_config)

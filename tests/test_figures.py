@@ -142,7 +142,7 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
     from workflow_scripts.models import load_adapter
     from workflow_scripts.options.extract import ExtractOptions
     from workflow_scripts.plotting import save
-    from workflow_scripts.top_examples import draw, top_rows
+    from workflow_scripts.top_examples import TopExamplesError, draw, top_rows
 
     options = ExtractOptions(
         **{
@@ -178,6 +178,12 @@ def test_top_examples_against_numpy_and_drawn(model_dirs, dataset_files, tmp_pat
         figure = draw(adapter, frame, kind, names, layer, chosen, 40, "test")
         save(figure, [str(tmp_path / f"{family}.png")])
         assert Image.open(tmp_path / f"{family}.png").size[0] > 600
+        # a feature past the layer's width, or a read-out point the model lacks: one line
+        width = x.shape[1]
+        with pytest.raises(TopExamplesError, match=rf"\[{width}\] .*has {width} features"):
+            top_rows([str(s) for s in shards], layer, [0, width], 3, include_padding=False)
+        with pytest.raises(TopExamplesError, match="no read-out point 99; the model has"):
+            top_rows([str(s) for s in shards], 99, [0], 3, include_padding=False)
 
 
 def test_top_examples_need_activations(default_config):
@@ -191,3 +197,18 @@ def test_top_examples_need_activations(default_config):
     ]
     with pytest.raises(ConfigError, match="read-out points 0..3"):
         validate(default_config)
+
+
+def test_texts_are_drawn_as_written_not_as_mathtext(tmp_path):
+    """A dataset's text or a name with `$` in it is drawn literally: mathtext would fail on it
+    (`$\\notacommand$`) or garble it."""
+    from workflow_scripts.plotting import _pyplot, _style, save
+
+    plt = _pyplot()
+    _style(plt)
+    figure, axis = plt.subplots()
+    label = axis.text(0.1, 0.5, r"costs $\notacommand$ or $5")
+    axis.set_title("$x^$")
+    assert not label.get_parse_math()
+    save(figure, [str(tmp_path / "texts.png")])
+    assert (tmp_path / "texts.png").stat().st_size > 0

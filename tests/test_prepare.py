@@ -103,6 +103,28 @@ def test_imagefolder(tmp_path):
     assert image.size == (20, 10) and image.getpixel((3, 3)) == (0, 0, 255)
 
 
+def test_images_in_sub_folders_are_of_their_class_folders_class(tmp_path):
+    """As torchvision's ImageFolder reads them: nothing below a class folder is dropped."""
+    for relative, colour in (
+        ("cat/0.png", "red"),
+        ("cat/more/1.png", "red"),
+        ("cat/more/deeper/2.png", "red"),
+        ("dog/0.png", "blue"),
+        ("dog/x/1.png", "blue"),
+        ("dog/.hidden/3.png", "green"),  # hidden folders are skipped, as hidden class folders
+    ):
+        (tmp_path / "images" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images" / relative).write_bytes(_png(colour))
+    prepare({"source": f"imagefolder:{tmp_path / 'images'}"}, tmp_path / "out.parquet")
+    frame, _, names = store.read(tmp_path / "out.parquet")
+    assert names == ["cat", "dog"] and len(frame) == 5
+    colours = {
+        label: {Image.open(io.BytesIO(b)).getpixel((1, 1)) for b in part["image"]}
+        for label, part in frame.groupby("label")
+    }
+    assert colours == {0: {(255, 0, 0)}, 1: {(0, 0, 255)}}
+
+
 def test_image_that_does_not_decode(tmp_path):
     (tmp_path / "images" / "cat").mkdir(parents=True)
     (tmp_path / "images" / "cat" / "good.png").write_bytes(_png("red"))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -221,6 +222,32 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, data):
         out / "checkpoint.pt",
     )
     assert metrics["step"].tolist() == list(range(30))
+
+
+class Payload:
+    """What a checkpoint someone else wrote could hold: an object whose unpickling runs code."""
+
+    def __reduce__(self):
+        return (Path("/tmp/ran-from-a-checkpoint").touch, ())
+
+
+def test_a_checkpoint_that_holds_objects_is_refused_not_run(tmp_path, data):
+    spec = {**LM, "steps": 30, "checkpoint_every": 10}
+    out = tmp_path / "hostile"
+    out.mkdir()
+    Path("/tmp/ran-from-a-checkpoint").unlink(missing_ok=True)
+    torch.save({"fingerprint": "x", "payload": Payload()}, out / "checkpoint.pt")
+    with pytest.raises(TrainingError, match="checkpoint.pt is not a checkpoint this workflow"):
+        train(
+            "lm",
+            spec,
+            data["tokens"],
+            out / "m",
+            out / "metrics.parquet",
+            out / "loss.png",
+            out / "checkpoint.pt",
+        )
+    assert not Path("/tmp/ran-from-a-checkpoint").exists()
 
 
 def test_grid_expands_into_runs_and_models(default_config):

@@ -158,10 +158,13 @@ def _check_families(config: dict) -> None:
 
 
 def _check_thresholds(where: str, thresholds) -> None:
-    """A threshold must be a finite number: NaN would make every outlier fraction 0."""
+    """A threshold must be a finite number above 0: NaN would make every outlier fraction 0, and
+    0 or less would count every feature an outlier."""
     values = thresholds if isinstance(thresholds, list) else [thresholds]
     if any(not math.isfinite(t) for t in values):
         fail(where, f"{thresholds!r}: thresholds must be finite numbers")
+    if any(t <= 0 for t in values):
+        fail(where, f"{thresholds!r}: thresholds must be above 0 (|x| > t counts an outlier)")
 
 
 DEFAULT_CONFIG = "config.yaml"  # in the working directory

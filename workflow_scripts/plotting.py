@@ -1,6 +1,6 @@
-"""What every drawn figure shares: matplotlib off screen, one style, the Okabe-Ito palette
-(safe for colour-blind readers), and atomic writing of PNG and PDF. Its own module, so that an
-edit to one kind of figure is not the code of another."""
+"""What every drawn figure shares: matplotlib off screen, one style (every text drawn
+literally), the Okabe-Ito palette (safe for colour-blind readers), and atomic writing of PNG and
+PDF. Its own module, so that an edit to one kind of figure is not the code of another."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def _style(plt):
             "axes.grid": True,
             "grid.alpha": 0.3,
             "legend.frameon": False,
+            # texts, labels and names drawn as written: a `$` in a dataset's text is no
+            # mathtext
+            "text.parse_math": False,
         }
     )
 

@@ -277,15 +277,10 @@ def _from_imagefolder(path: str, spec: dict, name: str, workers: int) -> Source:
     )
     if not classes:
         raise DatasetError(f"dataset {name}: image folder {path!r} has no class folders")
-    # the listing (names only, about 30 bytes a file) is what a folder's order comes from
-    listing = [
-        sorted(
-            entry.name
-            for entry in os.scandir(root / cls)
-            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
-        )
-        for cls in classes
-    ]
+    # the listing (paths below the class folder, about 30 bytes a file) is what a folder's order
+    # comes from; an image in a sub-folder of a class folder is of that class (as torchvision's
+    # ImageFolder reads it)
+    listing = [_images_below(root / cls) for cls in classes]
     starts = np.concatenate([[0], np.cumsum([len(files) for files in listing])])
     rows = int(starts[-1])
     if rows == 0:
@@ -308,6 +303,16 @@ def _from_imagefolder(path: str, spec: dict, name: str, workers: int) -> Source:
         yield from ordered_map(_read_files, jobs(), workers)
 
     return Source(rows, ["image", "label"], classes, read)
+
+
+def _images_below(folder: Path) -> list[str]:
+    """The image files anywhere below ``folder``, as sorted paths relative to it."""
+    found = []
+    for parent, subfolders, files in os.walk(folder):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        below = Path(parent).relative_to(folder)
+        found += [str(below / f) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
 
 
 def _read_files(job) -> pd.DataFrame:

@@ -21,6 +21,30 @@ from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.options.top_examples import TopExamplesOptions
 from workflow_scripts.plotting import PALETTE, _pyplot, _style, save
 from workflow_scripts.shard_reader import file_rows, read_rows
+from workflow_scripts.stage import InputError
+
+
+class TopExamplesError(InputError):
+    """A read-out point or a feature the stored stream does not have."""
+
+
+def check_features(shards: list[str], layer: int, features: list[int]) -> None:
+    """The shards hold read-out point ``layer`` and it has every feature asked for."""
+    group = open_shard(shards[0])
+    name = layer_name(layer)
+    if name not in group:
+        points = sorted(int(k.split("-")[1]) for k in group.array_keys() if k.startswith("layer-"))
+        raise TopExamplesError(
+            f"{shards[0]}: no read-out point {layer}; the model has read-out points "
+            f"{points[0]}..{points[-1]} (figures.top_examples' layer)"
+        )
+    width = group[name].shape[1]
+    outside = [f for f in features if not 0 <= f < width]
+    if outside:
+        raise TopExamplesError(
+            f"feature(s) {outside} of figures.top_examples: read-out point {layer} has {width} "
+            f"features, 0..{width - 1}"
+        )
 
 
 def stored_blocks(shards: list[str], layer: int, include_padding: bool):
@@ -47,6 +71,7 @@ def top_rows(
 ) -> dict[int, list[tuple[float, int, int]]]:
     """Per feature, the ``count`` largest activations as (value, example_id, position), one pass
     over the shards with memory bounded by a chunk."""
+    check_features(shards, layer, features)
     best: dict[int, list] = {f: [] for f in features}
     for x, ids, positions in stored_blocks(shards, layer, include_padding):
         x = x[:, features].astype(np.float32)

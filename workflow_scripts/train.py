@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -208,7 +209,14 @@ def train(
     key = fingerprint(spec, family, data_path, base_dir, tokenizer_dir)
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        try:  # tensors and plain values only: a checkpoint never runs code when read
+            state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise TrainingError(
+                f"{checkpoint_path} is not a checkpoint this workflow wrote (it holds objects "
+                f"other than tensors and plain values: {str(error).splitlines()[0]}); delete it "
+                "to train from the start"
+            ) from None
         if state["fingerprint"] == key:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

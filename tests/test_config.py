@@ -448,3 +448,16 @@ def test_a_threshold_of_zero_or_below_is_refused(default_config, value):
     default_config["models"]["gpt2-init"]["thresholds"] = value
     with pytest.raises(ConfigError, match=r"models.gpt2-init.thresholds: .*must be above 0"):
         validate(default_config)
+
+
+def test_sizes_no_run_could_finish_are_refused(default_config):
+    config = copy.deepcopy(default_config)
+    config["datasets"]["corpus"]["rows"] = 10**12
+    with pytest.raises(
+        ConfigError, match=r"datasets.corpus.rows: 1000000000000 rows of a built-in"
+    ):
+        validate(config)
+    config = copy.deepcopy(default_config)
+    config["datasets"]["corpus"]["shards"] = 1_000_000
+    with pytest.raises(ConfigError, match=r"datasets.corpus.shards: .*10000"):
+        validate(config)

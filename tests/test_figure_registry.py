@@ -160,3 +160,17 @@ def test_a_new_figure_is_one_entry_and_one_drawing_function(tmp_path):
     html = (workdir / "report.html").read_text(errors="replace")
     assert "throwaway_rms-resnets.png" in html
     assert "RMS per read-out point of group resnets" in html  # its caption, filled in
+
+
+def test_config_text_in_the_report_is_shown_as_written():
+    """A source, a name or a path from the config is text in the report, never a link,
+    reference or emphasis (reStructuredText, rendered by docutils as Snakemake's report does)."""
+    from docutils.core import publish_parts
+
+    from workflow_scripts.rst import literal
+
+    hostile = "parquet:https://evil.example/x.parquet, model_ `click <https://evil.example>`_ *x*"
+    html = publish_parts(literal(hostile), writer_name="html")["body"]
+    assert "<a " not in html and "<em>" not in html
+    text = html.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"')
+    assert hostile in text

@@ -298,6 +298,9 @@ def _check_model(where: str, spec: dict) -> None:
         )
 
 
+BUILTIN_ROWS = 10_000_000  # what a built-in set gives in minutes, not years
+
+
 def _check_datasets(config: dict) -> None:
     for name, spec in config["datasets"].items():
         source = Source.parse(spec["source"])
@@ -307,6 +310,12 @@ def _check_datasets(config: dict) -> None:
             fail(where, f"a {source.scheme}: dataset needs 'kind' (pairs, text or image)")
         if implied is not None and spec.get("kind", implied) != implied:
             fail(f"{where}.kind", f"{spec['kind']!r} contradicts the source, which holds {implied}")
+        if source.scheme == "builtin" and spec.get("rows", 0) > BUILTIN_ROWS:
+            fail(
+                f"{where}.rows",
+                f"{spec['rows']} rows of a built-in set, which are generated: at most "
+                f"{BUILTIN_ROWS:_}",
+            )
         if "rows" in spec and spec["shards"] > spec["rows"]:
             fail(
                 f"{where}.shards",

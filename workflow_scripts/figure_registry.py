@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from workflow_scripts.rst import literal
+
 # What a figure reads: the results of every (model, dataset) of its group, or of every training
 # run. A group figure is drawn once per group that lists it (results/figures/<name>-<group>.png);
 # a training figure once per config, when figures.training is on and the config has training
@@ -70,8 +72,8 @@ class Figure:
         return self.inputs != "training"
 
     def caption_with(self, fields: dict) -> str:
-        """The caption with its fields filled in."""
-        return self.caption.format(**fields)
+        """The caption with its fields filled in, each shown as written (``rst.literal``)."""
+        return self.caption.format(**{k: literal(v) for k, v in fields.items()})
 
 
 FIGURES: dict[str, Figure] = {}

@@ -31,6 +31,7 @@ from workflow_scripts.options.feature_page import FeaturePageOptions
 from workflow_scripts.options.precision import DEFAULT_MODEL_DTYPE
 from workflow_scripts.options.stats import StatsOptions
 from workflow_scripts.options.top_examples import TopExamplesOptions
+from workflow_scripts.rst import literal
 from workflow_scripts.sources import ABLATION_HEADS, Source, dataset_kind
 
 # what fetching a model uses of its entry: a threshold or an extraction option must not refetch
@@ -166,8 +167,9 @@ class Study:
         return self.runs[self.models[model].run]
 
     def summary(self) -> dict[str, str]:
-        """The study in a few readable lines (the report's front page): its models, datasets,
-        analyses, and the settings that shape the numbers."""
+        """The study in a few readable lines (the report's front page, reStructuredText: every
+        name and source shown as written): its models, datasets, analyses, and the settings that
+        shape the numbers."""
         pairs: dict[str, list[str]] = {}
         for model, dataset in self.statistics:
             pairs.setdefault(dataset, []).append(model)
@@ -197,7 +199,7 @@ class Study:
             settings = "study-compatible (the study's defaults where the config sets none): " + (
                 settings
             )
-        return {
+        lines = {
             "models": "; ".join(
                 f"{name} ({model.family.name}, {model.source})"
                 for name, model in self.models.items()
@@ -210,6 +212,7 @@ class Study:
             ),
             "settings": settings,
         }
+        return {key: literal(line) for key, line in lines.items()}
 
 
 def resolve(config: Mapping) -> Study:

@@ -10,16 +10,18 @@ from workflow_scripts.stage import stage_module
 from workflow_scripts.stage_code import code_key
 
 
-wildcard_constraints:
-    model=r"[A-Za-z0-9][A-Za-z0-9._-]*",
-    dataset=r"[A-Za-z0-9][A-Za-z0-9._-]*",
-    shard=r"\d+",
-    layer=r"\d+",
-
-
 def names_pattern(names):
     """A wildcard pattern matching exactly these names (nothing, when there are none)."""
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
+
+
+# only the config's names: a target naming a model or dataset the config does not have is "no
+# rule to produce it", not an error inside a rule's functions
+wildcard_constraints:
+    model=names_pattern(study.models),
+    dataset=names_pattern(study.datasets),
+    shard=r"\d+",
+    layer=r"\d+",
 
 
 # --- code: the key of the code a stage runs is a param of its rule (the output cache keys on
@@ -141,10 +143,12 @@ def dataset_spec(wildcards):
 
 
 def dataset_source_files(wildcards):
-    """A parquet: or imagefolder: dataset's files, so a change to them reprepares it."""
+    """A parquet: or imagefolder: dataset's files, so a change to them reprepares it (none where
+    the path is not there: prepare_data then stops naming it, and a dry run still works)."""
     dataset = study.datasets[wildcards.dataset]
-    if dataset.source.scheme == "parquet":
-        return [dataset.source.location]
+    if dataset.source.scheme == "parquet":  # missing, or a folder: the job says so
+        file = Path(dataset.source.location)
+        return [str(file)] if file.is_file() else []
     if dataset.source.scheme == "imagefolder":
         return sorted(str(p) for p in Path(dataset.source.location).rglob("*") if p.is_file())
     return []

@@ -181,3 +181,11 @@ def test_a_local_checkpoint_of_another_model_type_is_refused(model_dirs, tmp_pat
             fetch({"family": family, "source": f"local:{source}"}, tmp_path / f"out-{family}")
         assert not (tmp_path / f"out-{family}").exists()
     fetch({"family": "bert", "source": f"local:{source}"}, tmp_path / "out-bert")
+
+
+def test_a_hub_model_neither_reachable_nor_cached_is_one_line(tmp_path):
+    spec = {"family": "gpt2", "source": "hf:someone/not-cached", "blocks": 2}
+    done = run_stage("fetch_model", tmp_path / "hub", spec=json.dumps(spec), out=tmp_path / "m")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "hf:someone/not-cached@main cannot be downloaded" in done.stderr
+    assert not (tmp_path / "m").exists()

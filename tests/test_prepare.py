@@ -304,3 +304,12 @@ def test_hub_labels_under_another_column_name(tmp_path, monkeypatch):
     assert names == ["x", "y", "z"]  # the mapped column's class names
     assert frame["label"].tolist() == [0, 1, 2]  # its unlabelled row dropped
     assert store.DatasetFile(tmp_path / "out.parquet").take([]).empty
+
+
+def test_a_parquet_source_that_is_a_folder_is_named(tmp_path):
+    (tmp_path / "folder.parquet").mkdir()
+    with pytest.raises(DatasetError, match="folder.parquet' is a folder, not a file"):
+        prepare(
+            {"source": f"parquet:{tmp_path / 'folder.parquet'}", "kind": "text"},
+            tmp_path / "out.parquet",
+        )

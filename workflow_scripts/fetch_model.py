@@ -124,10 +124,22 @@ def download(repo: str, revision: str, weights: bool = True) -> Path:
     commit (offline, with ``HF_HUB_OFFLINE=1``, the cached one): configs and tokenizer files,
     and with ``weights`` the safetensors weights, else (an older checkpoint) its PyTorch ones;
     never both, nor other frameworks' files."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors, snapshot_download
 
     def fetch(revision: str, patterns: list[str]) -> Path:
-        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        try:
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as error:
+            raise ModelDirError(
+                f"hf:{repo}@{revision}: no such repository or revision on the hub (or it is "
+                f"private: log in with `hf auth login`) ({type(error).__name__})"
+            ) from None
+        except (errors.LocalEntryNotFoundError, errors.HfHubHTTPError, OSError) as error:
+            raise ModelDirError(
+                f"hf:{repo}@{revision} cannot be downloaded ({str(error).splitlines()[0]}), and "
+                "is not in the Hugging Face cache: fetch_model runs on a machine with network "
+                "(a localrule: the login node), or fill the cache there first"
+            ) from None
         if not re.fullmatch(r"[0-9a-f]{40}", folder.name):
             raise ModelDirError(f"hf:{repo}@{revision} resolved to {folder.name!r}, not a commit")
         return folder

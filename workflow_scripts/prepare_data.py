@@ -235,6 +235,8 @@ def _image_bytes(value, where: str) -> bytes | None:
 def _from_parquet(path: str, spec: dict, name: str, workers: int) -> Source:
     import pyarrow.parquet as pq
 
+    if Path(path).is_dir():
+        raise DatasetError(f"dataset {name}: parquet source {path!r} is a folder, not a file")
     if not Path(path).is_file():
         raise DatasetError(f"dataset {name}: parquet file {path!r} does not exist")
     try:

@@ -176,3 +176,35 @@ def test_a_bug_leaves_its_traceback_in_the_log(tmp_path, monkeypatch):
         os.close(saved)
     text = (tmp_path / "logs/job.log").read_text()
     assert "toy_rule (model=m) failed" in text and "KeyError: 'missing'" in text
+
+
+def test_a_stage_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
+    """Snakemake, or SLURM preempting a job, stops it with SIGTERM: what it was writing is
+    removed, not left beside the output until the job runs again."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from support import REPO, environment
+
+    out = tmp_path / "data" / "corpus.parquet"
+    spec = json.dumps({"source": "builtin:corpus", "rows": 400_000})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workflow_scripts.stage", "prepare_data"]
+        + [f"spec={spec}", "name=corpus", f"out={out}"],
+        cwd=REPO,
+        env=environment(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".corpus.parquet.tmp-*")):
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline, "the temporary output never appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert not list(out.parent.iterdir())  # neither the output nor its temporary

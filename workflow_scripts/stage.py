@@ -20,6 +20,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import types
 import typing
@@ -186,6 +187,10 @@ def run_job(snakemake) -> None:
     print(f"{output_cache.STORED}: {entry}", file=sys.stderr)
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_stage(
     rule: str, named: Mapping, threads: int, log: str | None, wildcards: Mapping | None = None
 ) -> None:
@@ -194,6 +199,9 @@ def run_stage(
     line."""
     _log_to(log)
     _set_threads(threads)
+    # SIGTERM (Snakemake stopping, SLURM preempting or timing out) unwinds like an error, so
+    # that the outputs being written are removed (``atomic.written``), not left for later
+    signal.signal(signal.SIGTERM, _terminated)
     name = job_name(rule, wildcards or {})
     try:
         function = stage_function(rule)

@@ -277,8 +277,10 @@ def test_deleting_a_cache_entry_recomputes_it(workflow):
     assert ("extract", {"model": gpt2, "dataset": "pairs", "shard": "0"}) in jobs
     assert ran(workflow.result(f"logs/extract/{gpt2}/pairs/shard-0.log"))
     assert cache_entry(shard) == entry
-    shutil.rmtree(entry)  # and again: this time nothing reads it
-    # a part of an entry deleted by hand: the entry is incomplete
+    # parts of entries deleted by hand: a file of a model, a layer of a shard, a dataset file
+    model = workflow.result(f"models/{gpt2}")
+    (cache_entry(model) / "out" / "model.safetensors").unlink()
+    shutil.rmtree(cache_entry(shard) / "out.zarr" / "layer-1")
     (cache_entry(data) / "out.parquet").unlink()
     pruned = subprocess.run(
         [sys.executable, "-m", "workflow_scripts.output_cache", "prune"],
@@ -288,14 +290,20 @@ def test_deleting_a_cache_entry_recomputes_it(workflow):
         cwd=workflow.workdir,
     )
     assert pruned.returncode == 0, pruned.stderr
-    assert not shard.is_symlink() and not data.is_symlink()  # their links went
+    assert not any(p.is_symlink() for p in (model, shard, data))  # their links went
     jobs = workflow.run(config)
-    assert ("prepare_data", {"dataset": "pairs"}) in jobs
-    assert ("extract", {"model": gpt2, "dataset": "pairs", "shard": "0"}) in jobs
+    for rule, wildcards in (
+        ("fetch_model", {"model": gpt2}),
+        ("prepare_data", {"dataset": "pairs"}),
+        ("extract", {"model": gpt2, "dataset": "pairs", "shard": "0"}),
+    ):
+        assert (rule, wildcards) in jobs
     assert ran(workflow.result("logs/prepare_data/pairs.log"))  # computed, not linked
     assert ran(workflow.result(f"logs/extract/{gpt2}/pairs/shard-0.log"))
-    assert (cache_entry(data) / "out.parquet").is_file() and cache_entry(shard) == entry
-    for path, frame in expected.items():  # the same numbers
+    assert (cache_entry(data) / "out.parquet").is_file()
+    assert (cache_entry(shard) / "out.zarr" / "layer-1").is_dir()
+    assert (cache_entry(model) / "out" / "model.safetensors").is_file()
+    for path, frame in expected.items():  # the numbers of an unbroken run
         pd.testing.assert_frame_equal(pd.read_parquet(path), frame)
 
 

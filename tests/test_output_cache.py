@@ -177,3 +177,26 @@ def test_another_user_cannot_change_an_entry(tmp_path):
         output_cache.verify(entry)
     finally:
         output_cache.remove(root)
+
+
+def test_prune_removes_links_to_deleted_or_incomplete_entries(tmp_path, monkeypatch):
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    shard = results / "activations" / "shard-0.zarr"
+    write(shard / "layer-0" / "c" / "0", "chunk")
+    write(shard / "layer-1" / "c" / "0", "chunk")
+    table = write(results / "tables" / "statistics.csv", "x")
+    kept = write(results / "tables" / "ablation.csv", "y")
+    partial = store("1" * 64, {"out": str(shard)}, cache, "extract")
+    deleted = store("2" * 64, {"out": str(table)}, cache, "table")
+    whole = store("3" * 64, {"out": str(kept)}, cache, "table")
+    os.chmod(partial / "out.zarr", 0o755)
+    (partial / "out.zarr" / "layer-1" / "c" / "0").chmod(0o644)
+    output_cache.remove(partial / "out.zarr" / "layer-1")  # a layer deleted by hand
+    output_cache.remove(deleted)
+    assert not output_cache.complete(partial) and output_cache.complete(whole)
+    with pytest.raises(output_cache.CacheError, match="incomplete .*prune"):
+        output_cache.verify(partial)
+    monkeypatch.chdir(tmp_path)
+    output_cache.main(["prune"])
+    assert not shard.is_symlink() and not table.is_symlink() and not partial.exists()
+    assert kept.is_symlink() and whole.exists()

@@ -73,16 +73,29 @@ def checked_folder(cache: Path) -> Path:
     return cache
 
 
-def verify(entry: Path, items: Mapping[str, Mapping[str, str]] | None = None) -> None:
-    """Check an entry's files against the sha256 digests it recorded when stored (folders that
-    check themselves when read, model folders and activation shards, only for presence): a
-    changed byte, a file missing or writable by others is a CacheError naming the entry."""
+def complete(entry: Path, items: Mapping | None = None) -> bool:
+    """Whether every file an entry recorded when stored is there (a cheap stat of each)."""
+    if not (entry / ENTRY).is_file():
+        return False
     if items is None:
         items = json.loads((entry / ENTRY).read_text())["items"]
+    return all((entry / item / name).exists() for item, files in items.items() for name in files)
+
+
+def verify(entry: Path, items: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    """Check an entry's files against what it recorded when stored: every file there, none
+    writable by other users, and each file item's sha256 (the files of a folder item are
+    checked as they are read: a model folder's manifest, an activation shard's crc32c). A
+    CacheError names the entry otherwise."""
+    if items is None:
+        items = json.loads((entry / ENTRY).read_text())["items"]
+    if not complete(entry, items):
+        raise CacheError(
+            f"the output cache entry {entry} is incomplete (a part of it was deleted): run "
+            "`python -m workflow_scripts.output_cache prune` here, then run again to recompute it"
+        )
     for item, digests in items.items():
         path = entry / item
-        if not path.exists():
-            raise CacheError(f"{path} is missing{_advice(entry)}")
         if os.stat(path).st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise CacheError(f"{path} is writable by other users{_advice(entry)}")
         if path.is_dir():
@@ -212,7 +225,7 @@ def restore(key: str, outputs: Mapping[str, str], cache: Path) -> Path | None:
     if not (entry / ENTRY).is_file():
         return None
     items = json.loads((entry / ENTRY).read_text())["items"]
-    if any(not (entry / item).exists() for item in items):
+    if not complete(entry, items):
         remove(entry)
         return None
     verify(entry, items)
@@ -262,28 +275,36 @@ def store(key: str, outputs: Mapping[str, str], cache: Path, rule: str) -> Path:
     return entry
 
 
-def dangling(results: str | Path = "results") -> list[Path]:
-    """The results under ``results`` that link to a cache entry that is gone."""
+def broken(results: str | Path = "results") -> list[Path]:
+    """The results under ``results`` that link to a cache entry that is gone or incomplete."""
     found = []
     for folder, subfolders, files in os.walk(results):
         for name in (*subfolders, *files):
             path = Path(folder, name)
-            if path.is_symlink() and not path.exists():
+            if not path.is_symlink():
+                continue
+            entry = cache_entry(path)
+            if not path.exists() or (entry is not None and not complete(entry)):
                 found.append(path)
     return found
 
 
 def prune(results: str | Path = "results") -> list[Path]:
-    """Remove the results that link to a deleted cache entry, so that the next run makes them
-    again (Snakemake takes a dangling link for an existing output). Returns what went."""
-    gone = dangling(results)
+    """Remove the results that link to a deleted or incomplete cache entry (and the incomplete
+    entries), so that the next run makes them again (Snakemake takes a link for an existing
+    output, even a dangling one). Returns the results that went."""
+    gone = broken(results)
     for path in gone:
+        entry = cache_entry(path)
+        if entry is not None and entry.exists():
+            remove(entry)
         path.unlink()
     return gone
 
 
 USAGE = """python -m workflow_scripts.output_cache remove ENTRY...   delete cache entries
-python -m workflow_scripts.output_cache prune [RESULTS]     remove links to deleted entries"""
+python -m workflow_scripts.output_cache prune [RESULTS]     remove links to deleted or
+                                                            incomplete entries"""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -313,3 +313,24 @@ def test_a_parquet_source_that_is_a_folder_is_named(tmp_path):
             {"source": f"parquet:{tmp_path / 'folder.parquet'}", "kind": "text"},
             tmp_path / "out.parquet",
         )
+
+
+def test_a_corrupted_dataset_names_its_file_not_a_codec(tmp_path):
+    """A flipped byte in a stored dataset's data pages: one line naming the file and the row
+    group, not the codec's own error."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "corpus.parquet"
+    prepare({"source": "builtin:corpus", "rows": 200}, out)
+    column = pq.ParquetFile(out).metadata.row_group(0).column(1)  # the text, compressed
+    assert column.compression != "UNCOMPRESSED"
+    data = bytearray(out.read_bytes())
+    start = column.dictionary_page_offset or column.data_page_offset
+    middle = start + column.total_compressed_size // 2
+    for i in range(middle, middle + 64):
+        data[i] ^= 0xFF
+    out.write_bytes(bytes(data))
+    with pytest.raises(
+        DatasetError, match=r"corpus.parquet: row group 0 does not read .*corrupted"
+    ):
+        store.DatasetFile(out).read_group(0)

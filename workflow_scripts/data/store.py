@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from workflow_scripts.atomic import written
+from workflow_scripts.output_cache import provenance
 from workflow_scripts.stage import InputError
 
 COLUMNS = {
@@ -183,7 +184,9 @@ class DatasetFile:
         try:
             self._file = pq.ParquetFile(self.path)
         except (OSError, pa.ArrowInvalid) as error:
-            raise DatasetError(f"{path}: not a readable Parquet file ({error})") from None
+            raise DatasetError(
+                f"{path}: not a readable Parquet file ({error}){provenance(self.path)}"
+            ) from None
         metadata = self._file.schema_arrow.metadata or {}
         if b"kind" not in metadata:
             raise DatasetError(
@@ -211,11 +214,23 @@ class DatasetFile:
         return np.searchsorted(self.group_starts, positions, side="right") - 1
 
     def read_group(self, group: int, columns: list[str] | None = None) -> pa.Table:
-        return self._file.read_row_group(group, columns=columns)
+        try:
+            return self._file.read_row_group(group, columns=columns)
+        except (OSError, pa.ArrowException) as error:  # a corrupted page: decompression, checks
+            raise self._corrupted(f"row group {group}", error) from None
 
     def column(self, name: str) -> np.ndarray:
         """One small column (``example_id``, ``label``) for every row."""
-        return self._file.read(columns=[name]).column(name).to_numpy()
+        try:
+            return self._file.read(columns=[name]).column(name).to_numpy()
+        except (OSError, pa.ArrowException) as error:
+            raise self._corrupted(f"column {name!r}", error) from None
+
+    def _corrupted(self, part: str, error: Exception) -> DatasetError:
+        return DatasetError(
+            f"{self.path}: {part} does not read ({str(error).splitlines()[0]}): the file is "
+            f"corrupted{provenance(self.path)}"
+        )
 
     def read(self, start: int = 0, stop: int | None = None, columns=None) -> pd.DataFrame:
         """Rows [start, stop) as a frame, read from the row groups that hold them."""

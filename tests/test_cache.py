@@ -78,7 +78,13 @@ class Workflow:
 
     def run(self, config: dict, *args) -> list[tuple[str, dict]]:
         """Run to the end; the jobs it scheduled, as (rule, wildcards)."""
-        result = subprocess.run(
+        result = self.attempt(config, *args)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return scheduled_jobs(result.stderr)
+
+    def attempt(self, config: dict, *args) -> subprocess.CompletedProcess:
+        """Run, whatever the outcome (``run`` asserts success)."""
+        return subprocess.run(
             self.command(config, *args),
             capture_output=True,
             text=True,
@@ -86,8 +92,6 @@ class Workflow:
             env=self.environment(),
             cwd=self.workdir,
         )
-        assert result.returncode == 0, result.stderr[-4000:]
-        return scheduled_jobs(result.stderr)
 
     def result(self, path: str) -> Path:
         return self.workdir / "results" / path
@@ -313,14 +317,7 @@ def test_a_dry_run_changes_nothing(workflow):
     ghost = workflow.workdir / "results/stats/ghost/pairs/layer-0.parquet"
     ghost.parent.mkdir(parents=True)
     ghost.symlink_to(workflow.cache / ("0" * 64) / "out.parquet")
-    result = subprocess.run(
-        workflow.command(workflow.changed(), "-n"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=workflow.environment(),
-        cwd=workflow.workdir,
-    )
+    result = workflow.attempt(workflow.changed(), "-n")
     assert result.returncode == 0, result.stderr[-3000:]
     assert ghost.is_symlink() and not ghost.exists()
     shutil.rmtree(workflow.workdir / "results/stats/ghost")
@@ -340,14 +337,7 @@ def test_a_changed_byte_in_cached_statistics_is_refused_then_recomputed(workflow
     corrupt(item)
     os.chmod(item, 0o444)
     merged.unlink()  # merge_stats, which reads it, runs again
-    result = subprocess.run(
-        workflow.command(config, "--keep-going"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=workflow.environment(),
-        cwd=workflow.workdir,
-    )
+    result = workflow.attempt(config, "--keep-going")
     assert result.returncode != 0
     log = workflow.result(f"logs/merge_stats/{gpt2}/pairs.log").read_text()
     assert "does not match the sha256 recorded when it was stored" in log
@@ -383,14 +373,7 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
     # statistics computed anew (new thresholds) read the corrupted chunk: refused
     config["stats"] = {"thresholds": {"gpt2": [2.0], "roberta": [2.0]}}
     config["models"][gpt2].pop("thresholds", None)
-    result = subprocess.run(
-        workflow.command(config, "--keep-going"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=workflow.environment(),
-        cwd=workflow.workdir,
-    )
+    result = workflow.attempt(config, "--keep-going")
     assert result.returncode != 0
     log = workflow.result(f"logs/layer_stats/{gpt2}/pairs/layer-1.log").read_text()
     assert "layer-1 rows" in log and "corrupted on disk" in log and str(shard) in log
@@ -398,14 +381,7 @@ def test_a_corrupted_cache_entry_is_refused_with_a_clear_error(workflow):
 
     # extraction anew (another option) loads the corrupted model: refused
     config["extract"]["max_tokens"] = 28
-    result = subprocess.run(
-        workflow.command(config, "--keep-going"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=workflow.environment(),
-        cwd=workflow.workdir,
-    )
+    result = workflow.attempt(config, "--keep-going")
     assert result.returncode != 0
     log = workflow.result("logs/extract/roberta-tiny/pairs/shard-0.log").read_text()
     assert "model.safetensors does not match its sha256" in log

@@ -7,12 +7,11 @@ files changed or went missing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-from workflow_scripts.output_cache import provenance
+from workflow_scripts.output_cache import provenance, sha256_file
 from workflow_scripts.stage import InputError
 
 MANIFEST = "manifest.json"
@@ -24,14 +23,6 @@ CONFIG = "config.json"
 
 class ModelDirError(InputError):
     """A model directory that is missing, incomplete or altered."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_digests(directory: str | os.PathLike) -> dict[str, str]:

@@ -16,6 +16,7 @@ from support import copy_workflow, load_config, snakemake
 from workflow_scripts import figure_registry, figures
 from workflow_scripts.config import ConfigError, load_schema, validate
 from workflow_scripts.figure_registry import FIGURES, Figure
+from workflow_scripts.rst import literal
 
 TOY_ENTRY = '''
 
@@ -84,7 +85,14 @@ def test_a_caption_is_filled_in():
         }
     )
     assert "for the models of group resnets." in caption
-    assert "Thresholds per model: {'a': [6.0]}. Padding rows excluded." in caption
+    # the fields as written, escaped for reStructuredText (the report renders them as given)
+    assert f"Thresholds per model: {literal(str({'a': [6.0]}))}. Padding rows excluded." in caption
+    from docutils.core import publish_parts
+
+    html = publish_parts(caption, writer_name="html")["body"]
+    assert "Thresholds per model: {'a': [6.0]}. Padding rows excluded." in html.replace(
+        "&#x27;", "'"
+    )
 
 
 def test_the_registry_refuses_bad_entries(monkeypatch):

@@ -106,6 +106,16 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 # extraction options of the tests: small batches, chunks and shards
+# the ablation options of the tests that score a model directly (small batches, on the CPU)
+ABLATION_OPTIONS = {
+    "batch_size": 8,
+    "max_tokens": 48,
+    "padding": "longest",
+    "device": "cpu",
+    "autocast": None,
+    "final_norm": True,
+    "shortcut_relu": True,
+}
 EXTRACT_OPTIONS = {
     "dtype": "float16",
     "batch_size": 5,

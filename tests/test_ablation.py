@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torchvision
+from support import ABLATION_OPTIONS
 from torch import nn
 
 from workflow_scripts.ablate import ablate, check_compatible
@@ -16,15 +17,7 @@ from workflow_scripts.models import load_adapter
 from workflow_scripts.models.resnet import ResNetAdapter
 from workflow_scripts.options.ablation import AblationOptions
 
-OPTIONS = AblationOptions(
-    batch_size=8,
-    max_tokens=48,
-    padding="longest",
-    device="cpu",
-    autocast=None,
-    final_norm=True,
-    shortcut_relu=True,
-)
+OPTIONS = AblationOptions(**ABLATION_OPTIONS)
 
 
 def encode(adapter, n=6):

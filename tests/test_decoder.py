@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from support import EXTRACT_OPTIONS, hub_snapshot, run_stage
+from support import ABLATION_OPTIONS, EXTRACT_OPTIONS, hub_snapshot, run_stage
 from torch import nn
 
 from workflow_scripts import extract as extraction
@@ -38,17 +38,7 @@ ARCH = {"layers": 2, "width": 32, "heads": 2, "context": 64}
 PREMISES = ["the tall teacher carried the book in the park .", "the old pilot found the map ."]
 HYPOTHESES = ["a person carried the book .", "nobody found the map in the office ."]
 EXTRACT = ExtractOptions(**{**EXTRACT_OPTIONS, "dtype": "float32"})
-ABLATE = AblationOptions(
-    **{
-        "batch_size": 8,
-        "max_tokens": 48,
-        "padding": "longest",
-        "device": "cpu",
-        "autocast": None,
-        "final_norm": True,
-        "shortcut_relu": True,
-    }
-)
+ABLATE = AblationOptions(**ABLATION_OPTIONS)
 
 
 def spec(kind: str, **changes) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from support import ABLATION_OPTIONS
 from torch import nn
 
 from workflow_scripts.ablate import ablate
@@ -227,15 +228,7 @@ def test_ablation_and_the_logit_lens_follow_the_model(stored, kind):
 
 @pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3_vision", "mixtral", "opt", "bloom"])
 def test_ablate_stage_runs_on_each(stored, dataset_files, kind):
-    options = AblationOptions(
-        batch_size=8,
-        max_tokens=32,
-        padding="longest",
-        device="cpu",
-        autocast=None,
-        final_norm=True,
-        shortcut_relu=True,
-    )
+    options = AblationOptions(**{**ABLATION_OPTIONS, "max_tokens": 32})
     frame = ablate(stored[kind], dataset_files["corpus"], options, dtype="bfloat16")
     top1 = frame[frame["metric"] == "top1"]
     assert len(top1) == 6 and top1["value"].between(0, 1).all()

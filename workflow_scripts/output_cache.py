@@ -122,14 +122,15 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def file_digests(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` (a file: itself, as ""), by relative path."""
+def file_digests(root: Path, skip: tuple[str, ...] = (TIMESTAMP,)) -> dict[str, str]:
+    """sha256 of every file under ``root`` (a file: itself, as ""), by relative path, but the
+    files named in ``skip``."""
     if not root.is_dir():
         return {"": sha256_file(root)}
     return {
         str(p.relative_to(root)): sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != TIMESTAMP
+        if p.is_file() and p.name not in skip
     }
 
 

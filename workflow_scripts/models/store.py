@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from workflow_scripts import output_cache
 from workflow_scripts.output_cache import provenance, sha256_file
 from workflow_scripts.stage import InputError
 
@@ -27,12 +28,7 @@ class ModelDirError(InputError):
 
 def file_digests(directory: str | os.PathLike) -> dict[str, str]:
     """sha256 of every file under ``directory`` but the manifest, by relative path."""
-    root = Path(directory)
-    return {
-        str(p.relative_to(root)): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    return output_cache.file_digests(Path(directory), skip=(MANIFEST,))
 
 
 def write_manifest(directory: str | os.PathLike, **fields) -> dict:

@@ -147,6 +147,24 @@ def test_the_cache_folder_is_private_and_one_everyone_may_write_is_refused(tmp_p
     assert output_cache.checked_folder(cache) == cache
 
 
+def test_jobs_started_together_all_make_or_find_the_cache_folder(tmp_path):
+    """Two jobs of a fresh run start at once; the second must find the folder the first made."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    for attempt in range(20):
+        cache = tmp_path / str(attempt) / "cache"
+        barrier = Barrier(8)
+
+        def make(_, cache=cache, barrier=barrier):
+            barrier.wait()
+            return output_cache.checked_folder(cache)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(make, range(8))) == {cache}
+        assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
 def test_another_user_cannot_change_an_entry(tmp_path):
     """As user nobody, with the cache readable by all (as a shared cache is): appending to an

@@ -61,8 +61,12 @@ def checked_folder(cache: Path) -> Path:
     """The cache folder, created private to this user where it is missing; refused where every
     user may write into it (anyone could then put an entry of theirs under a key). A cache shared
     by a group is a folder of that group, writable by it and by no one else (see the docs)."""
-    if not cache.exists():
-        cache.mkdir(parents=True, mode=0o700)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(mode=0o700)
+    except FileExistsError:
+        pass  # there already, or made by a job started beside this one
+    else:
         os.chmod(cache, 0o700)  # whatever the umask
     if os.stat(cache).st_mode & stat.S_IWOTH:
         raise CacheError(

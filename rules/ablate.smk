@@ -13,9 +13,11 @@ rule ablate:
     resources:
         mem_mb=job_resource("ablate", "mem_mb"),
         runtime=job_resource("ablate", "runtime"),
+        gpu=job_resource("ablate", "gpu"),
     params:
         options=ablation_options,
         dtype=model_dtype,
+        placement=model_placement,
         model_name="{model}",
         dataset_name="{dataset}",
         code=model_stage_code("ablate"),

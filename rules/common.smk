@@ -163,6 +163,12 @@ def model_dtype(wildcards):
     return study.models[wildcards.model].dtype
 
 
+def model_placement(wildcards):
+    """Where a job puts its model's weights (models.<name>.device_map, max_memory), as JSON;
+    not part of the job's cache key (output_cache.NOT_KEYED)."""
+    return as_json(study.models[wildcards.model].placement)
+
+
 def shard_count(wildcards):
     return study.datasets[wildcards.dataset].shards
 

@@ -15,11 +15,13 @@ rule extract:
     resources:
         mem_mb=job_resource("extract", "mem_mb"),
         runtime=job_resource("extract", "runtime"),
+        gpu=job_resource("extract", "gpu"),
     params:
         shard="{shard}",
         shards=shard_count,
         options=extraction_options,
         dtype=model_dtype,
+        placement=model_placement,
         readouts=readout_count,
         code=model_stage_code("extract"),
     script:

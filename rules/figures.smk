@@ -95,6 +95,7 @@ rule figure_top_examples:
         options=top_examples_options,
         title="{model} on {dataset}, read-out point {layer}",
         dtype=model_dtype,
+        placement=model_placement,
         code=model_stage_code("figure_top_examples"),
     script:
         "../scripts/stage.py"
@@ -124,6 +125,7 @@ rule feature_page:
         options=feature_page_options,
         title="{model} on {dataset}, read-out point {layer}: the top examples of every feature",
         dtype=model_dtype,
+        placement=model_placement,
         code=model_stage_code("feature_page"),
     script:
         "../scripts/stage.py"

@@ -21,6 +21,7 @@ rule train:
     resources:
         mem_mb=job_resource("train", "mem_mb"),
         runtime=job_resource("train", "runtime"),
+        gpu=job_resource("train", "gpu"),
     params:
         spec=run_settings,
         model="{model}",

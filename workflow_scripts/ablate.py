@@ -27,10 +27,11 @@ import torch
 from tqdm import tqdm
 
 from workflow_scripts.atomic import write_parquet
-from workflow_scripts.batches import autocast, image_batches, pick_device, text_batches
+from workflow_scripts.batches import autocast, image_batches, text_batches
 from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
 from workflow_scripts.options.ablation import AblationOptions
+from workflow_scripts.options.placement import Placement
 from workflow_scripts.sources import ABLATION_HEADS
 
 log = logging.getLogger("ablate")
@@ -110,14 +111,15 @@ def ablate(
     options: AblationOptions,
     workers: int = 0,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> pd.DataFrame:
     """Long-form accuracies for every read-out point and direction, the model run in ``dtype``
-    (float32 where None)."""
-    adapter, _ = load_adapter(model_dir, dtype=dtype)
+    (float32 where None), split over devices where ``placement`` says (an ablated block's
+    stand-in passes the stream on from the device it is on)."""
+    adapter, _ = load_adapter(model_dir, dtype=dtype, placement=placement)
     dataset = DatasetFile(data_path)
     label_order = check_compatible(adapter, dataset, f"{model_dir} on {data_path}")
-    device = pick_device(options.device)
-    adapter.to(device)
+    device = adapter.place(options.device)
 
     def batches():  # every pass reads the data afresh, a batch at a time
         if dataset.kind == "image":
@@ -183,10 +185,11 @@ def run(
     out: str,
     threads: int = 1,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> None:
-    """The ablate stage: accuracy of ``model`` (run in ``dtype``) on ``data`` under head and
-    tail ablation."""
-    frame = ablate(model, data, options, max(0, threads - 1), dtype)
+    """The ablate stage: accuracy of ``model`` (run in ``dtype``, split over devices where
+    ``placement`` says) on ``data`` under head and tail ablation."""
+    frame = ablate(model, data, options, max(0, threads - 1), dtype, placement)
     frame.insert(0, "dataset", dataset_name)
     frame.insert(0, "model", model_name)
     write_parquet(frame, out)

@@ -13,7 +13,10 @@ named architectures, ``blocks`` and ``width`` for hf: and local: ones), a datase
   seen; an ablation sweep = about as many forward passes as there are blocks (head and tail at
   every k, each running about half the model, top-1 and top-5 from the same pass);
 * GPU hours = FLOPs / the throughput measured on one H100 (benchmarks/gpu_stages.py), and
-  for extraction the shard writer's rate where that is slower.
+  for extraction the shard writer's rate where that is slower, times the GPUs a job holds: a
+  model split over several (``device_map``) runs its blocks one GPU after another, so its jobs
+  take the time of one GPU and hold all of theirs (``models.<name>.gpus``, else what the weights
+  need: ``workflow_scripts.options.placement.gpus_needed``).
 
 Run ``python -m workflow_scripts.estimate configs/full.yaml`` for the table.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from workflow_scripts.options.placement import GPU_HOST_MB, Placement, host_bytes
 from workflow_scripts.options.precision import bytes_per_value
 from workflow_scripts.plan import Study, resolve
 
@@ -57,7 +61,8 @@ def extraction(study: Study, model: str, dataset: str) -> dict:
     flops = data.estimated_rows * tokens * size.flops_per_row
     rate = RESNET_FLOPS_PER_S["forward"] if image else TRANSFORMER_FLOPS_PER_S
     seconds = max(flops / rate, stored / ZARR_BYTES_PER_S)  # the GPU waits for the writer
-    return {"rows": rows, "bytes": stored, "flops": flops, "gpu_seconds": seconds}
+    gpus = study.models[model].placement.gpus
+    return {"rows": rows, "bytes": stored, "flops": flops, "gpu_seconds": seconds, "gpus": gpus}
 
 
 def ablation(study: Study, model: str, dataset: str) -> dict:
@@ -67,7 +72,8 @@ def ablation(study: Study, model: str, dataset: str) -> dict:
     blocks = study.models[model].blocks
     flops = (blocks + 1) * data.estimated_rows * tokens * size.flops_per_row
     rate = RESNET_FLOPS_PER_S["forward"] if image else TRANSFORMER_FLOPS_PER_S
-    return {"flops": flops, "gpu_seconds": flops / rate}
+    gpus = study.models[model].placement.gpus
+    return {"flops": flops, "gpu_seconds": flops / rate, "gpus": gpus}
 
 
 def training(study: Study, run: str) -> dict:
@@ -90,7 +96,7 @@ def training(study: Study, run: str) -> dict:
             seen = spec["steps"] * spec["batch_size"] * step_tokens
         flops = 3 * seen * size.flops_per_row
         rate = TRANSFORMER_FLOPS_PER_S
-    return {"flops": flops, "gpu_seconds": flops / rate}
+    return {"flops": flops, "gpu_seconds": flops / rate, "gpus": 1}
 
 
 def loader_bytes(study: Study, run: str) -> float:
@@ -109,12 +115,18 @@ def loader_bytes(study: Study, run: str) -> float:
 
 
 def job_resources(study: Study, stage: str, model: str, dataset: str | None = None) -> dict:
-    """mem_mb and runtime (minutes) of one job: the model in its dtype (training: float32) plus
-    what the stage holds, with room to spare; run time from the estimate, at least 10 minutes,
-    doubled for safety."""
+    """mem_mb, runtime (minutes) and GPUs of one job: the model in its dtype (training: float32)
+    plus what the stage holds, with room to spare; run time from the estimate, at least 10
+    minutes, doubled for safety. A model split over devices keeps its weights off the host
+    (accelerate puts them on the GPUs; what ``max_memory`` allows the CPU stays), and each of
+    its GPUs adds a CUDA context and pinned buffers to the host's memory."""
+    placement = study.models[model].placement if stage != "train" else Placement(gpus=1)
     size = study.models[model].size
     dtype = study.models[model].dtype if stage != "train" else "float32"
     model_mb = size.parameters * bytes_per_value(dtype) / 2**20
+    if placement.split:
+        model_mb = min(model_mb, host_bytes(placement.max_memory) / 2**20)
+        model_mb += GPU_HOST_MB * placement.gpus
     if stage == "extract":
         options = study.models[model].extract
         row = size.readouts * size.width
@@ -132,11 +144,15 @@ def job_resources(study: Study, stage: str, model: str, dataset: str | None = No
     else:  # train: weights, gradients, two optimizer moments, and the loader's batches
         memory = 4 * model_mb + 4096 + loader_bytes(study, model) / 2**20
         seconds = training(study, model)["gpu_seconds"]
-    return {"mem_mb": int(2000 + 1.5 * memory), "runtime": max(10, math.ceil(2 * seconds / 60))}
+    return {
+        "mem_mb": int(2000 + 1.5 * memory),
+        "runtime": max(10, math.ceil(2 * seconds / 60)),
+        "gpu": placement.gpus,
+    }
 
 
 def table(study: Study) -> list[dict]:
-    """Per stage: jobs, stored bytes, FLOPs and GPU hours."""
+    """Per stage: jobs, the most GPUs one job holds, stored bytes, FLOPs and GPU hours."""
     extracted = [extraction(study, m, d) for m, d in study.statistics]
     ablated = [ablation(study, m, d) for m, d in study.ablations]
     trained = [training(study, run) for run in study.runs]
@@ -153,7 +169,8 @@ def table(study: Study) -> list[dict]:
                 "jobs": jobs,
                 "stored_gb": sum(i.get("bytes", 0) for i in items) / 1e9,
                 "pflops": sum(i["flops"] for i in items) / 1e15,
-                "gpu_hours": sum(i["gpu_seconds"] for i in items) / 3600,
+                "gpus_per_job": max((i["gpus"] for i in items), default=0),
+                "gpu_hours": sum(i["gpu_seconds"] * i["gpus"] for i in items) / 3600,
             }
         )
     return rows
@@ -167,14 +184,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with open(args.configfile) as handle:
         rows = table(resolve(yaml.safe_load(handle)))
-    print(f"{'stage':<9}{'jobs':>6}{'stored GB':>11}{'PFLOP':>10}{'H100 hours':>12}")
+    print(
+        f"{'stage':<9}{'jobs':>6}{'GPUs/job':>10}{'stored GB':>11}{'PFLOP':>10}{'H100 hours':>12}"
+    )
     for row in rows:
         print(
-            f"{row['stage']:<9}{row['jobs']:>6}{row['stored_gb']:>11.1f}{row['pflops']:>10.1f}"
-            f"{row['gpu_hours']:>12.1f}"
+            f"{row['stage']:<9}{row['jobs']:>6}{row['gpus_per_job']:>10}{row['stored_gb']:>11.1f}"
+            f"{row['pflops']:>10.1f}{row['gpu_hours']:>12.1f}"
         )
     total = sum(r["gpu_hours"] for r in rows)
-    print(f"{'total':<9}{'':>6}{'':>11}{'':>10}{total:>12.1f}")
+    print(f"{'total':<9}{'':>6}{'':>10}{'':>11}{'':>10}{total:>12.1f}")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,12 @@ from tqdm import tqdm
 
 from workflow_scripts.activations import ShardWriter, StreamSource, to_storage_checked
 from workflow_scripts.atomic import written
-from workflow_scripts.batches import Batch, autocast, image_batches, pick_device, text_batches
+from workflow_scripts.batches import Batch, autocast, image_batches, text_batches
 from workflow_scripts.data.store import DatasetError, DatasetFile
 from workflow_scripts.models import load_adapter
 from workflow_scripts.models.store import MANIFEST, sha256_file
 from workflow_scripts.options.extract import ExtractOptions
+from workflow_scripts.options.placement import Placement
 
 log = logging.getLogger("extract")
 # the options that change what is stored, recorded in the shard's attributes
@@ -77,12 +78,14 @@ def extract(
     readouts: int | None = None,
     workers: int = 0,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> None:
     """Write shard ``shard`` of ``shards`` of the dataset's stream through the model to ``out``,
     reading only the shard's rows. ``readouts``: the number of read-out points the config
     promises (checked); ``workers``: processes decoding images; ``dtype``: the model's
-    (float32 where None)."""
-    adapter, manifest = load_adapter(model_dir, options.gpt2_final_readout, dtype)
+    (float32 where None); ``placement``: the model split over devices (else whole on
+    ``options.device``)."""
+    adapter, manifest = load_adapter(model_dir, options.gpt2_final_readout, dtype, placement)
     if readouts is not None and readouts != len(adapter.readouts):
         raise ValueError(
             f"model {model_dir} has {len(adapter.readouts)} read-out points, but "
@@ -94,8 +97,7 @@ def extract(
             f"model {model_dir} reads {adapter.modality}, but {data_path} holds {dataset.kind}"
         )
     start, stop = shard_bounds(dataset.rows, shards, shard)
-    device = pick_device(options.device)
-    adapter.to(device)
+    device = adapter.place(options.device)
     if adapter.modality == "text":
 
         def batches():  # read and tokenized twice: once to count the rows, once to run
@@ -186,25 +188,47 @@ def _stream_source(adapter, model_dir, device, options: ExtractOptions) -> Strea
     )
 
 
-def _to_host(tensors: list[torch.Tensor], device) -> tuple[list[torch.Tensor], object]:
-    """The tensors on the host: from a GPU, copied without blocking into pinned memory, with the
-    CUDA event that marks the copies done (the writer thread waits on it)."""
-    if device.type != "cuda":
-        return [t.cpu() for t in tensors], None
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for target, tensor in zip(host, tensors):
-        target.copy_(tensor, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
+class Copies:
+    """The copies to the host of one batch, from one GPU or several (a split model's blocks
+    run on several): ``synchronize`` waits for all of them (the writer thread calls it)."""
+
+    def __init__(self, events: list):
+        self.events = events
+
+    def synchronize(self) -> None:
+        for event in self.events:
+            event.synchronize()
+
+
+def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Copies | None]:
+    """The tensors on the host: each one on a GPU copied without blocking into pinned memory,
+    with the CUDA events (one per GPU) that mark the copies done (the writer thread waits on
+    them)."""
+    host, gpus = [], {}
+    for tensor in tensors:
+        if tensor.device.type != "cuda":
+            host.append(tensor.cpu())
+            continue
+        target = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        target.copy_(tensor, non_blocking=True)  # queued on the tensor's own GPU
+        host.append(target)
+        gpus[tensor.device] = None
+    events = []
+    for gpu in gpus:
+        with torch.cuda.device(gpu):
+            events.append(torch.cuda.Event())
+            events[-1].record()
+    return host, Copies(events) if events else None
 
 
 def _stored(rows: list[torch.Tensor], dtype: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The rows of each read-out point in storage dtype ``dtype``, and whether each row is
     finite in the stream and after the cast (``[readouts, 2, rows]`` bool, for the writer to
-    check): computed on the rows' device, with no sync."""
+    check): computed on each read-out's device (a split model's differ), with no sync; the
+    flags gathered on the first read-out's."""
     stored, finite = zip(*(to_storage_checked(r, dtype) for r in rows))
-    return list(stored), torch.stack(finite)
+    first = finite[0].device
+    return list(stored), torch.stack([f.to(first, non_blocking=True) for f in finite])
 
 
 def _write_batch(
@@ -215,7 +239,7 @@ def _write_batch(
         streams = adapter.streams(inputs)
     if batch.padding is None:  # images: one row per example
         stored, finite = _stored(list(streams), options.dtype)
-        host, ready = _to_host([*stored, finite], device)  # the flags come with the rows
+        host, ready = _to_host([*stored, finite])  # the flags come with the rows
         n = len(batch.example_id)
         writer.append(
             host[:-1], batch.example_id, np.zeros(n, np.int32), np.zeros(n, bool), ready, host[-1]
@@ -224,12 +248,14 @@ def _write_batch(
     examples, tokens = batch.padding.shape
     keep = [_kept_positions(p, e, options) for p, e in zip(batch.padding, batch.example_id)]
     rows = np.concatenate([i * tokens + k for i, k in enumerate(keep)])
-    flat_rows = torch.from_numpy(rows).to(device)
+    flat_rows = {}  # on each device a read-out point is on (a split model's blocks differ)
+    for s in streams:
+        flat_rows.setdefault(s.device, torch.from_numpy(rows).to(s.device, non_blocking=True))
     stored, finite = _stored(
-        [s.reshape(examples * tokens, -1).index_select(0, flat_rows) for s in streams],
+        [s.reshape(examples * tokens, -1).index_select(0, flat_rows[s.device]) for s in streams],
         options.dtype,
     )
-    host, ready = _to_host([*stored, finite], device)  # the flags come with the rows
+    host, ready = _to_host([*stored, finite])  # the flags come with the rows
     writer.append(
         host[:-1],
         np.repeat(batch.example_id, [len(k) for k in keep]),
@@ -251,9 +277,10 @@ def run(
     code: str = "",
     threads: int = 1,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> None:
-    """The extract stage: shard ``shard`` of the stream of ``model`` (run in ``dtype``) on
-    ``data``."""
+    """The extract stage: shard ``shard`` of the stream of ``model`` (run in ``dtype``, split
+    over devices where ``placement`` says) on ``data``."""
     # image decoding in worker processes; the main process keeps one core
     workers = max(0, threads - 1)
-    extract(model, data, shard, shards, out, options, code, readouts, workers, dtype)
+    extract(model, data, shard, shards, out, options, code, readouts, workers, dtype, placement)

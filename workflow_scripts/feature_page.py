@@ -33,6 +33,7 @@ from workflow_scripts.atomic import written
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.options.feature_page import FeaturePageOptions
+from workflow_scripts.options.placement import Placement
 from workflow_scripts.top_examples import context, example_tokens, output_weights, stored_blocks
 
 JPEG_QUALITY = 75
@@ -287,12 +288,15 @@ def build(
     title: str,
     out: str,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> dict:
     """Write the page of ``options.layer`` to ``out`` (the model loaded in ``dtype``); returns
     its data."""
     from workflow_scripts.models import load_adapter
+    from workflow_scripts.models.placement import weights_in_files
 
-    adapter, _ = load_adapter(model, dtype=dtype)
+    # the tokenizer and the unembedding only: a split model's weights stay in their files
+    adapter, _ = load_adapter(model, dtype=dtype, placement=weights_in_files(placement))
     dataset = DatasetFile(data)
     best = top_k(shards, options.layer, options.examples, options.include_padding)
     shown = describe_examples(dataset, adapter, best, options)
@@ -312,9 +316,10 @@ def run(
     title: str,
     out: str,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> None:
     """The feature_page stage: one offline page of every feature's top examples."""
-    content = build(model, data, shards, options, title, out, dtype)
+    content = build(model, data, shards, options, title, out, dtype, placement)
     print(
         f"wrote {out}: {content['features']} features, top {content['k']} of "
         f"{content['rows']} rows, {len(content['examples'])} examples shown",

@@ -44,6 +44,9 @@ KEY = re.compile(r"[0-9a-f]{64}")
 TIMESTAMP = ".snakemake_timestamp"  # what Snakemake adds to a folder output
 HIT = "taken from the output cache entry"  # what a job's log says, then the entry
 STORED = "stored in the output cache entry"
+# params that say where a job runs, not what it computes: a model split over several GPUs gives
+# the stream of the whole one, so moving it to other devices reuses its entries
+NOT_KEYED = ("placement",)
 
 
 class CacheError(InputError):
@@ -184,8 +187,8 @@ def input_digest(path: str | Path, root: Path | None = None) -> str:
 
 
 def job_key(rule: str, inputs: Mapping, params: Mapping) -> str:
-    """The key of a job: its rule, its params, and the digest of each of its inputs (a named
-    input is one path or a list of them)."""
+    """The key of a job: its rule, its params but NOT_KEYED ones, and the digest of each of its
+    inputs (a named input is one path or a list of them)."""
     digests = {}
     for name, value in inputs.items():
         if isinstance(value, (str, os.PathLike)):
@@ -195,7 +198,8 @@ def job_key(rule: str, inputs: Mapping, params: Mapping) -> str:
             root = Path(os.path.commonpath([p.absolute() for p in paths])) if paths else None
             root = root.parent if root is not None and len(paths) == 1 else root
             digests[name] = [input_digest(p, root) for p in paths]
-    job = {"rule": rule, "params": dict(params), "inputs": digests}
+    kept = {name: value for name, value in params.items() if name not in NOT_KEYED}
+    job = {"rule": rule, "params": kept, "inputs": digests}
     return hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -28,7 +28,8 @@ from workflow_scripts.config import analysis_pairs, checked, fail, model_shape
 from workflow_scripts.options.ablation import AblationOptions
 from workflow_scripts.options.extract import ExtractOptions
 from workflow_scripts.options.feature_page import FeaturePageOptions
-from workflow_scripts.options.precision import DEFAULT_MODEL_DTYPE
+from workflow_scripts.options.placement import Placement, gpus_needed
+from workflow_scripts.options.precision import DEFAULT_MODEL_DTYPE, bytes_per_value
 from workflow_scripts.options.stats import StatsOptions
 from workflow_scripts.options.top_examples import TopExamplesOptions
 from workflow_scripts.rst import literal
@@ -72,6 +73,7 @@ class Model:
     extract: ExtractOptions  # the model's own over the global ones
     thresholds: tuple[float, ...]  # outlier thresholds
     dtype: str = DEFAULT_MODEL_DTYPE  # loaded and run in (workflow_scripts/options/precision.py)
+    placement: Placement = Placement()  # whole on one device, or split by accelerate
 
     @property
     def run(self) -> str | None:
@@ -287,6 +289,29 @@ def _model(config: dict, name: str, spec: dict) -> Model:
         ),
         thresholds=tuple(float(v) for v in (value if isinstance(value, list) else [value])),
         dtype=spec.get("dtype", DEFAULT_MODEL_DTYPE),
+        placement=_placement(name, spec, family, shape.size),
+    )
+
+
+def _placement(name: str, spec: dict, family: families.Family, size) -> Placement:
+    """Where a model's weights go, and the GPUs its jobs ask for: its own ``gpus``, else what
+    its weights need in its dtype where it is split, else one."""
+    device_map, max_memory = spec.get("device_map"), spec.get("max_memory")
+    if device_map is None:
+        if max_memory is not None:
+            fail(f"models.{name}.max_memory", "it caps the devices of device_map, which is not set")
+        return Placement(gpus=spec.get("gpus", 1))
+    if family.modality != "text" or family.scalar_rms_norm:
+        fail(
+            f"models.{name}.device_map",
+            f"family {family.name!r} cannot be split over devices: its models are loaded whole",
+        )
+    dtype = spec.get("dtype", DEFAULT_MODEL_DTYPE)
+    gpus = spec.get("gpus") or gpus_needed(size.parameters, bytes_per_value(dtype))
+    return Placement(
+        device_map=dict(device_map) if isinstance(device_map, Mapping) else device_map,
+        max_memory={str(k): v for k, v in max_memory.items()} if max_memory else None,
+        gpus=gpus,
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
+from workflow_scripts.options.placement import Placement
 from workflow_scripts.options.top_examples import TopExamplesOptions
 from workflow_scripts.plotting import PALETTE, _pyplot, _style, save
 from workflow_scripts.shard_reader import file_rows, read_rows
@@ -241,6 +242,7 @@ def run(
     png: str,
     pdf: str,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> None:
     """The figure_top_examples stage: the rows where each chosen feature of a layer is largest,
     shown as tokens in context or image thumbnails. The features: ``options.features``, else
@@ -249,6 +251,7 @@ def run(
     import pandas as pd
 
     from workflow_scripts.models import load_adapter
+    from workflow_scripts.models.placement import weights_in_files
 
     layer = options.layer
     features = options.features
@@ -258,7 +261,8 @@ def run(
         features = [int(f) for f in top["feature"].head(options.top)]
     if not features:
         raise ValueError(f"{stats}: no top features listed (stats.top_features is 0)")
-    adapter, _ = load_adapter(model, dtype=dtype)
+    # the tokenizer and the unembedding only: a split model's weights stay in their files
+    adapter, _ = load_adapter(model, dtype=dtype, placement=weights_in_files(placement))
     dataset = DatasetFile(data)
     chosen = top_rows(shards, layer, features, options.examples, options.include_padding)
     ids = {example for rows in chosen.values() for _, example, _ in rows}

@@ -5,9 +5,11 @@ the same four functions:
 
 - ``init(spec, tokenizer=None) -> (model, tokenizer)``: a random-initialised model; a text
   family uses ``tokenizer``, else its built-in one; a ResNet has no tokenizer (None);
-- ``load(directory, family, head=None, num_labels=None, dtype=None) -> (model, tokenizer)``: a
-  stored model, under ``head`` (with ``num_labels`` classes) instead of its stored one where
-  given, in ``dtype`` (``workflow_scripts.models.precision``: float32 where None);
+- ``load(directory, family, head=None, num_labels=None, dtype=None, placement=None) -> (model,
+  tokenizer)``: a stored model, under ``head`` (with ``num_labels`` classes) instead of its
+  stored one where given, in ``dtype`` (``workflow_scripts.models.precision``: float32 where
+  None), split over devices by accelerate where ``placement`` says (a family that cannot be
+  split refuses one: ``workflow_scripts.models.placement``);
 - ``write(model, tokenizer, directory)``: the stored layout (weights, config.json, the
   tokenizer's files);
 - ``adapter(model, tokenizer, family, final_readout)``: the model wrapped for extraction and
@@ -26,6 +28,7 @@ from workflow_scripts import families
 from workflow_scripts.atomic import written
 from workflow_scripts.models.adapter import Adapter, Readout
 from workflow_scripts.models.store import read_manifest, write_manifest
+from workflow_scripts.options.placement import Placement
 
 
 def family_module(family: str):
@@ -39,14 +42,18 @@ def load_model(directory: str | Path, family: str, **options):
 
 
 def load_adapter(
-    directory: str | Path, final_readout: str = "raw", dtype: str | None = None
+    directory: str | Path,
+    final_readout: str = "raw",
+    dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> tuple[Adapter, dict]:
     """The adapter of the model stored in ``directory`` (checked against its manifest), in
-    ``dtype`` (float32 where None), and the manifest."""
+    ``dtype`` (float32 where None), split over devices where ``placement`` says (else whole on
+    the CPU: ``Adapter.place`` moves it), and the manifest."""
     manifest = read_manifest(directory)
     family = manifest["family"]
     module = family_module(family)
-    model, tokenizer = module.load(directory, family, dtype=dtype)
+    model, tokenizer = module.load(directory, family, dtype=dtype, placement=placement)
     return module.adapter(model, tokenizer, family, final_readout), manifest
 
 

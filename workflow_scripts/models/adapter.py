@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from workflow_scripts.models.placement import input_device
+
 
 @dataclass(frozen=True)
 class Readout:
@@ -53,12 +55,31 @@ class Adapter:
         self.model = model.eval()
 
     @property
+    def split(self) -> bool:
+        """Whether accelerate placed the model over several devices (``device_map``)."""
+        return bool(getattr(self.model, "hf_device_map", None))
+
+    @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model's inputs go (a split model's main device: see
+        ``models.placement.input_device``)."""
+        return input_device(self.model)
 
     def to(self, device: torch.device | str) -> Adapter:
         self.model.to(device)
         return self
+
+    def place(self, choice: str) -> torch.device:
+        """Put the model on the device ``choice`` names (auto, cpu, cuda; see
+        ``batches.pick_device``) and return it; a split model stays where accelerate put it,
+        and its main device is returned."""
+        if self.split:
+            return self.device
+        from workflow_scripts.batches import pick_device
+
+        device = pick_device(choice)
+        self.model.to(device)
+        return device
 
     def streams(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The stream at every read-out point for one batch, in read-out order.

@@ -20,7 +20,9 @@ from torch import nn
 from workflow_scripts import families
 from workflow_scripts.models.builtin_tokenizer import builtin_tokenizer
 from workflow_scripts.models.hooked import HookedTransformer, load_tokenizer, save_pretrained
+from workflow_scripts.models.placement import from_pretrained_options, input_device
 from workflow_scripts.models.precision import hf_dtype
+from workflow_scripts.options.placement import Placement
 from workflow_scripts.stage import InputError
 
 # arch.type of init: models -> config class
@@ -88,7 +90,7 @@ def _run_after(decoder: nn.Module, last_block: nn.Module, norms: list[nn.Module]
     order: list[nn.Module] = []
     handles = [m.register_forward_hook(lambda m, a, o: order.append(m)) for m in norms]
     handles.append(last_block.register_forward_hook(lambda m, a, o: order.append(m)))
-    device = next(decoder.parameters()).device
+    device = input_device(decoder)
     try:
         with torch.no_grad():
             decoder(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
@@ -151,12 +153,16 @@ def load(
     head: str | None = None,
     num_labels: int | None = None,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ):
     """The model and tokenizer stored in ``directory``, in ``dtype`` (float32 by default; see
-    ``workflow_scripts.models.precision``); the pad token is the eos token where the tokenizer
-    has none, and padding is on the right."""
+    ``workflow_scripts.models.precision``), whole on the CPU or split over devices as
+    ``placement`` says; the pad token is the eos token where the tokenizer has none, and padding
+    is on the right."""
     check_head(head)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=hf_dtype(dtype))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=hf_dtype(dtype), **from_pretrained_options(placement)
+    )
     layout(model)  # a model of another layout fails here (at fetch), not at extraction
     return model.eval(), load_tokenizer(directory)
 

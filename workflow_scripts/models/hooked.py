@@ -153,7 +153,13 @@ class HookedTransformer(Adapter):
 
     def output_weights(self, readout):
         """A causal language model's unembedding, which reads every read-out point (after the
-        final norm)."""
-        if self.head == "causal_lm":
-            return "token", self.model.get_output_embeddings().weight.detach()
-        return None
+        final norm); of a split model, a copy on the CPU (offloaded weights are read in)."""
+        if self.head != "causal_lm":
+            return None
+        unembedding = self.model.get_output_embeddings()
+        if not self.split:
+            return "token", unembedding.weight.detach()
+        from accelerate.utils import align_module_device
+
+        with align_module_device(unembedding, torch.device("cpu")):
+            return "token", unembedding.weight.detach().cpu()

@@ -25,8 +25,10 @@ from torchvision.models import resnet as tv
 
 from workflow_scripts.models.adapter import Adapter, Readout
 from workflow_scripts.models.norms import ScalarRMSNorm
+from workflow_scripts.models.placement import refuse_split
 from workflow_scripts.models.precision import torch_dtype
 from workflow_scripts.models.store import CONFIG, WEIGHTS
+from workflow_scripts.options.placement import Placement
 
 BLOCKS = {"basic": tv.BasicBlock, "bottleneck": tv.Bottleneck}
 # the preprocessing of the built-in 32x32 images: scale to [-1, 1]
@@ -180,10 +182,12 @@ def load(
     head: str | None = None,
     num_labels: int | None = None,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ) -> tuple[nn.Module, None]:
     """The model stored in ``directory`` (carrying its config.json) in ``dtype`` (float32 by
     default; see ``workflow_scripts.models.precision``), and no tokenizer; a ResNet keeps its
-    stored head and classes."""
+    stored head and classes, and is loaded whole (``placement`` may not split it)."""
+    refuse_split(placement, family)
     config = json.loads(Path(directory, CONFIG).read_text())
     if head not in (None, "image_classification"):
         raise ValueError(f"family resnet has only the image_classification head, not {head!r}")

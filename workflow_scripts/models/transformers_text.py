@@ -21,8 +21,10 @@ from workflow_scripts import families
 from workflow_scripts.models.builtin_tokenizer import SPECIALS, builtin_tokenizer
 from workflow_scripts.models.hooked import HookedTransformer, load_tokenizer, save_pretrained
 from workflow_scripts.models.norms import ScalarRMSNorm
+from workflow_scripts.models.placement import from_pretrained_options, refuse_split
 from workflow_scripts.models.precision import hf_dtype, torch_dtype
 from workflow_scripts.models.store import read_weights
+from workflow_scripts.options.placement import Placement
 
 
 def head_class(family: str, head: str) -> type[transformers.PreTrainedModel]:
@@ -116,10 +118,13 @@ def load(
     head: str | None = None,
     num_labels: int | None = None,
     dtype: str | None = None,
+    placement: Placement | None = None,
 ):
     """The model and tokenizer stored in ``directory``, in ``dtype`` (float32 by default; see
-    ``workflow_scripts.models.precision``); with ``head``, under that head instead of the stored
-    one (a new head is randomly initialised: the start of a fine-tune)."""
+    ``workflow_scripts.models.precision``), whole on the CPU or split over devices as
+    ``placement`` says (not gptr2's: its ScalarRMSNorms are not ``from_pretrained``'s); with
+    ``head``, under that head instead of the stored one (a new head is randomly initialised: the
+    start of a fine-tune)."""
     overrides = {} if num_labels is None else {"num_labels": num_labels}
     config = transformers.AutoConfig.from_pretrained(directory, **overrides)
     if head is None:
@@ -132,9 +137,12 @@ def load(
         model_class = head_class(family, head)
         config.architectures = [model_class.__name__]
     if families.get(family).scalar_rms_norm:
+        refuse_split(placement, family)
         model = _load_with_scalar_rms_norm(model_class, config, directory, head is not None, dtype)
     else:
-        model = model_class.from_pretrained(directory, config=config, dtype=hf_dtype(dtype))
+        model = model_class.from_pretrained(
+            directory, config=config, dtype=hf_dtype(dtype), **from_pretrained_options(placement)
+        )
     return model.eval(), load_tokenizer(directory)
 
 

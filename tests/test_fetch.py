@@ -189,3 +189,36 @@ def test_a_hub_model_neither_reachable_nor_cached_is_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "hf:someone/not-cached@main cannot be downloaded" in done.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_a_hub_checkpoint_in_transformers_form_is_copied_as_it_is(tmp_path):
+    """A decoder saved in several safetensors files (as a 70B checkpoint is) is stored byte for
+    byte, with its index, and counted without its weights being read: fetch runs in far less
+    memory than the model (a login node)."""
+    tokenizer = builtin_tokenizer("gpt2")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "llama", max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    shards = sorted(p.name for p in (tmp_path / "llama").glob("*.safetensors"))
+    assert len(shards) > 2
+    hub_snapshot(tmp_path / "hub", "org/llama", tmp_path / "llama", COMMIT)
+    spec = {"family": "decoder", "source": "hf:org/llama", "blocks": 3}
+    done = run_stage("fetch_model", tmp_path / "hub", spec=json.dumps(spec), out=tmp_path / "m")
+    assert done.returncode == 0, done.stderr
+    for name in [*shards, "model.safetensors.index.json", "config.json"]:
+        assert (tmp_path / "m" / name).read_bytes() == (tmp_path / "llama" / name).read_bytes()
+    manifest = read_manifest(tmp_path / "m")
+    assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
+    adapter, _ = load_adapter(tmp_path / "m")
+    inputs = dict(adapter.tokenizer(["the old pilot found the map ."], return_tensors="pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.logits(inputs), model(**inputs).logits)

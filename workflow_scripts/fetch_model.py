@@ -18,6 +18,7 @@ from pathlib import Path
 from workflow_scripts import families
 from workflow_scripts.atomic import written
 from workflow_scripts.models import family_module, load_model, write_model_files
+from workflow_scripts.models.placement import weights_in_files
 from workflow_scripts.models.store import (
     MANIFEST,
     ModelDirError,
@@ -25,6 +26,7 @@ from workflow_scripts.models.store import (
     verify_files,
     write_manifest,
 )
+from workflow_scripts.options.placement import Placement
 from workflow_scripts.sources import Source
 
 log = logging.getLogger("fetch_model")
@@ -56,8 +58,13 @@ def fetch(spec: dict, out: str | Path) -> dict:
 
 def count_parameters(directory: Path, family: str) -> int:
     """Parameters of the model stored in ``directory`` (tied weights once, buffers not at all),
-    by loading it: a directory that does not load fails here, not in a later stage."""
-    model, _ = load_model(directory, family)
+    by loading it: a directory that does not load fails here, not in a later stage. A model that
+    can be split is loaded with its weights left in their files (nothing read into memory: a 70B
+    checkpoint is checked on a login node)."""
+    record = families.get(family)
+    in_files = record.modality == "text" and not record.scalar_rms_norm
+    placement = weights_in_files(Placement(device_map="auto")) if in_files else None
+    model, _ = load_model(directory, family, placement=placement)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -162,9 +169,31 @@ def _hub(spec: dict, repo_and_revision: str, tmp: Path) -> dict:
     config = json.loads((snapshot / "config.json").read_text())
     check_model_type(f"hf:{repo}", config, spec["family"])  # before the weights are downloaded
     snapshot = download(repo, snapshot.name)
-    model, tokenizer = load_model(snapshot, spec["family"], dtype="auto")  # as stored
-    write_model_files(model, tokenizer, spec["family"], tmp)
+    if _as_stored(snapshot, config, spec["family"]):
+        for file in sorted(snapshot.iterdir()):  # the checkpoint's files, copied as they are
+            if file.is_file():  # (the cache's links resolved; not folders such as original/)
+                shutil.copyfile(file, tmp / file.name)
+    else:  # converted: loaded (as stored) and written in the stored layout
+        model, tokenizer = load_model(snapshot, spec["family"], dtype="auto")
+        write_model_files(model, tokenizer, spec["family"], tmp)
     return {"revision": snapshot.name, "requested_revision": revision}
+
+
+def _as_stored(snapshot: Path, config: dict, family: str) -> bool:
+    """Whether a hub checkpoint is in the stored layout already: safetensors weights of a class
+    of transformers' own, for a family that ``from_pretrained`` loads; then its files are
+    copied, never loaded whole into memory. Others (the study's gptr2 checkpoints: a class of
+    their author's, pickled weights, ScalarRMSNorms) are converted."""
+    import transformers
+
+    record = families.get(family)
+    named = (config.get("architectures") or [""])[0]
+    return (
+        record.modality == "text"
+        and not record.scalar_rms_norm
+        and hasattr(transformers, named)
+        and any(snapshot.glob("*.safetensors"))
+    )
 
 
 def _torchvision(spec: dict, arch: str, tmp: Path) -> dict:

@@ -80,26 +80,27 @@ def layout(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module | None
         raise _refuse(model, "its decoder has several block lists at the same depth")
     norms = [module for module in decoder.children() if module is not blocks and _is_norm(module)]
     if len(norms) > 1:
-        norms = [_run_after(decoder, blocks[-1], norms)]
+        norms = [_run_after(model, blocks[-1], norms)]
     return decoder, blocks, (norms[0] if norms else None)
 
 
-def _run_after(decoder: nn.Module, last_block: nn.Module, norms: list[nn.Module]) -> nn.Module:
-    """Of ``norms``, the first that a one-token forward of ``decoder`` calls after
-    ``last_block``."""
+def _run_after(model: nn.Module, last_block: nn.Module, norms: list[nn.Module]) -> nn.Module:
+    """Of ``norms``, the first that a one-token forward of ``model`` calls after ``last_block``
+    (the whole model's forward: a model offloaded by accelerate as one piece loads its weights
+    there)."""
     order: list[nn.Module] = []
     handles = [m.register_forward_hook(lambda m, a, o: order.append(m)) for m in norms]
     handles.append(last_block.register_forward_hook(lambda m, a, o: order.append(m)))
-    device = input_device(decoder)
+    device = input_device(model)
     try:
         with torch.no_grad():
-            decoder(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
     after = order[order.index(last_block) + 1 :] if last_block in order else []
     if not after:
-        raise _refuse(decoder, "none of its norm layers runs after its last block")
+        raise _refuse(model, "none of its norm layers runs after its last block")
     return after[0]
 
 

@@ -39,7 +39,7 @@ RESULTS = [
     "results/ablation/roberta-tiny/pairs.parquet",
     "results/ablation/resnet-tiny/shapes.parquet",
 ]
-GPU_RULES = {"extract", "ablate", "train"}  # profiles/slurm asks for `gpu: 1`
+GPU_RULES = {"extract", "ablate", "train"}  # the rules ask for the GPUs their model needs
 LOCAL_RULES = {"fetch_model", "all"}
 
 # What the profile leaves as on a real cluster and the one-node test cluster needs changed:
@@ -60,7 +60,8 @@ SLURM_OVERRIDES = [
     "--slurm-keep-successful-logs",
 ]
 # The GPU requests stay: the test cluster offers two stand-in GPUs, so extract and ablate are
-# scheduled with --gpus=1 as on a cluster, find no CUDA device and run on the CPU.
+# scheduled with --gpus=N as on a cluster (roberta-tiny's N is its config's `gpus: 2`), find no
+# CUDA device and run on the CPU.
 
 
 def start_snakemake(
@@ -230,15 +231,21 @@ def test_every_job_but_the_local_rules_is_a_slurm_job(runs):
 
 
 def test_the_slurm_jobs_ran_with_the_profiles_resources(runs):
-    jobs = submitted(runs.slurm_output)
+    jobs = submitted_logs(runs.slurm_output)
     known = slurm_jobs()
     assert set(jobs) <= set(known), "SLURM does not know some of the job ids Snakemake reported"
     assert len({known[jobid]["JobName"] for jobid in jobs}) == 1  # the plugin names them by run
-    for jobid, rule in jobs.items():
+    gpus = {}
+    for jobid, (rule, log) in jobs.items():
         job = known[jobid]
         assert job["JobState"] == "COMPLETED", (rule, job["JobState"])
         assert job["NumCPUs"] == "1", (rule, job)  # cpus_per_task: threads, capped by --max-threads
-        assert ("gpu" in job.get("TresPerJob", "")) == (rule in GPU_RULES), (rule, job)
+        asked = re.search(r"gpu:(\d+)", job.get("TresPerJob", ""))
+        assert (asked is not None) == (rule in GPU_RULES), (rule, job)
+        if asked:  # the log's folder names the job's wildcards
+            gpus[rule, "roberta-tiny" in log] = int(asked.group(1))
+    assert gpus[("extract", True)] == gpus[("ablate", True)] == 2, gpus
+    assert gpus[("extract", False)] == 1, gpus
 
 
 def test_slurm_and_local_runs_give_the_same_results(runs):

@@ -294,6 +294,16 @@ def caption_fields(figure, wildcards):
     }
 
 
+def group_regimes(wildcards):
+    """{model: the run with seeds it is one seed of}, for a group's figures, as JSON."""
+    return as_json(study.figure_groups[wildcards.group].regimes)
+
+
+def run_seeds(wildcards):
+    """{trained model: its run's seed}, for the tables, as JSON."""
+    return as_json({name: run.settings["seed"] for name, run in study.runs.items()})
+
+
 def figure_caption(figure):
     """A param function: the figure's report caption, filled in (report/figure.rst shows it)."""
 

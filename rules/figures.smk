@@ -30,6 +30,7 @@ for figure in FIGURES.values():
         params:
             figure=figure.name,
             group="{group}",
+            regimes=group_regimes,
             order=input_order,
             dpi=study.dpi,
             caption=figure_caption(figure),
@@ -146,6 +147,7 @@ rule table_statistics:
         "../envs/workflow.yaml"
     params:
         order=input_order,
+        seeds=run_seeds,
         code=stage_code("table_statistics"),
     script:
         "../scripts/stage.py"

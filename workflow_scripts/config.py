@@ -95,9 +95,11 @@ def checked(config: Mapping) -> dict:
     for name, spec in full["models"].items():
         _check_model(f"models.{name}", spec)
     _check_datasets(full)
-    full["training"]["runs"] = _expand_runs(full["training"]["runs"], schema)
+    full["training"]["runs"], replicates = _expand_runs(full["training"]["runs"], schema)
+    full["training"]["replicates"] = replicates
     _check_runs(full)
     _add_trained_models(full)
+    _name_replicates(full, replicates)
     _check_analyses(full)
     _check_figures(full)
     item = schema["definitions"]["figures"]["properties"]["top_examples"]["items"]
@@ -216,10 +218,12 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def _expand_runs(runs: dict, schema: dict) -> dict:
-    """Runs with a grid become one run per combination of its axes' labels."""
+def _expand_runs(runs: dict, schema: dict) -> tuple[dict, dict]:
+    """Runs with a grid become one run per combination of its axes' labels, and a run with
+    ``seeds`` one run per seed, named ``<run>-s<seed>`` (after the grid's labels). Returns the
+    runs and the replicates: {a run with seeds: the names of its runs, one per seed}."""
     run_schema = {**schema["definitions"]["run"], "definitions": schema["definitions"]}
-    expanded = {}
+    expanded, replicates = {}, {}
     for name, run in runs.items():
         grid = run.get("grid", {})
         base = {k: v for k, v in run.items() if k != "grid"}
@@ -234,10 +238,38 @@ def _expand_runs(runs: dict, schema: dict) -> dict:
             if error is not None:
                 error.path.extendleft([full, "runs", "training"])
                 raise ConfigError(describe(error) + (" (after the grid)" if grid else ""))
-            if full in expanded:
-                fail(f"training.runs.{name}", f"run {full!r} is defined twice")
-            expanded[full] = spec
-    return expanded
+            seeds = spec.get("seeds")
+            spec = {k: v for k, v in spec.items() if k != "seeds"}
+            named = {full: spec}
+            if seeds is not None:
+                named = {f"{full}-s{seed}": {**spec, "seed": seed} for seed in seeds}
+                replicates[full] = list(named)
+            for run_name, run_spec in named.items():
+                if run_name in expanded:
+                    fail(f"training.runs.{name}", f"run {run_name!r} is defined twice")
+                expanded[run_name] = run_spec
+    return expanded, replicates
+
+
+def _name_replicates(config: dict, replicates: dict) -> None:
+    """Where an analysis or a figure group names a run with seeds, it names its runs, one per
+    seed; a top-examples figure, which shows one model, names one of them."""
+    for analyses in (config["analyses"], config["ablation"]["analyses"]):
+        for analysis in analyses:
+            analysis["models"] = _replicated(analysis["models"], replicates)
+    for group in config["figures"]["groups"].values():
+        group["models"] = _replicated(group["models"], replicates)
+    for i, spec in enumerate(config["figures"]["top_examples"]):
+        if spec["model"] in replicates:
+            fail(
+                f"figures.top_examples.{i}.model",
+                f"{spec['model']!r} has one run per seed; name one of them: "
+                f"{', '.join(replicates[spec['model']])}",
+            )
+
+
+def _replicated(names: list[str], replicates: dict) -> list[str]:
+    return [run for name in names for run in replicates.get(name, [name])]
 
 
 def check_arch(where: str, family: families.Family, arch: Mapping | None) -> None:

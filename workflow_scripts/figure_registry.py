@@ -116,7 +116,9 @@ register(
 Percentage of features with at least one activation above the outlier threshold (signed, x > t,
 as the study counted), per read-out point, for the models of group {group}.
 Thresholds per model: {thresholds}. Padding rows {padding}.
-Dotted vertical lines mark ResNet stage boundaries.""",
+Dotted vertical lines mark ResNet stage boundaries.
+A run with several seeds is one line, the seeds' mean, in a band of one standard deviation
+across seeds.""",
     )
 )
 register(
@@ -128,7 +130,9 @@ register(
 Mean Pearson kurtosis of the stream across its features per read-out point (solid) and after a
 fixed random rotation (dashed, {rotations} rotation(s), seed {seed}), for group {group}, log scale.
 A Gaussian has 3 (dash-dotted). Kurtosis far above 3 that falls to 3 under rotation means a
-privileged basis. Error bars: standard errors over examples.""",
+privileged basis. Error bars: standard errors over examples.
+A run with several seeds is one line, the seeds' mean, in a band of one standard deviation
+across seeds.""",
     )
 )
 register(
@@ -139,7 +143,9 @@ register(
         caption="""\
 Mean kurtosis per read-out point (standard basis) of every model of group {group} in one panel,
 to compare training regimes (optimizers, norms, trained against untrained). Error bars: standard
-errors over examples.""",
+errors over examples.
+A run with several seeds is one line, the seeds' mean, in a band of one standard deviation
+across seeds.""",
     )
 )
 register(
@@ -151,7 +157,9 @@ register(
 Top-1 accuracy as blocks are removed, for group {group}. Tail (solid): every block after read-out
 point k is ablated and the stream at k goes through the model's own final norm and head (for a
 language model: the logit lens). Head (dashed): every block before k is ablated. Ablating a block
-removes its residual branch and keeps its shortcut.""",
+removes its residual branch and keeps its shortcut.
+A run with several seeds is one line, the seeds' mean, in a band of one standard deviation
+across seeds.""",
     )
 )
 register(

@@ -12,7 +12,9 @@ PNG and PDF. The kinds of the study:
   training   loss curves of training runs
 The x axis counts read-out points (blocks); a dotted vertical line marks each place where the
 stage changes between consecutive read-out points (a ResNet's stages); error bars are the
-statistics' standard errors. Colours: the Okabe-Ito palette, safe for colour-blind readers.
+statistics' standard errors. The runs of a run with seeds (``regime``: the run, for each of its
+models) are drawn as one line, their mean per read-out point, in a band of one standard
+deviation across seeds. Colours: the Okabe-Ito palette, safe for colour-blind readers.
 """
 
 from __future__ import annotations
@@ -72,6 +74,55 @@ def _panels(plt, count: int, width: float = 4.4, height: float = 4.0):
     return figure, axes[0]
 
 
+def regimes_of(frame: pd.DataFrame) -> pd.Series:
+    """What each row is drawn under: its ``regime`` (a run with seeds) where it has one, else its
+    model."""
+    if "regime" not in frame:
+        return frame["model"]
+    return frame["regime"].fillna(frame["model"])
+
+
+def seed_mean(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of one or several models (the seeds of a run) as one per read-out point: the mean
+    value, and ``seed_spread``, the standard deviation across the models (NaN for one)."""
+    keys = ["layer", "stage"]
+    grouped = rows.groupby(keys, sort=True)["value"]
+    points = grouped.mean().rename("value").to_frame()
+    points["seed_spread"] = grouped.std(ddof=1)
+    points["seeds"] = grouped.count()
+    if "spread" in rows:
+        points["spread"] = rows.groupby(keys, sort=True)["spread"].mean()
+    return points.reset_index()
+
+
+def _line(axis, rows: pd.DataFrame, label: str, i: int, linestyle="-", scale=1.0, errors=True):
+    """One model's rows as a line (with its standard errors as error bars), or the seeds of a
+    run as their mean in a band of one standard deviation across seeds."""
+    colour = PALETTE[i % len(PALETTE)]
+    seeds = rows["model"].nunique()
+    points = seed_mean(rows) if seeds > 1 else rows.sort_values("layer")
+    x, y = blocks_applied(points), points["value"] * scale
+    if seeds > 1:
+        band = points["seed_spread"].fillna(0) * scale
+        axis.fill_between(x, y - band, y + band, color=colour, alpha=0.2, linewidth=0)
+        label = f"{label} (mean of {seeds} seeds, ±1 sd)"
+    spread = (
+        points["spread"].fillna(0) * scale if errors and seeds == 1 and "spread" in points else None
+    )
+    axis.errorbar(
+        x,
+        y,
+        yerr=spread,
+        label=label,
+        color=colour,
+        marker=MARKERS[i % len(MARKERS)],
+        markersize=3.5,
+        linewidth=1.3,
+        linestyle=linestyle,
+        capsize=2,
+    )
+
+
 def _series(
     axis,
     frame: pd.DataFrame,
@@ -85,20 +136,7 @@ def _series(
     rows = frame[frame["metric"] == metric]
     if setting is not None:
         rows = rows[rows["setting"] == setting]
-    rows = rows.sort_values("layer")
-    spread = rows["spread"].fillna(0) * scale if "spread" in rows else None
-    axis.errorbar(
-        blocks_applied(rows),
-        rows["value"] * scale,
-        yerr=spread,
-        label=label,
-        color=PALETTE[i % len(PALETTE)],
-        marker=MARKERS[i % len(MARKERS)],
-        markersize=3.5,
-        linewidth=1.3,
-        linestyle=linestyle,
-        capsize=2,
-    )
+    _line(axis, rows, label, i, linestyle, scale)
 
 
 def _per_dataset(frame: pd.DataFrame, title: str, draw_panel):
@@ -117,8 +155,9 @@ def kurtosis(stats: pd.DataFrame, title: str, rotated: bool = True):
     from matplotlib.ticker import FuncFormatter
 
     def panel(axis, part, heading):
-        for i, model in enumerate(part["model"].unique()):
-            rows = part[part["model"] == model]
+        regime = regimes_of(part)
+        for i, model in enumerate(regime.unique()):
+            rows = part[regime == model]
             _series(axis, rows, "kurtosis", None, model, i)
             if rotated:
                 _series(
@@ -149,8 +188,9 @@ def outliers(stats: pd.DataFrame, title: str):
     def panel(axis, part, heading):
         part = part[part["metric"] == "outlier_fraction"]
         signed = part[part["setting"].str.startswith("signed")]
+        signed = signed.assign(regime=regimes_of(signed))
         for i, ((model, setting), rows) in enumerate(
-            signed.groupby(["model", "setting"], sort=False)
+            signed.groupby(["regime", "setting"], sort=False)
         ):
             _series(axis, rows, "outlier_fraction", setting, f"{model} ({setting})", i, scale=100)
         _axes_style(axis, part, heading, "features with outliers (%)")
@@ -161,19 +201,12 @@ def outliers(stats: pd.DataFrame, title: str):
 def ablation(results: pd.DataFrame, title: str):
     def panel(axis, part, heading):
         part = part[part["metric"] == "top1"]
-        for i, model in enumerate(part["model"].unique()):
-            rows = part[part["model"] == model]
+        regime = regimes_of(part)
+        for i, model in enumerate(regime.unique()):
+            rows = part[regime == model]
             for direction, style in (("tail", "-"), ("head", "--")):
-                line = rows[rows["direction"] == direction].sort_values("layer")
-                axis.plot(
-                    blocks_applied(line),
-                    100 * line["value"],
-                    linestyle=style,
-                    marker=MARKERS[i % len(MARKERS)],
-                    markersize=3.5,
-                    color=PALETTE[i % len(PALETTE)],
-                    label=f"{model}, {direction}",
-                )
+                line = rows[rows["direction"] == direction]
+                _line(axis, line, f"{model}, {direction}", i, style, 100, errors=False)
         axis.set_ylim(0, 100)
         _axes_style(axis, part, f"{heading} (solid: tail, dashed: head)", "top-1 accuracy (%)")
 
@@ -215,16 +248,34 @@ def read_inputs(figure: Figure, paths: list[str], group: str):
 
 
 def draw_figure(
-    kind: str, group: str, inputs: list[str], outputs: list[str], dpi: int = 150
+    kind: str,
+    group: str,
+    inputs: list[str],
+    outputs: list[str],
+    dpi: int = 150,
+    regimes: dict | None = None,
 ) -> None:
     """Draw figure ``kind`` (its registry entry's drawing function, defined in this module) for
-    ``group`` from its input files, and write it to ``outputs``."""
+    ``group`` from its input files, and write it to ``outputs``; ``regimes``: {model: the run
+    with seeds it is one seed of}, drawn together."""
     figure = FIGURES[kind]
-    drawing = globals()[figure.draw](read_inputs(figure, inputs, group), group)
+    data = read_inputs(figure, inputs, group)
+    if regimes and isinstance(data, pd.DataFrame):
+        data = data.assign(regime=data["model"].map(regimes))
+    drawing = globals()[figure.draw](data, group)
     save(drawing, outputs, dpi)
 
 
-def run(figure: str, group: str, data: list[str], png: str, pdf: str, dpi: int = 150) -> None:
-    """The figure stages: figure kind ``figure`` of ``group`` from its input files ``data``."""
-    draw_figure(figure, group, data, [png, pdf], dpi)
+def run(
+    figure: str,
+    group: str,
+    data: list[str],
+    png: str,
+    pdf: str,
+    dpi: int = 150,
+    regimes: dict | None = None,
+) -> None:
+    """The figure stages: figure kind ``figure`` of ``group`` from its input files ``data``
+    (``regimes``: see :func:`draw_figure`)."""
+    draw_figure(figure, group, data, [png, pdf], dpi, regimes)
     print(f"wrote {png}, {pdf}", file=sys.stderr)

@@ -107,6 +107,7 @@ class Run:
     kind: str  # causal_lm, image_classification or sequence_classification
     dataset: str
     settings: Mapping  # the run's settings after its grid, with every default
+    replicate_of: str | None = None  # the run with seeds this is one seed of
 
     @property
     def base(self) -> str | None:
@@ -133,6 +134,9 @@ class FigureGroup:
     models: tuple[str, ...]
     datasets: tuple[str, ...]
     figures: tuple[str, ...]
+    # each model that is one seed of a run with seeds: that run, under which its figures show
+    # the seeds' mean and spread
+    regimes: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -227,8 +231,11 @@ def resolve(config: Mapping) -> Study:
         )
         for name, spec in full["datasets"].items()
     }
+    replicate_of = {
+        run: base for base, names in full["training"]["replicates"].items() for run in names
+    }
     runs = {
-        name: Run(name, run["kind"], run["dataset"], freeze(run))
+        name: Run(name, run["kind"], run["dataset"], freeze(run), replicate_of.get(name))
         for name, run in full["training"]["runs"].items()
     }
     figures = full["figures"]
@@ -249,7 +256,13 @@ def resolve(config: Mapping) -> Study:
         figure_groups=MappingProxyType(
             {
                 name: FigureGroup(
-                    name, tuple(g["models"]), tuple(g["datasets"]), tuple(g["figures"])
+                    name,
+                    tuple(g["models"]),
+                    tuple(g["datasets"]),
+                    tuple(g["figures"]),
+                    MappingProxyType(
+                        {m: replicate_of[m] for m in g["models"] if m in replicate_of}
+                    ),
                 )
                 for name, g in figures["groups"].items()
             }

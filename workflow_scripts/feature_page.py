@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.atomic import written
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.options.feature_page import FeaturePageOptions
 from workflow_scripts.options.placement import Placement
+from workflow_scripts.stream import ActivationSet
 from workflow_scripts.top_examples import context, example_tokens, output_weights, stored_blocks
 
 JPEG_QUALITY = 75
@@ -138,9 +138,9 @@ def _whole_examples(blocks):
 def top_k(shards: list[str], layer: int, k: int, include_padding: bool) -> TopK:
     """The top ``k`` examples of every feature of read-out point ``layer``: one pass over the
     shards, one block in memory."""
-    width = open_shard(shards[0])[layer_name(layer)].shape[1]
-    stream = StreamingTopK(width, k)
-    for x, ids, positions in _whole_examples(stored_blocks(shards, layer, include_padding)):
+    acts = ActivationSet.from_shards(shards, readouts=[layer])
+    stream = StreamingTopK(acts.readout(layer).width, k)
+    for x, ids, positions in _whole_examples(stored_blocks(acts, layer, include_padding)):
         stream.update(x, ids, positions)
     return stream.result()
 

@@ -15,56 +15,46 @@ import sys
 
 import numpy as np
 
-from workflow_scripts.activations import layer_name, open_shard
 from workflow_scripts.data import store
 from workflow_scripts.data.store import DatasetFile
 from workflow_scripts.options.placement import Placement
 from workflow_scripts.options.top_examples import TopExamplesOptions
 from workflow_scripts.plotting import PALETTE, _pyplot, _style, save
-from workflow_scripts.shard_reader import file_rows, read_rows
 from workflow_scripts.stage import InputError
+from workflow_scripts.stream import ActivationSet
 
 
 class TopExamplesError(InputError):
     """A read-out point or a feature the stored stream does not have."""
 
 
-def check_features(shards: list[str], layer: int, features: list[int]) -> None:
-    """The shards hold read-out point ``layer`` and it has every feature asked for."""
-    group = open_shard(shards[0])
-    name = layer_name(layer)
-    if name not in group:
-        points = sorted(int(k.split("-")[1]) for k in group.array_keys() if k.startswith("layer-"))
+def check_features(shards: list[str], layer: int, features: list[int]) -> ActivationSet:
+    """The shards, as one set, after checking that they hold read-out point ``layer`` (in
+    agreement) and that it has every feature asked for."""
+    acts = ActivationSet.from_shards(shards, readouts=[])
+    if layer not in acts.indices:
+        points = acts.indices
         raise TopExamplesError(
             f"{shards[0]}: no read-out point {layer}; the model has read-out points "
             f"{points[0]}..{points[-1]} (figures.top_examples' layer)"
         )
-    width = group[name].shape[1]
+    width = acts.readout(layer).width
     outside = [f for f in features if not 0 <= f < width]
     if outside:
         raise TopExamplesError(
             f"feature(s) {outside} of figures.top_examples: read-out point {layer} has {width} "
             f"features, 0..{width - 1}"
         )
+    return acts
 
 
-def stored_blocks(shards: list[str], layer: int, include_padding: bool):
+def stored_blocks(shards: list[str] | ActivationSet, layer: int, include_padding: bool):
     """(x, example ids, positions) of each stored block of read-out point ``layer``, in order,
-    padding rows dropped unless ``include_padding``: one Zarr shard of rows at a time."""
-    name = layer_name(layer)
-    for path in shards:
-        group = open_shard(path)
-        array = group[name]
-        block = file_rows(array)
-        for start in range(0, array.shape[0], block):
-            stop = min(start + block, array.shape[0])
-            x = read_rows(group, name, start, stop, path)
-            ids = read_rows(group, "example_id", start, stop, path)
-            positions = read_rows(group, "position", start, stop, path)
-            if not include_padding:
-                keep = ~read_rows(group, "is_padding", start, stop, path)
-                x, ids, positions = x[keep], ids[keep], positions[keep]
-            yield x, ids, positions
+    padding rows dropped unless ``include_padding``: one Zarr shard file of rows at a time."""
+    acts = (
+        shards if isinstance(shards, ActivationSet) else ActivationSet.from_shards(shards, [layer])
+    )
+    return acts.blocks(layer, block_rows=1, include_padding=include_padding)  # 1: one file
 
 
 def top_rows(
@@ -72,9 +62,9 @@ def top_rows(
 ) -> dict[int, list[tuple[float, int, int]]]:
     """Per feature, the ``count`` largest activations as (value, example_id, position), one pass
     over the shards with memory bounded by a chunk."""
-    check_features(shards, layer, features)
+    acts = check_features(shards, layer, features)
     best: dict[int, list] = {f: [] for f in features}
-    for x, ids, positions in stored_blocks(shards, layer, include_padding):
+    for x, ids, positions in stored_blocks(acts, layer, include_padding):
         x = x[:, features].astype(np.float32)
         for j, feature in enumerate(features):
             top = np.argsort(-x[:, j], kind="stable")[: count * 4]  # an example may repeat

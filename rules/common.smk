@@ -265,6 +265,17 @@ def group_ablations(wildcards):
     return [f"results/ablation/{m}/{d}.parquet" for m in group.models for d in group.datasets]
 
 
+def group_snapshot_stats(wildcards):
+    """The statistics of every snapshot of a group's runs, and of the runs themselves."""
+    group = study.figure_groups[wildcards.group]
+    return [
+        f"results/stats/{m}/{d}.parquet"
+        for run in group.models
+        for m in study.snapshots_of(run)
+        for d in group.datasets
+    ]
+
+
 def training_metrics(wildcards):
     return [f"results/train/{run}/metrics.parquet" for run in study.runs]
 
@@ -274,6 +285,7 @@ FIGURE_INPUTS = {
     "statistics": group_stats,
     "ablation": group_ablations,
     "training": training_metrics,
+    "snapshots": group_snapshot_stats,
 }
 
 
@@ -295,8 +307,19 @@ def caption_fields(figure, wildcards):
 
 
 def group_regimes(wildcards):
-    """{model: the run with seeds it is one seed of}, for a group's figures, as JSON."""
-    return as_json(study.figure_groups[wildcards.group].regimes)
+    """{model: the run with seeds it is one seed of}, for a group's figures (a snapshot's: its
+    run's), as JSON."""
+    regimes = dict(study.figure_groups[wildcards.group].regimes)
+    for run, regime in list(regimes.items()):
+        regimes |= {model: regime for model in study.snapshots_of(run)}
+    return as_json(regimes)
+
+
+def group_steps(wildcards):
+    """{model: training step} of the snapshots of a group's runs and of the runs themselves
+    (what the dynamics figure draws against), as JSON."""
+    group = study.figure_groups[wildcards.group]
+    return as_json({m: s for run in group.models for m, s in study.snapshots_of(run).items()})
 
 
 def run_seeds(wildcards):

@@ -31,6 +31,7 @@ for figure in FIGURES.values():
             figure=figure.name,
             group="{group}",
             regimes=group_regimes,
+            steps=group_steps,
             order=input_order,
             dpi=study.dpi,
             caption=figure_caption(figure),

@@ -11,6 +11,7 @@ rule train:
         out=directory("results/models/{model}"),
         metrics="results/train/{model}/metrics.parquet",
         plot="results/train/{model}/loss.png",
+        snapshots=directory("results/train/{model}/snapshots"),
     log:
         "results/logs/train/{model}.log",
     wildcard_constraints:
@@ -27,5 +28,27 @@ rule train:
         model="{model}",
         checkpoint="results/train/{model}/checkpoint.pt",
         code=model_stage_code("train"),
+    script:
+        "../scripts/stage.py"
+
+
+# snapshot: results/models/{run}@{step}, the model of a run at one of the steps its snapshots
+# name, kept by its train job; a model of its own for every analysis. A local copy.
+rule snapshot:
+    input:
+        snapshots="results/train/{run}/snapshots",
+    output:
+        out=directory("results/models/{run}@{step}"),
+    log:
+        "results/logs/snapshot/{run}@{step}.log",
+    wildcard_constraints:
+        run=names_pattern(study.runs),
+        step=r"\d+",
+    localrule: True
+    conda:
+        "../envs/workflow.yaml"
+    params:
+        step="{step}",
+        code=stage_code("snapshot"),
     script:
         "../scripts/stage.py"

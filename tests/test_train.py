@@ -93,6 +93,7 @@ def run(tmp_path, name, spec, data_path, base=None, workers=0):
         out / "checkpoint.pt",
         base,
         workers=workers,
+        snapshots_path=out / "snapshots",
     )
     return out, metrics
 
@@ -154,13 +155,28 @@ def test_diverging_run_stops_naming_the_step(tmp_path, data):
     assert not (tmp_path / "diverge" / "model").exists()
 
 
-def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
-    spec = {**LM, "steps": 80, "checkpoint_every": 10}
+# every optimizer, and Adam in the rotated basis (its shadow parameters in the checkpoint)
+RESUMED = {
+    "sgd": {"name": "sgd", "lr": 0.3, "momentum": 0.9, "weight_decay": 0.01},
+    "adam": {"name": "adam", "lr": 0.003},
+    "adamw": {"name": "adamw", "lr": 0.003, "weight_decay": 0.1},
+    "muon": {"name": "muon", "lr": 0.02, "adamw_lr": 0.003, "weight_decay": 0.01},
+    "adafactor": {"name": "adafactor", "lr": 0.1},
+    "rotated-adam": {"name": "adam", "lr": 0.003, "basis": "rotated", "basis_seed": 5},
+}
+
+
+@pytest.mark.parametrize("optimizer", list(RESUMED))
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, data, optimizer):
+    # snapshots before the first checkpoint and after it: a resume keeps the earlier ones
+    spec = {**LM, "optimizer": RESUMED[optimizer], "steps": 40, "checkpoint_every": 5}
+    spec["snapshots"] = [3, 20, 35]
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "workflow_scripts.stage", "train", "model=lm"]
     command += [f"spec={json.dumps(spec)}", f"data={data['tokens']}", "base=", "tokenizer="]
     command += [f"checkpoint={out / 'checkpoint.pt'}", f"metrics={out / 'metrics.parquet'}"]
-    command += [f"plot={out / 'loss.png'}", f"out={out / 'model'}", "--threads", "3"]
+    command += [f"plot={out / 'loss.png'}", f"out={out / 'model'}"]
+    command += [f"snapshots={out / 'snapshots'}", "--threads", "3"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -171,7 +187,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
     process.wait()
     assert not (out / "model").exists()
     saved = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
-    assert 0 < saved < 80
+    assert 0 < saved < 40
     resumed = train(
         "lm",
         spec,
@@ -181,12 +197,27 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path, data):
         out / "loss.png",
         out / "checkpoint.pt",
         workers=1,
+        snapshots_path=out / "snapshots",
     )
-    assert resumed["step"].tolist() == list(range(80))
+    assert resumed["step"].tolist() == list(range(40))
     straight, _ = run(tmp_path / "straight", "lm", spec, data["tokens"])
     # resuming changes nothing: the same weights and the same losses as an unbroken run
-    assert read_manifest(out / "model")["files"] == read_manifest(straight / "model")["files"]
+    manifest = read_manifest(out / "model")
+    assert manifest["files"] == read_manifest(straight / "model")["files"]
     pd.testing.assert_frame_equal(resumed, pd.read_parquet(straight / "metrics.parquet"))
+    # and the same snapshots, each of the model after its step
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step-20", "step-3", "step-35"]
+    for step in (3, 20, 35):
+        kept = read_manifest(out / "snapshots" / f"step-{step}")
+        assert kept["training_step"] == step and kept["source"] == f"train:lm@{step}"
+        assert kept["files"] == read_manifest(straight / "snapshots" / f"step-{step}")["files"]
+    assert kept["files"] != manifest["files"]  # the model moved on after its last snapshot
+    assert not Path(f"{out / 'snapshots'}.partial").exists()
+    # the basis the optimizer worked in, to measure the stream in it
+    basis = manifest["optimizer_basis"]
+    assert basis["basis"] == RESUMED[optimizer].get("basis", "standard")
+    if basis["basis"] == "rotated":
+        assert (basis["seed"], basis["width"]) == (5, LM["arch"]["width"])
 
 
 def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, data):

@@ -24,6 +24,7 @@ import jsonschema
 import yaml
 
 from workflow_scripts import families, figure_registry
+from workflow_scripts.optimizers import optimizer_problem
 from workflow_scripts.sources import Source, dataset_kind
 from workflow_scripts.stage import InputError
 
@@ -99,7 +100,9 @@ def checked(config: Mapping) -> dict:
     full["training"]["replicates"] = replicates
     _check_runs(full)
     _add_trained_models(full)
+    _check_optimizers(full)
     _name_replicates(full, replicates)
+    _analyse_snapshots(full)
     _check_analyses(full)
     _check_figures(full)
     item = schema["definitions"]["figures"]["properties"]["top_examples"]["items"]
@@ -240,6 +243,8 @@ def _expand_runs(runs: dict, schema: dict) -> tuple[dict, dict]:
                 raise ConfigError(describe(error) + (" (after the grid)" if grid else ""))
             seeds = spec.get("seeds")
             spec = {k: v for k, v in spec.items() if k != "seeds"}
+            if "snapshots" in spec:  # the steps themselves, as training keeps them
+                spec["snapshots"] = snapshot_steps(f"training.runs.{full}", spec)
             named = {full: spec}
             if seeds is not None:
                 named = {f"{full}-s{seed}": {**spec, "seed": seed} for seed in seeds}
@@ -266,6 +271,35 @@ def _name_replicates(config: dict, replicates: dict) -> None:
                 f"{spec['model']!r} has one run per seed; name one of them: "
                 f"{', '.join(replicates[spec['model']])}",
             )
+
+
+def snapshots_of(config: dict, run: str) -> list[str]:
+    """The snapshot models of run ``run`` (none where it is not a run or keeps none)."""
+    spec = config["training"]["runs"].get(run, {})
+    return [snapshot_name(run, step) for step in spec.get("snapshots", [])]
+
+
+def _analyse_snapshots(config: dict) -> None:
+    """A figure group that draws the training dynamics has the statistics of every snapshot of
+    its runs (an analysis of them and its datasets, added here); each of its models must be a
+    run that keeps snapshots."""
+    for name, group in config["figures"]["groups"].items():
+        if not any(
+            figure_registry.FIGURES[k].inputs == "snapshots"
+            for k in group["figures"]
+            if k in figure_registry.FIGURES
+        ):
+            continue
+        snapshots = []
+        for model in group["models"]:
+            if not snapshots_of(config, model):
+                fail(
+                    f"figures.groups.{name}.models",
+                    f"{model!r} keeps no snapshots (training.runs.<run>.snapshots), which its "
+                    "dynamics figure draws",
+                )
+            snapshots += [*snapshots_of(config, model), model]
+        config["analyses"].append({"models": snapshots, "datasets": list(group["datasets"])})
 
 
 def _replicated(names: list[str], replicates: dict) -> list[str]:
@@ -473,8 +507,55 @@ def model_blocks(config: dict, name: str) -> int:
     return model_shape(config, name).blocks
 
 
+def _check_optimizers(config: dict) -> None:
+    """Each run's optimizer fits the model it trains (``optimizers.optimizer_problem``: Muon's
+    matrices, a rotated basis only where the norms commute with rotations)."""
+    for name, run in config["training"]["runs"].items():
+        model = run["base"] if run["kind"] == "sequence_classification" else name
+        family = families.get(config["models"][model]["family"])
+        problem = optimizer_problem(run["kind"], family, run["optimizer"])
+        if problem:
+            fail(f"training.runs.{name}.optimizer", problem)
+
+
+def snapshot_name(run: str, step: int) -> str:
+    """The model of run ``run`` after ``step`` steps."""
+    return f"{run}@{step}"
+
+
+def snapshot_steps(where: str, run: dict) -> list[int]:
+    """The steps a run keeps its model at (``snapshots``): the steps listed, or that many steps
+    spaced evenly on a log scale from step 1, followed by the run's last step (its own model)."""
+    wanted = run.get("snapshots")
+    if wanted is None:
+        return []
+    if isinstance(wanted, list):
+        steps = sorted(set(wanted))
+        if "steps" in run and steps[-1] >= run["steps"]:
+            fail(
+                f"{where}.snapshots",
+                f"step {steps[-1]} is not before the run's last step {run['steps']} (the run's "
+                "own model is its last)",
+            )
+        return steps
+    if "steps" not in run:
+        fail(f"{where}.snapshots", "a count of snapshots needs the run's steps; list the steps")
+    last = run["steps"] - 1
+    if wanted > last:
+        fail(f"{where}.snapshots", f"{wanted} snapshots; a run of {run['steps']} steps has {last}")
+    ratio = math.log(run["steps"]) / wanted  # the run's own model is the last of wanted + 1
+    steps = sorted({min(last, round(math.exp(i * ratio))) for i in range(wanted)})
+    k = 1  # rounding may merge neighbours at the start: fill from the smallest free steps
+    while len(steps) < wanted:
+        if k not in steps:
+            steps = sorted({*steps, k})
+        k += 1
+    return steps
+
+
 def _add_trained_models(config: dict) -> None:
-    """Every run is also a model of the same name, source train:<run>."""
+    """Every run is also a model of the same name, source train:<run>, and each of its
+    snapshots one named <run>@<step>, source train:<run>@<step>."""
     runs, models = config["training"]["runs"], config["models"]
     trained = {name: run_shape(config, name, (name,)).family for name in runs}
     for name, run in runs.items():
@@ -489,6 +570,9 @@ def _add_trained_models(config: dict) -> None:
         spec.setdefault("head", run["kind"])
         if "num_labels" in run:
             spec.setdefault("num_labels", run["num_labels"])
+        for step in run.get("snapshots", []):  # a model of its own, as the run itself is
+            snapshot = {**spec, "source": f"train:{name}@{step}"}
+            models[snapshot_name(name, step)] = snapshot
     for name, spec in models.items():
         run = Source.parse(spec["source"]).run
         if run is not None and run not in runs:
@@ -549,6 +633,7 @@ def _check_figures(config: dict) -> None:
     # what a group figure reads: the pairs that have it, and the key that lists them
     results = {
         "statistics": (stats, "analyses"),
+        "snapshots": (stats, "analyses"),
         "ablation": (set(analysis_pairs(config["ablation"]["analyses"])), "ablation.analyses"),
     }
     kinds = figure_registry.group_figures()

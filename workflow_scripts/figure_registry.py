@@ -26,6 +26,8 @@ INPUTS = {
     "statistics": "results/stats/<model>/<dataset>.parquet of the group's models and datasets",
     "ablation": "results/ablation/<model>/<dataset>.parquet of the group's models and datasets",
     "training": "results/train/<run>/metrics.parquet of every training run",
+    "snapshots": "results/stats/<run>@<step>/<dataset>.parquet of every snapshot of the group's "
+    "runs, and the runs' own statistics",
 }
 
 # The fields a caption may name, in ``{braces}`` (write a literal brace twice, ``{{``):
@@ -160,6 +162,18 @@ language model: the logit lens). Head (dashed): every block before k is ablated.
 removes its residual branch and keeps its shortcut.
 A run with several seeds is one line, the seeds' mean, in a band of one standard deviation
 across seeds.""",
+    )
+)
+register(
+    Figure(
+        name="dynamics",
+        inputs="snapshots",
+        draw="dynamics",
+        caption="""\
+Mean kurtosis of the stream (solid) and after a fixed random rotation (dashed, {rotations}
+rotation(s), seed {seed}) against the training step, one line per read-out point, for the
+training runs of group {group} at their snapshots and their end. Where the solid line leaves the
+dashed one, the basis becomes privileged. A run with several seeds: the seeds' mean.""",
     )
 )
 register(

@@ -9,6 +9,8 @@ PNG and PDF. The kinds of the study:
   regimes    kurtosis per layer of every model of the group in one panel: training regimes side
              by side (Fig. 8)
   ablation   accuracy against block for tail and head ablation, one panel per dataset (Figs. 4, 7)
+  dynamics   kurtosis (standard and rotated) of every read-out point against the training step,
+             one panel per run and dataset: when and where the basis appears
   training   loss curves of training runs
 The x axis counts read-out points (blocks); a dotted vertical line marks each place where the
 stage changes between consecutive read-out points (a ResNet's stages); error bars are the
@@ -213,6 +215,52 @@ def ablation(results: pd.DataFrame, title: str):
     return _per_dataset(results, title, panel)
 
 
+def dynamics(stats: pd.DataFrame, title: str):
+    """Kurtosis (solid) and rotated kurtosis (dashed) against the training step (``step``), one
+    line per read-out point coloured from the first to the last, one panel per run (its
+    ``regime``: the mean of its seeds) and dataset."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import FuncFormatter
+
+    if "step" not in stats or stats["step"].isna().all():
+        raise FigureError(f"group {title!r}: the dynamics figure needs each model's step")
+    plt = _pyplot()
+    _style(plt)
+    stats = stats.assign(regime=regimes_of(stats).str.replace(r"@\d+$", "", regex=True))
+    panels = list(stats.groupby(["regime", "dataset"], sort=True))
+    figure, axes = _panels(plt, len(panels), width=4.8)
+    colours = colormaps["viridis"]
+    layers = sorted(stats["layer"].unique())
+    for axis, ((run, dataset), part) in zip(axes, panels):
+        for metric, style in (("kurtosis", "-"), ("rotated_kurtosis", "--")):
+            rows = part[part["metric"] == metric]
+            means = rows.groupby(["layer", "step"], sort=True)["value"].mean().reset_index()
+            for layer, line in means.groupby("layer"):
+                colour = colours(layers.index(layer) / max(1, len(layers) - 1))
+                label = f"read-out {layer}" if metric == "kurtosis" else None
+                axis.plot(
+                    line["step"],
+                    line["value"],
+                    style,
+                    color=colour,
+                    label=label,
+                    marker="o",
+                    markersize=2.5,
+                    linewidth=1.2,
+                )
+        axis.axhline(3, color="0.3", linewidth=1, linestyle="-.", label="Gaussian (3)")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(plain)
+        seeds = part["model"].str.replace(r"@\d+$", "", regex=True).nunique()
+        heading = f"{run} on {dataset}" + (f" (mean of {seeds} seeds)" if seeds > 1 else "")
+        axis.set(title=heading, xlabel="training step", ylabel="mean kurtosis (dashed: rotated)")
+        axis.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+    return figure
+
+
 def training(metrics: dict[str, pd.DataFrame], title: str):
     plt = _pyplot()
     _style(plt)
@@ -254,14 +302,18 @@ def draw_figure(
     outputs: list[str],
     dpi: int = 150,
     regimes: dict | None = None,
+    steps: dict | None = None,
 ) -> None:
     """Draw figure ``kind`` (its registry entry's drawing function, defined in this module) for
     ``group`` from its input files, and write it to ``outputs``; ``regimes``: {model: the run
-    with seeds it is one seed of}, drawn together."""
+    with seeds it is one seed of}, drawn together; ``steps``: {model: the training step it is
+    the model of} (snapshots)."""
     figure = FIGURES[kind]
     data = read_inputs(figure, inputs, group)
     if regimes and isinstance(data, pd.DataFrame):
         data = data.assign(regime=data["model"].map(regimes))
+    if steps and isinstance(data, pd.DataFrame):
+        data = data.assign(step=data["model"].map(steps))
     drawing = globals()[figure.draw](data, group)
     save(drawing, outputs, dpi)
 
@@ -274,8 +326,9 @@ def run(
     pdf: str,
     dpi: int = 150,
     regimes: dict | None = None,
+    steps: dict | None = None,
 ) -> None:
     """The figure stages: figure kind ``figure`` of ``group`` from its input files ``data``
-    (``regimes``: see :func:`draw_figure`)."""
-    draw_figure(figure, group, data, [png, pdf], dpi, regimes)
+    (``regimes``, ``steps``: see :func:`draw_figure`)."""
+    draw_figure(figure, group, data, [png, pdf], dpi, regimes, steps)
     print(f"wrote {png}, {pdf}", file=sys.stderr)

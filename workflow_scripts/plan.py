@@ -77,8 +77,13 @@ class Model:
 
     @property
     def run(self) -> str | None:
-        """The training run that makes this model, if any."""
+        """The training run that makes this model (or of which it is a snapshot), if any."""
         return self.source.run
+
+    @property
+    def step(self) -> int | None:
+        """The step of a snapshot of a training run, else None."""
+        return self.source.step
 
     def fetch_spec(self) -> dict:
         return {k: v for k, v in self.entry.items() if k in FETCHED_KEYS}
@@ -164,7 +169,20 @@ class Study:
     study_compatible: bool = False  # the study's defaults (config.STUDY_SETTINGS)
 
     def trained_models(self) -> list[str]:
-        return [name for name, model in self.models.items() if model.run is not None]
+        """The models of training runs (not their snapshots)."""
+        return [n for n, m in self.models.items() if m.run is not None and m.step is None]
+
+    def snapshot_models(self) -> list[str]:
+        """The snapshots of training runs (``<run>@<step>``)."""
+        return [n for n, m in self.models.items() if m.step is not None]
+
+    def snapshots_of(self, run: str) -> dict[str, int]:
+        """{model: step} of run ``run``: its snapshots, then the run's own model at its last step
+        (where the run gives its steps; an ``epochs`` run's count is known when it trains)."""
+        found = {n: m.step for n, m in self.models.items() if m.run == run and m.step is not None}
+        if found and "steps" in self.runs[run].settings:
+            found[run] = self.runs[run].settings["steps"]
+        return found
 
     def fetched_models(self) -> list[str]:
         return [name for name, model in self.models.items() if model.run is None]

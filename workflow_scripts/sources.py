@@ -36,8 +36,16 @@ class Source:
 
     @property
     def run(self) -> str | None:
-        """The training run that makes a ``train:`` model; None for any other source."""
-        return self.location if self.scheme == "train" else None
+        """The training run that makes a ``train:`` model (``train:<run>``, or a snapshot of it,
+        ``train:<run>@<step>``); None for any other source."""
+        return self.location.partition("@")[0] if self.scheme == "train" else None
+
+    @property
+    def step(self) -> int | None:
+        """The step of a snapshot of a training run (``train:<run>@<step>``), else None."""
+        if self.scheme != "train" or "@" not in self.location:
+            return None
+        return int(self.location.partition("@")[2])
 
     @property
     def holds(self) -> str | None:

@@ -33,6 +33,7 @@ STAGES = {
     "prepare_data": "workflow_scripts.prepare_data",
     "tokenize": "workflow_scripts.tokenize",
     "train": "workflow_scripts.train",
+    "snapshot": "workflow_scripts.snapshot",
     "extract": "workflow_scripts.extract",
     "layer_stats": "workflow_scripts.layer_stats",
     "merge_stats": "workflow_scripts.merge_stats",

@@ -12,16 +12,21 @@ Batches come through torch's DataLoader (workers: the job's threads less one), e
 function of (seed, step): epochs are seeded permutations without replacement, augmentation is
 seeded per (seed, epoch, example) (see :mod:`workflow_scripts.loaders`), and the global RNG
 (dropout) is reseeded every step, so a run resumed from its checkpoint continues exactly as if it
-had not stopped, and the same config on the CPU gives identical weights.
+had not stopped, and the same config on the CPU gives identical weights. The optimizers (sgd,
+adam, adamw, adafactor, muon; in the standard basis or a rotated one) are
+:mod:`workflow_scripts.optimizers`'; the checkpoint holds all of their state.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
+import os
 import pickle
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,12 +36,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from workflow_scripts import families, loaders
+from workflow_scripts import families, loaders, optimizers
 from workflow_scripts.atomic import write_parquet, written
 from workflow_scripts.batches import autocast, loader, pick_device
 from workflow_scripts.data.store import DatasetError
 from workflow_scripts.models import family_module, load_model, save_model
 from workflow_scripts.models.store import MANIFEST, read_manifest, sha256_file
+from workflow_scripts.snapshot import snapshot_folder
 from workflow_scripts.stage import InputError
 from workflow_scripts.stage_code import code_key
 
@@ -119,14 +125,10 @@ def on_device(batch: dict, device, preprocess) -> dict:
 
 
 def make_optimizer(model, settings: dict):
-    name, lr, decay = settings["name"], settings["lr"], settings.get("weight_decay", 0.0)
-    if name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=settings.get("momentum", 0.0), weight_decay=decay
-        )
-    betas = (settings.get("beta1", 0.9), settings.get("beta2", 0.999))
-    optimizer = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return optimizer(model.parameters(), lr=lr, betas=betas, weight_decay=decay)
+    """One torch optimizer (sgd, adam, adamw, adafactor) over all of ``model``'s parameters in
+    the standard basis: the benchmarks' step loop. A run's optimizers (Muon's two, a rotated
+    basis) are :func:`workflow_scripts.optimizers.build`'s."""
+    return optimizers.single_optimizer(model.parameters(), settings)
 
 
 def learning_rate(step: int, spec: dict) -> float:
@@ -163,6 +165,7 @@ def train(
     base_dir=None,
     tokenizer_dir=None,
     workers: int = 0,
+    snapshots_path=None,
 ) -> pd.DataFrame:
     """Train run ``name`` on ``data_path`` (a token file for a language model, else a stored
     dataset) with ``workers`` loader processes; write the model, metrics and loss curve."""
@@ -195,12 +198,19 @@ def train(
     )
     steps, total = loaders.steps_for(spec, len(order))
     spec = {**spec, "steps": steps} if "epochs" in spec else spec
+    wanted = set(spec.get("snapshots", []))
+    if wanted and max(wanted) >= steps:
+        raise TrainingError(
+            f"run {name}: snapshot step {max(wanted)} is not before its last step {steps}"
+        )
     device = pick_device(spec["device"])
     precision = spec.get("mixed_precision")
     pin = device.type == "cuda"
     model.to(device).train()
-    optimizer = make_optimizer(model, spec["optimizer"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, spec))
+    # the run's optimizers (Muon's two), their schedules and the basis they work in, as one
+    optimizer = optimizers.build(
+        model, spec, families.get(family), lambda s: learning_rate(s, spec)
+    )
     # float16 gradients underflow without loss scaling; on the CPU or in bfloat16 it is a no-op
     scaler = torch.amp.GradScaler(
         device.type, enabled=precision == "float16" and device.type == "cuda"
@@ -219,13 +229,17 @@ def train(
             ) from None
         if state["fingerprint"] == key:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
+            optimizer.load_state_dict(state["optimizer"])  # with the schedules and shadows
             scaler.load_state_dict(state["scaler"])
             records, start = state["records"], state["step"]
             log.info("resuming %s from its checkpoint at step %d", name, start)
         else:
             log.info("ignoring a checkpoint of another configuration: %s", checkpoint_path)
+    # snapshots kept so far, beside the checkpoint until the run ends (a resumed run keeps those
+    # of the steps before its checkpoint)
+    partial = Path(f"{snapshots_path}.partial") if snapshots_path is not None else None
+    if partial is not None and start == 0:
+        shutil.rmtree(partial, ignore_errors=True)
     batches = loader(
         loaders.StepBatches(examples, order, spec["batch_size"], start, steps, total),
         workers,
@@ -252,20 +266,18 @@ def train(
                 "diverged (lower the learning rate or clip gradients)"
             )
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        clip = spec.get("clip_grad_norm") or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+        optimizer.unscale_(scaler)  # each optimizer's gradients, in its basis
+        grad_norm = optimizer.clip_grad_norm_(spec.get("clip_grad_norm") or math.inf)
         record = {
             "step": step,
             "loss": loss.item(),
-            "learning_rate": schedule.get_last_lr()[0],
+            "learning_rate": optimizer.learning_rate(),
             "grad_norm": grad_norm,
             "eval_accuracy": math.nan,
         }
-        scaler.step(optimizer)
+        optimizer.step(scaler)  # each optimizer through the scaler, then the schedules
         scaler.update()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         if (step + 1) % spec["eval_every"] == 0 or step + 1 == spec["steps"]:
             record["eval_accuracy"] = evaluate(
                 model, spec["kind"], held_out_batches, device, precision, preprocess
@@ -274,10 +286,10 @@ def train(
                 loss=f"{record['loss']:.3f}", accuracy=f"{record['eval_accuracy']:.3f}"
             )
         records.append(record)
+        if step + 1 in wanted and partial is not None:
+            _save_snapshot(partial, step + 1, name, model, tokenizer, family, spec, optimizer)
         if (step + 1) % spec["checkpoint_every"] == 0 and step + 1 < spec["steps"]:
-            _save_checkpoint(
-                checkpoint_path, key, step + 1, model, optimizer, schedule, scaler, records
-            )
+            _save_checkpoint(checkpoint_path, key, step + 1, model, optimizer, scaler, records)
         progress.update()
         clock = time.perf_counter()
         busy += clock - fetched
@@ -291,7 +303,17 @@ def train(
             workers,
         )
     model.eval().cpu()
-    save_model(model, tokenizer, family, out_model, source=f"train:{name}", training=spec)
+    save_model(
+        model,
+        tokenizer,
+        family,
+        out_model,
+        source=f"train:{name}",
+        training=spec,
+        optimizer_basis=optimizer.basis_record(),  # to measure the stream in its basis
+    )
+    if partial is not None:
+        _place_snapshots(partial, Path(snapshots_path), wanted)
     metrics = pd.DataFrame(records)
     write_parquet(metrics, metrics_path)
     plot_losses(metrics, name, plot_path)
@@ -299,15 +321,42 @@ def train(
     return metrics
 
 
-def _save_checkpoint(path: Path, key, step, model, optimizer, schedule, scaler, records) -> None:
+def _save_snapshot(folder: Path, step: int, name, model, tokenizer, family, spec, optimizer):
+    """The model after ``step`` steps, stored as a model directory (``snapshot.snapshot_folder``;
+    a copy on the CPU: the training goes on undisturbed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(
+        copy.deepcopy(model).eval().cpu(),
+        tokenizer,
+        family,
+        snapshot_folder(folder, step),
+        source=f"train:{name}@{step}",
+        training=spec,
+        training_step=step,
+        optimizer_basis=optimizer.basis_record(),
+    )
+
+
+def _place_snapshots(partial: Path, out: Path, wanted: set[int]) -> None:
+    """Move the snapshots kept into the run's output folder (an empty one where it keeps none),
+    all of them or none."""
+    missing = [s for s in sorted(wanted) if not snapshot_folder(partial, s).is_dir()]
+    if missing:
+        raise TrainingError(f"{partial}: the snapshots of steps {missing} are missing")
+    partial.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+
+
+def _save_checkpoint(path: Path, key, step, model, optimizer, scaler, records) -> None:
     with written(path) as tmp:
         torch.save(
             {
                 "fingerprint": key,
                 "step": step,
                 "model": model.state_dict(),
+                # every optimizer's state, its schedule's, and the rotated basis's shadows
                 "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict(),  # float16's loss scale, so a resume is exact
                 "records": records,
             },
@@ -357,10 +406,12 @@ def run(
     metrics: str,
     plot: str,
     out: str,
+    snapshots: str | None = None,
     threads: int = 1,
 ) -> None:
     """The train stage: run ``model`` (the run of that name) and write its model directory
-    ``out``, its metrics and loss curve; it resumes from ``checkpoint`` where one matches."""
+    ``out``, its metrics and loss curve, and the models of its snapshot steps into
+    ``snapshots``; it resumes from ``checkpoint`` where one matches."""
     frame = train(
         model,
         spec,
@@ -372,6 +423,7 @@ def run(
         base,
         tokenizer,
         workers=max(0, threads - 1),  # the main process keeps one core
+        snapshots_path=snapshots,
     )
     final = frame["eval_accuracy"].dropna()
     log.info(

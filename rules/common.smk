@@ -5,6 +5,7 @@ from pathlib import Path
 
 from workflow_scripts.estimate import job_resources
 from workflow_scripts.figure_registry import FIGURES
+from workflow_scripts.optimizers import basis_seed
 from workflow_scripts.plan import as_json
 from workflow_scripts.stage import stage_module
 from workflow_scripts.stage_code import code_key
@@ -320,6 +321,16 @@ def group_steps(wildcards):
     (what the dynamics figure draws against), as JSON."""
     group = study.figure_groups[wildcards.group]
     return as_json({m: s for run in group.models for m, s in study.snapshots_of(run).items()})
+
+
+def optimizer_basis_seed(wildcards):
+    """The seed of the rotated basis a model's optimizer worked in (its stream is also measured
+    in that basis), or "" for every other model."""
+    model = study.models[wildcards.model]
+    if model.run is None:
+        return ""
+    spec = study.runs[model.run].settings
+    return basis_seed(spec) if spec["optimizer"].get("basis") == "rotated" else ""
 
 
 def run_seeds(wildcards):

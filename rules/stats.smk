@@ -20,6 +20,7 @@ rule layer_stats:
         options=stats_options,
         model="{model}",
         dataset="{dataset}",
+        basis_seed=optimizer_basis_seed,
         code=stage_code("layer_stats"),
     script:
         "../scripts/stage.py"

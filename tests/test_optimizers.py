@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from workflow_scripts import families
+from workflow_scripts import families, optimizers
 from workflow_scripts.models import family_module
 from workflow_scripts.optimizers import (
     NAMES,
@@ -253,3 +254,27 @@ def test_the_config_check_refuses_what_the_optimizers_cannot_do():
     assert "convolution" in optimizer_problem("image_classification", resnet, SETTINGS["muon"])
     with pytest.raises(OptimizerError, match="optimizer.basis: rotated needs norms"):
         build(tiny("gpt2"), run_spec(rotated), gpt2, no_schedule)
+
+
+def test_the_stream_is_also_measured_in_the_optimizers_basis(tmp_path):
+    """layer_stats of a model trained in a rotated basis: its kurtosis in that basis equals the
+    kurtosis of the same rows rotated beforehand (in float64) and measured in the standard
+    basis; a stream with an outlier feature has it in one basis and not in the other."""
+    from test_statistics import OPTIONS, value, write_shard
+
+    from workflow_scripts.layer_stats import compute
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 32))
+    x[:, 3] *= 12  # a privileged direction of the standard basis
+    ids = np.arange(600) // 6
+    q = optimizers.optimizer_basis(4, 32).numpy()
+    rotated = (x.astype(np.float32).astype(np.float64) @ q).astype(np.float32)
+    plain = write_shard(tmp_path / "plain.zarr", [x], ids, dtype="float32")
+    ahead = write_shard(tmp_path / "ahead.zarr", [rotated], ids, dtype="float32")
+    both = compute([plain], 0, [1.0], OPTIONS, basis_seed=4)
+    expected = value(compute([ahead], 0, [1.0], OPTIONS), "kurtosis")["value"]
+    measured = value(both, "optimizer_basis_kurtosis")["value"]
+    assert measured == pytest.approx(expected, rel=1e-5)
+    assert value(both, "kurtosis")["value"] > 2 * measured  # the outlier lives in one basis
+    assert "optimizer_basis_kurtosis" not in set(compute([plain], 0, [1.0], OPTIONS)["metric"])

@@ -29,9 +29,16 @@ log = logging.getLogger("layer_stats")
 
 
 def compute(
-    shards: list[str | Path], layer: int, thresholds: list[float], options: StatsOptions
+    shards: list[str | Path],
+    layer: int,
+    thresholds: list[float],
+    options: StatsOptions,
+    basis_seed: int | None = None,
 ) -> pd.DataFrame:
-    """Long-form statistics of read-out point ``layer`` over ``shards`` (in example order)."""
+    """Long-form statistics of read-out point ``layer`` over ``shards`` (in example order); with
+    ``basis_seed`` (a model trained with its optimizer in a rotated basis), also the kurtosis of
+    the stream in the optimizer's basis (``optimizer_basis_kurtosis``: of x @ Q,
+    ``optimizers.optimizer_basis(basis_seed, width)``)."""
     if not shards:
         raise StatisticsError("no shards given")
     try:  # the shards, checked to agree on this read-out point and what shaped them
@@ -53,12 +60,23 @@ def compute(
         average=options.average,
         rms=options.rms,
     )
+    in_basis = None  # the stream in the optimizer's coordinates, where it had its own
+    if basis_seed is not None:
+        from workflow_scripts.optimizers import optimizer_basis
+
+        basis = optimizer_basis(basis_seed, width).float().to(device)
+        in_basis = LayerStatistics(  # its kurtosis alone is kept
+            width, rotations[:1], device, average=options.average, rms=options.rms
+        )
     blocks = acts.blocks(layer, include_padding=options.include_padding, index=("example_id",))
     with tqdm(
         total=acts.rows, desc=f"layer {layer}", unit="row", file=sys.stderr, mininterval=5
     ) as progress:
         for x, ids in blocks:  # whole shard files, about 64 MB as float32, read ahead
             stats.update(x, ids)
+            if in_basis is not None:
+                rotated = torch.as_tensor(x).to(device, torch.float32) @ basis
+                in_basis.update(rotated.cpu().numpy(), ids)
             progress.update(len(ids))
     try:
         records = stats.results(thresholds, options.top_features)
@@ -67,6 +85,16 @@ def compute(
             "" if options.include_padding else " (padding rows excluded; see stats.include_padding)"
         )
         raise StatisticsError(f"layer {layer}: {error}{hint}") from None
+    if in_basis is not None:
+        records += [
+            {
+                **r,
+                "metric": "optimizer_basis_kurtosis",
+                "setting": f"the optimizer's basis, seed {basis_seed}",
+            }
+            for r in in_basis.results(thresholds, 0)
+            if r["metric"] == "kurtosis"
+        ]
     frame = pd.DataFrame(records)
     frame.insert(0, "layer", layer)
     for i, key in enumerate(("stage", "block", "name"), start=1):
@@ -83,10 +111,12 @@ def run(
     model: str,
     dataset: str,
     out: str,
+    basis_seed: int | None = None,
 ) -> None:
     """The layer_stats stage: the statistics of read-out point ``layer`` over every shard,
-    each record naming the model and the dataset."""
-    frame = compute(shards, layer, thresholds, options)
+    each record naming the model and the dataset (and, of a model whose optimizer worked in a
+    rotated basis of seed ``basis_seed``, its kurtosis in that basis)."""
+    frame = compute(shards, layer, thresholds, options, basis_seed)
     frame.insert(0, "dataset", dataset)
     frame.insert(0, "model", model)
     write_parquet(frame, out)

@@ -66,7 +66,9 @@ def _axes_style(axis, frame: pd.DataFrame, title: str, ylabel: str) -> None:
         axis.axvline(x, color="0.6", linestyle=":", linewidth=1)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set(title=title, xlabel="blocks applied", ylabel=ylabel)
-    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    labels = axis.get_legend_handles_labels()[1]
+    columns = 1 if max(map(len, labels), default=0) > 28 else 2  # long labels: one column
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=columns)
 
 
 def _panels(plt, count: int, width: float = 4.4, height: float = 4.0):
@@ -251,7 +253,8 @@ def dynamics(stats: pd.DataFrame, title: str):
         axis.axhline(3, color="0.3", linewidth=1, linestyle="-.", label="Gaussian (3)")
         axis.set_xscale("log")
         axis.set_yscale("log")
-        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # texts are not parsed as math
+        axis.xaxis.set_major_formatter(plain)
         axis.yaxis.set_major_formatter(plain)
         axis.yaxis.set_minor_formatter(plain)
         seeds = part["model"].str.replace(r"@\d+$", "", regex=True).nunique()

@@ -63,8 +63,8 @@ def count_parameters(directory: Path, family: str) -> int:
     checkpoint is checked on a login node)."""
     record = families.get(family)
     in_files = record.modality == "text" and not record.scalar_rms_norm
-    placement = weights_in_files(Placement(device_map="auto")) if in_files else None
-    model, _ = load_model(directory, family, placement=placement)
+    options = {"placement": weights_in_files(Placement(device_map="auto"))} if in_files else {}
+    model, _ = load_model(directory, family, **options)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -5,11 +5,11 @@ the same four functions:
 
 - ``init(spec, tokenizer=None) -> (model, tokenizer)``: a random-initialised model; a text
   family uses ``tokenizer``, else its built-in one; a ResNet has no tokenizer (None);
-- ``load(directory, family, head=None, num_labels=None, dtype=None, placement=None) -> (model,
-  tokenizer)``: a stored model, under ``head`` (with ``num_labels`` classes) instead of its
-  stored one where given, in ``dtype`` (``workflow_scripts.models.precision``: float32 where
-  None), split over devices by accelerate where ``placement`` says (a family that cannot be
-  split refuses one: ``workflow_scripts.models.placement``);
+- ``load(directory, family, head=None, num_labels=None, dtype=None) -> (model, tokenizer)``: a
+  stored model, under ``head`` (with ``num_labels`` classes) instead of its stored one where
+  given, in ``dtype`` (``workflow_scripts.models.precision``: float32 where None); a family
+  whose models can be split over devices also takes ``placement`` (accelerate's device map:
+  ``workflow_scripts.models.placement``; it is passed only where a config splits a model);
 - ``write(model, tokenizer, directory)``: the stored layout (weights, config.json, the
   tokenizer's files);
 - ``adapter(model, tokenizer, family, final_readout)``: the model wrapped for extraction and
@@ -53,7 +53,8 @@ def load_adapter(
     manifest = read_manifest(directory)
     family = manifest["family"]
     module = family_module(family)
-    model, tokenizer = module.load(directory, family, dtype=dtype, placement=placement)
+    split = {"placement": placement} if placement is not None and placement.split else {}
+    model, tokenizer = module.load(directory, family, dtype=dtype, **split)
     return module.adapter(model, tokenizer, family, final_readout), manifest
 
 

@@ -59,7 +59,8 @@ def test_structured_rotation_is_orthogonal(width):
     np.testing.assert_allclose(q @ q.T, np.eye(len(chosen)), atol=1e-6)
     x = torch.randn(5, width)
     norms = torch.linalg.vector_norm(StructuredRotation(width, 0, 1, 0)(x), dim=1)
-    torch.testing.assert_close(norms, torch.linalg.vector_norm(x, dim=1))
+    # float32 sums over up to 8192 features
+    torch.testing.assert_close(norms, torch.linalg.vector_norm(x, dim=1), rtol=1e-5, atol=1e-5)
 
 
 def test_structured_rotation_is_seeded_per_seed_layer_and_index():

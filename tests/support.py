@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -140,3 +141,27 @@ def stats_options(**settings):
     properties = load_schema()["definitions"]["stats"]["properties"]
     defaults = {k: v["default"] for k, v in properties.items() if k != "thresholds"}
     return StatsOptions(**{**defaults, "device": "cpu", **settings})
+
+
+def offline_dry_run(configfile: Path, workdir: Path) -> tuple[dict[str, int], float]:
+    """``snakemake -n`` of ``configfile`` with no network: the job count of each rule (and
+    ``total``) and the seconds it took."""
+    offline = environment(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        https_proxy="http://0.0.0.0:9",
+        http_proxy="http://0.0.0.0:9",
+    )
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+        + ["--directory", str(workdir), "--configfile", str(configfile), "-n", "--quiet", "rules"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=offline,
+    )
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-4000:]
+    counts = re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M)
+    return {rule: int(n) for rule, n in counts}, seconds

@@ -5,14 +5,9 @@ the config states."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-import time
-
 import pytest
 import yaml
-from support import REPO, environment
+from support import REPO, offline_dry_run
 
 from workflow_scripts.plan import resolve
 from workflow_scripts.sources import Source
@@ -71,39 +66,7 @@ def test_the_census_resolves():
 
 @pytest.mark.workflow
 def test_the_census_builds_offline_with_the_expected_jobs(tmp_path):
-    offline = environment(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        https_proxy="http://0.0.0.0:9",
-        http_proxy="http://0.0.0.0:9",
-    )
-    start = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(CENSUS),
-            "-n",
-            "--quiet",
-            "rules",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=offline,
-    )
-    seconds = time.monotonic() - start
-    assert result.returncode == 0, result.stderr[-4000:]
-    counts = {
-        rule: int(n)
-        for rule, n in re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M)
-    }
+    counts, seconds = offline_dry_run(CENSUS, tmp_path)
     config = census()
     study = resolve(config)
     analysed = pairs(config["analyses"])

@@ -3,14 +3,9 @@ with the jobs it should have; the cost estimate follows the formulas."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-import time
-
 import pytest
 import yaml
-from support import REPO, environment
+from support import REPO, offline_dry_run
 
 from workflow_scripts.estimate import table
 from workflow_scripts.plan import resolve
@@ -26,39 +21,7 @@ def pairs(analyses):
 @pytest.fixture(scope="module", params=[FULL, STUDY], ids=["full", "study"])
 def dry_run(request, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(request.param.stem)
-    offline = environment(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        https_proxy="http://0.0.0.0:9",
-        http_proxy="http://0.0.0.0:9",
-    )
-    start = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(request.param),
-            "-n",
-            "--quiet",
-            "rules",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=offline,
-    )
-    seconds = time.monotonic() - start
-    assert result.returncode == 0, result.stderr[-4000:]
-    counts = {
-        rule: int(n)
-        for rule, n in re.findall(r"^(\w+)\s+(\d+)$", result.stdout + result.stderr, re.M)
-    }
+    counts, seconds = offline_dry_run(request.param, workdir)
     return request.param, counts, seconds
 
 

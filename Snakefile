@@ -7,6 +7,7 @@
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
+from workflow_scripts import rehearsal
 from workflow_scripts.config import ConfigError, with_defaults
 from workflow_scripts.plan import resolve
 
@@ -16,10 +17,18 @@ min_version("9.27")
 # Snakemake would merge the two key by key (a full config would inherit the tiny models).
 # --config values are merged over whichever config is used, nested keys included
 # (`--config 'extract={batch_size: 8}'` changes that one setting).
+# --config rehearsal=<folder> runs the config on the stand-ins laid out there, offline and
+# shrunk, in <folder>/run (workflow_scripts/rehearsal).
 try:
-    study = resolve(with_defaults(config))
-except ConfigError as error:
+    settings, stage_folder = rehearsal.staged(with_defaults(config))
+    study = resolve(settings)
+except (ConfigError, rehearsal.RehearsalError) as error:
     raise WorkflowError(str(error)) from None
+if stage_folder is not None:
+
+    workdir: stage_folder
+
+
 # the one value added to the config: the report's front page (report/workflow.rst) is rendered
 # with the config alone
 config["summary"] = study.summary()

@@ -236,6 +236,24 @@ def test_classes_in_another_order_are_matched_by_name(model_dirs, tmp_path):
         check_compatible(adapter, dataset, "x")
 
 
+def test_an_imagenet_folder_of_wordnet_ids_maps_to_the_models_classes_only_whole(
+    model_dirs, tmp_path
+):
+    """ImageNet's class folders are WordNet ids and a torchvision model's classes are names: the
+    sorted ids are the class indices, so a folder of every class maps as it is, and a folder of
+    some classes is refused (its labels would silently mean other classes)."""
+    adapter, _ = load_adapter(model_dirs["resnet"])  # 10 classes
+    adapter.label_names = [f"class {i}" for i in range(10)]
+    data = builtin.generate("shapes", 10, 0)
+    every = [f"n{i:08d}" for i in range(10)]
+    store.write(data, tmp_path / "every.parquet", "image", every)
+    assert check_compatible(adapter, store.DatasetFile(tmp_path / "every.parquet"), "x") is None
+    data["label"] = data["label"] % 3
+    store.write(data, tmp_path / "some.parquet", "image", every[:3])
+    with pytest.raises(DatasetError, match="3 WordNet ids .* the model has 10 classes"):
+        check_compatible(adapter, store.DatasetFile(tmp_path / "some.parquet"), "x")
+
+
 def test_the_studys_gpt2_variant_scores_intermediate_streams_without_the_final_norm(tmp_path):
     """final_norm: false: the tail accuracy at read-out k is that of GPT-2's classifier applied
     to Hugging Face's hidden_states[k] at each example's last token (before ln_f for every k but

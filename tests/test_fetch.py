@@ -10,7 +10,6 @@ import pytest
 import torch
 import transformers
 from support import TINY_SPECS, hub_snapshot, run_stage
-from torch import nn
 
 from workflow_scripts.fetch_model import count_parameters, fetch
 from workflow_scripts.models import load_adapter
@@ -22,6 +21,7 @@ from workflow_scripts.models.store import (
     read_manifest,
     sha256_file,
 )
+from workflow_scripts.rehearsal.stand_ins import study_gptr2
 
 
 @pytest.mark.parametrize("family", sorted(TINY_SPECS))
@@ -111,45 +111,11 @@ def test_a_failed_fetch_keeps_the_previous_directory_intact(model_dirs, tmp_path
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
-class StudyRMSNorm(nn.Module):
-    """The study's RMSLayerNorm (its src/models/text.py): one gain, a 0-d tensor."""
-
-    def __init__(self, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(()))
-
-    def forward(self, x):
-        return x / torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True) + self.eps) * self.weight
-
-
-def study_gptr2(folder) -> transformers.GPT2LMHeadModel:
-    """A tiny gptr2-nano as the study's hub checkpoints are: a GPT-2 config naming the author's
-    class ``GPTR``, weights in ``pytorch_model.bin`` with 0-d norm gains, GPT-2's tokenizer."""
-    tokenizer = builtin_tokenizer("gpt2")
-    config = transformers.GPT2Config(
-        vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    norms = [(p, n, c) for p in model.modules() for n, c in p.named_children()]
-    for parent, name, child in norms:
-        if isinstance(child, nn.LayerNorm):
-            setattr(parent, name, StudyRMSNorm(child.eps))
-            getattr(parent, name).weight.data.fill_(0.5 + torch.rand(()).item())
-    folder.mkdir()
-    config.architectures = ["GPTR"]
-    config.save_pretrained(folder)
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    tokenizer.save_pretrained(folder)
-    return model
-
-
 def test_the_studys_gptr2_checkpoints_load_from_the_hub(tmp_path):
     """hf: offline, from huggingface_hub's cache: a gptr2-nano checkpoint in the study's form is
     pinned to its commit, stored as safetensors, and reads as the study read it
     (``hidden_states``, the last after ln_f)."""
-    study = study_gptr2(tmp_path / "gptr")
+    study = study_gptr2(tmp_path / "gptr")  # the rehearsal's stand-in of the study's form
     repo = "George-Ogden/gptr2-nano-with-momentum-with-weight-decay"
     hub_snapshot(tmp_path / "hub", repo, tmp_path / "gptr", COMMIT)
     spec = {"family": "gptr2", "source": f"hf:{repo}", "blocks": 2}

@@ -18,6 +18,7 @@ ablated blocks.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from workflow_scripts.options.placement import Placement
 from workflow_scripts.sources import ABLATION_HEADS
 
 log = logging.getLogger("ablate")
+
+
+WORDNET_ID = re.compile(r"n\d{8}")  # an ImageNet class folder's name
 
 
 def check_compatible(adapter, dataset: DatasetFile, where: str):
@@ -69,10 +73,21 @@ def check_compatible(adapter, dataset: DatasetFile, where: str):
     ours, theirs = [n.lower() for n in label_names], [n.lower() for n in model_names]
     if ours == theirs[: len(ours)]:
         return None
+    if all(WORDNET_ID.fullmatch(n) for n in ours):
+        # ImageNet's folders are named by WordNet ids, and its class indices (a torchvision
+        # model's outputs) are those ids in sorted order: only the whole set maps
+        if len(ours) == len(theirs) and ours == sorted(ours):
+            return None
+        raise DatasetError(
+            f"{where}: the dataset's labels are {len(ours)} WordNet ids ({label_names[0]}, ...), "
+            f"but the model has {len(theirs)} classes: an ImageNet folder maps to a model's "
+            "classes only whole (its sorted ids are the class indices), so give it a folder of "
+            "every class"
+        )
     if not set(ours) <= set(theirs):
         raise DatasetError(
-            f"{where}: the model's classes {model_names} do not name the "
-            f"dataset's labels {label_names}"
+            f"{where}: the model's {len(theirs)} classes ({', '.join(model_names[:5])}, ...) do "
+            f"not name the dataset's labels {label_names[:10]}"
         )
     return np.array([theirs.index(n) for n in ours])
 

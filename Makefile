@@ -8,7 +8,7 @@ SNAKEMAKE_ARGS ?=
 # the rules' scripts run with the environment's python: it comes first
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test test-fast install lint format clean
+.PHONY: run test test-fast rehearsal install lint format clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	python -m pytest tests -m "not workflow"
+
+# the dress rehearsals of the study and full configs, each to its last figure on offline
+# stand-ins (docs/rehearsal.md; the census's is part of `make test`)
+rehearsal: $(VENV)/.installed
+	python -m pytest tests/test_rehearsal.py -m rehearsal -s
 
 lint: $(VENV)/.installed
 	ruff check .

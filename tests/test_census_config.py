@@ -1,7 +1,7 @@
 """configs/census.yaml, today's open models: it validates and resolves through the workflow's own
 config code, and its whole DAG builds offline with the jobs it should have. configs/hub_models.yaml:
 every Hugging Face checkpoint any shipped config names is recorded there, with the blocks and width
-the config states."""
+the config states, and every hub dataset with its columns."""
 
 from __future__ import annotations
 
@@ -114,3 +114,23 @@ def test_every_hub_record_is_complete_and_used():
         assert isinstance(record["blocks"], int) and isinstance(record["width"], int), repo
         assert isinstance(record["parameters"], float | int) and record["parameters"] > 1e6, repo
     assert set(records) == used - {None}
+
+
+def test_every_hub_dataset_is_recorded_with_its_columns():
+    """Each hf: dataset of a shipped config is in configs/hub_models.yaml with its columns (a
+    label column with its names) and where they were read, and each record is used."""
+    records = yaml.safe_load(HUB_MODELS.read_text())["datasets"]
+    used = set()
+    for path in SHIPPED:
+        for name, spec in yaml.safe_load(path.read_text())["datasets"].items():
+            source = Source.parse(spec["source"])
+            if source.scheme == "hf":
+                repo = "/".join(source.location.partition(":")[0].split("/")[:2])
+                assert repo in records, f"{path.name}: datasets.{name} ({repo}) is not recorded"
+                used.add(repo)
+    for repo, record in records.items():
+        assert record["confirmed_at"].startswith("https://"), repo
+        kinds = set(record["columns"].values())
+        assert kinds <= {"string", "int32", "int64", "label"}, repo
+        assert ("label" in kinds) == ("label_names" in record), repo
+    assert set(records) == used

@@ -199,8 +199,15 @@ def named_figures(config: dict) -> list[str]:
     return names
 
 
+# the census runs in `make test`; the study and full rehearsals (300 and 640 jobs, their ResNets'
+# ablations the longest) in `make rehearsal`
+LONG = pytest.mark.rehearsal
+
+
 @pytest.mark.workflow
-@pytest.mark.parametrize("name", ["study"])
+@pytest.mark.parametrize(
+    "name", ["census", pytest.param("study", marks=LONG), pytest.param("full", marks=LONG)]
+)
 def test_a_shipped_config_rehearses_to_its_last_figure(name, tmp_path):
     folder = tmp_path / name
     done, seconds = rehearse(name, folder)

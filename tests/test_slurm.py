@@ -9,6 +9,7 @@ Fails, not skips, where SLURM cannot be installed or started: CI runs this on a 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -24,7 +25,7 @@ import pytest
 import yaml
 from support import REPO, environment, job_counts, load_config
 
-from workflow_scripts import output_cache
+from workflow_scripts import output_cache, rehearsal
 
 TINY_CONFIG = load_config("tiny")
 TRAINING_CONFIG = load_config("interrupted")  # one small language model, checkpoints every 20
@@ -355,3 +356,52 @@ def test_a_training_job_stopped_by_slurm_resumes_and_ends_as_an_unbroken_run(pre
     assert ours.keys() == unbroken.keys()
     for name in ours:
         assert (ours[name] == unbroken[name]).all(), name
+
+
+STUDY = REPO / "configs/study.yaml"
+# the study's MNLI fine-tunes scored by ablation (its settings) and its own gptr2-nano checkpoints
+STUDY_TARGETS = [
+    "results/figures/ablation-mnli-ablation.png",
+    "results/figures/regimes-gptr2-nano-optimizers.png",
+]
+
+
+def test_the_study_rehearses_through_slurm(slurm, tmp_path):
+    """configs/study.yaml's dress rehearsal (docs/rehearsal.md) through profiles/slurm: the
+    stand-ins resolve in the SLURM jobs as in a local run (each job reads the rehearsal from the
+    config, offline), every job but the local rules is a SLURM job, and the figures are drawn.
+    Two of its figure groups (60 jobs): the whole rehearsal is `make rehearsal`'s."""
+    folder = tmp_path / "stand-ins"
+    laid = subprocess.run(
+        [sys.executable, "-m", "workflow_scripts.rehearsal", str(STUDY), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=environment(),
+    )
+    assert laid.returncode == 0, laid.stderr[-3000:]
+    command = ["timeout", "-k", "10", "900", sys.executable, "-m", "snakemake"]
+    command += ["--snakefile", str(REPO / "Snakefile"), "--configfile", str(STUDY)]
+    command += ["--config", f"rehearsal={folder}", "--profile", str(REPO / "profiles/slurm")]
+    command += [*SLURM_OVERRIDES, *STUDY_TARGETS]
+    env = {k: v for k, v in environment().items() if k != output_cache.VARIABLE}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    jobs = submitted(output)
+    assert sorted(set(jobs.values())) == [
+        "ablate",
+        "extract",
+        "figure_ablation",
+        "figure_regimes",
+        "layer_stats",
+        "merge_stats",
+        "prepare_data",
+    ]
+    for target in STUDY_TARGETS:
+        assert (folder / "run" / target).is_file(), target
+    manifests = list((folder / "run/results/models").glob("*/manifest.json"))
+    assert len(manifests) == 8
+    for path in manifests:  # each hub model the stand-in, pinned to its commit
+        manifest = json.loads(path.read_text())
+        assert manifest["revision"] == rehearsal.commit_of(manifest["source"][3:]), manifest

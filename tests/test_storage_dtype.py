@@ -407,3 +407,20 @@ def test_the_stage_ends_with_one_line_naming_the_setting(model_dirs, dataset_fil
     assert "ERROR" in last and "read-out 0 (embeddings), example 0, token position 0:" in last
     assert "set extract.dtype: bfloat16" in last
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_top_examples_weigh_a_bfloat16_models_features_as_float_values(model_dirs):
+    """A model run in its own bfloat16 (the census's dtype: auto) has its unembedding in
+    bfloat16, which numpy cannot hold: the weights of a feature to the tokens come out as
+    float32, the bfloat16 model's own values."""
+    from workflow_scripts.models import load_adapter
+    from workflow_scripts.top_examples import class_weights
+
+    adapter, _ = load_adapter(model_dirs["gpt2"], dtype="bfloat16")
+    last = len(adapter.readouts) - 1
+    _, matrix = adapter.output_weights(last)
+    assert matrix.dtype == torch.bfloat16
+    tokens, weights = class_weights(adapter, last, 5, None)
+    assert weights.dtype == np.float32 and len(tokens) == 8
+    expected = torch.topk(matrix[:, 5].float(), 8).values.numpy()
+    np.testing.assert_array_equal(weights, expected)

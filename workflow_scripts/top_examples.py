@@ -98,7 +98,7 @@ def class_weights(adapter, layer: int, feature: int, names: list[str] | None):
     if found is None:
         return None
     rows, matrix = found
-    weights = matrix[:, feature]
+    weights = matrix[:, feature].float()  # a bfloat16 model's too (numpy has no bfloat16)
     if rows == "class":
         labels = names or [str(i) for i in range(len(weights))]
         return labels, weights.numpy()

@@ -36,12 +36,13 @@ from pathlib import Path
 import yaml
 
 from workflow_scripts import output_cache
-from workflow_scripts.sources import Source
+from workflow_scripts.sources import Source, dataset_kind
 
 HUB_RECORD = Path(__file__).resolve().parents[2] / "configs" / "hub_models.yaml"
 BLOCKS = 2  # blocks of every hub stand-in
 WIDTH = 32  # and its width
 ROWS = 8  # rows of each dataset a rehearsal reads (its stand-ins hold twice as many)
+IMAGE_ROWS = 4  # and of an image set (a ResNet's ablation runs it through ~100 variants)
 STEPS = 4  # steps of each training run
 MAX_TOKENS = 32
 IMAGE_CLASSES = 1000  # class folders of a stand-in image folder (ImageNet's count)
@@ -67,10 +68,10 @@ def commit_of(repo: str) -> str:
 
 def shrink(config: dict, folder: Path) -> dict:
     """``config`` as a rehearsal runs it on the stand-ins in ``folder``: hub models at the
-    stand-ins' size, every dataset at :data:`ROWS` rows in one shard (image folders moved into
-    ``folder``), training runs of :data:`STEPS` steps at a small size with two seeds and one
-    snapshot at most, small batches and sequences, and the top-examples layers scaled to the
-    stand-ins' blocks."""
+    stand-ins' size, every dataset at :data:`ROWS` rows (:data:`IMAGE_ROWS` of images) in one
+    shard (image folders moved into ``folder``), training runs of :data:`STEPS` steps at a small
+    size with two seeds and one snapshot at most, small batches and sequences, and the
+    top-examples layers scaled to the stand-ins' blocks."""
     config = copy.deepcopy(config)
     scale = {}
     for name, spec in config["models"].items():
@@ -83,7 +84,8 @@ def shrink(config: dict, folder: Path) -> dict:
         source = Source.parse(spec["source"])
         if source.scheme == "imagefolder":
             spec["source"] = f"imagefolder:{image_folder(folder, source.location)}"
-        spec["rows"] = min(spec.get("rows") or ROWS, ROWS)
+        rows = IMAGE_ROWS if dataset_kind(spec) == "image" else ROWS
+        spec["rows"] = min(spec.get("rows") or rows, rows)
         spec["shards"] = 1
         spec.pop("expected_rows", None)
     for run in config.get("training", {}).get("runs", {}).values():

@@ -58,6 +58,12 @@ def test_the_shrunk_config_keeps_every_name_and_is_valid(tmp_path):
 def test_a_rehearsal_without_its_stand_ins_is_refused(tmp_path):
     with pytest.raises(rehearsal.RehearsalError, match="no stand-ins there; lay them out first"):
         rehearsal.staged({**shipped("study"), "rehearsal": str(tmp_path)})
+    # stand-ins of another config: the first source it lacks is named
+    laid_out = {"sources": ["hf:openai-community/gpt2"]}
+    (tmp_path / rehearsal.LAID_OUT).write_text(json.dumps(laid_out))
+    lacking = "no stand-in there of hf:FacebookAI/roberta-base"
+    with pytest.raises(rehearsal.RehearsalError, match=lacking):
+        rehearsal.staged({**shipped("study"), "rehearsal": str(tmp_path)})
 
 
 def test_an_id_not_recorded_cannot_be_rehearsed(tmp_path):
@@ -120,7 +126,8 @@ print(json.dumps(out))
 def test_stand_ins_resolve_offline_as_the_real_sources_do(tmp_path):
     record = rehearsal.hub_record()
     done = lay_out({**KINDS, "analyses": []}, tmp_path)
-    assert json.loads((tmp_path / rehearsal.LAID_OUT).read_text()) == done
+    assert len(done["hub models"]) == 5 and done["torchvision"] == ["resnet18"]
+    assert rehearsal.laid_out_in(tmp_path) == rehearsal.sources(KINDS)
     repos = [spec["source"][3:] for spec in KINDS["models"].values() if "hf:" in spec["source"]]
     probe = subprocess.run(
         [sys.executable, "-c", PROBE, ",".join(repos)],

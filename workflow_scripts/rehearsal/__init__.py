@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -75,7 +76,9 @@ def shrink(config: dict, folder: Path) -> dict:
     config = copy.deepcopy(config)
     scale = {}
     for name, spec in config["models"].items():
-        if Source.parse(spec["source"]).scheme == "hf":
+        source = Source.parse(spec["source"])
+        if source.scheme == "hf":
+            spec["source"] = str(_unpinned(source))
             scale[name] = BLOCKS / spec.get("blocks", BLOCKS)
             spec.update(blocks=BLOCKS, width=WIDTH)
             for key in ("gpus", "max_memory"):  # sized for the real model
@@ -135,9 +138,12 @@ def staged(config: dict) -> tuple[dict, Path | None]:
         return config, None
     config = dict(config)
     folder = Path(config.pop("rehearsal")).resolve()
-    if not (folder / LAID_OUT).is_file():
+    laid_out = laid_out_in(folder)
+    missing = [source for source in sources(config) if source not in laid_out]
+    if missing:
+        there = "no stand-ins there" if not laid_out else f"no stand-in there of {missing[0]}"
         raise RehearsalError(
-            f"rehearsal={folder}: no stand-ins there; lay them out first: "
+            f"rehearsal={folder}: {there}; lay them out first: "
             f"python -m workflow_scripts.rehearsal <configfile> {folder}"
         )
     os.environ.update(environment(folder))
@@ -145,7 +151,32 @@ def staged(config: dict) -> tuple[dict, Path | None]:
     return shrink(config, folder), folder / "run"
 
 
-LAID_OUT = "stand-ins.json"  # written last: the list of what the folder stands in for
+LAID_OUT = "stand-ins.json"  # written last: the sources the folder stands in for
+STOOD_IN = ("hf", "torchvision", "imagefolder")  # the schemes a rehearsal stands in for
+
+
+def sources(config: dict) -> list[str]:
+    """Every source of ``config`` a rehearsal stands in for (a hub model's revision dropped: a
+    stand-in has a commit of its own)."""
+    found = set()
+    for section in ("models", "datasets"):
+        for spec in config[section].values():
+            source = Source.parse(spec["source"])
+            if source.scheme in STOOD_IN:
+                found.add(str(_unpinned(source) if section == "models" else source))
+    return sorted(found)
+
+
+def _unpinned(source: Source) -> Source:
+    if source.scheme != "hf":
+        return source
+    return Source("hf", source.location.partition("@")[0])
+
+
+def laid_out_in(folder: Path) -> list[str]:
+    """The sources whose stand-ins ``folder`` holds."""
+    path = Path(folder) / LAID_OUT
+    return json.loads(path.read_text())["sources"] if path.is_file() else []
 
 
 def environment(folder: Path) -> dict[str, str]:

@@ -26,6 +26,8 @@ from workflow_scripts.rehearsal import (
     commit_of,
     hub_record,
     image_folder,
+    laid_out_in,
+    sources,
 )
 from workflow_scripts.sources import Source
 
@@ -123,7 +125,8 @@ def lay_out(config: dict, folder: Path, record: dict | None = None) -> dict[str,
         elif source.scheme == "imagefolder":
             _lay_out_images(image_folder(folder, source.location))
             done["images"].append(source.location)
-    (folder / LAID_OUT).write_text(json.dumps(done, indent=1) + "\n")
+    every = sorted(set(laid_out_in(folder)) | set(sources(config)))
+    (folder / LAID_OUT).write_text(json.dumps({"sources": every}, indent=1) + "\n")
     return done
 
 

@@ -176,7 +176,7 @@ def _unpinned(source: Source) -> Source:
 def laid_out_in(folder: Path) -> list[str]:
     """The sources whose stand-ins ``folder`` holds."""
     path = Path(folder) / LAID_OUT
-    return json.loads(path.read_text())["sources"] if path.is_file() else []
+    return json.loads(path.read_text()).get("sources", []) if path.is_file() else []
 
 
 def environment(folder: Path) -> dict[str, str]:

@@ -196,7 +196,8 @@ SENTENCEPIECE_KINDS = {"llama", "mistral", "mixtral", "phi3"}
 
 
 def _transformers_model(folder: Path, model_type: str, spec: dict) -> None:
-
+    """A random-initialised checkpoint of ``model_type`` with the head ``spec`` names (a
+    classifier), else the masked- or causal-LM head the hub's checkpoints of it have."""
     tokenizer = stand_in_tokenizer(model_type)
     if tokenizer.pad_token is None and model_type in TINY_TEXT:
         tokenizer.pad_token = tokenizer.eos_token
@@ -243,7 +244,7 @@ def _transformers_model(folder: Path, model_type: str, spec: dict) -> None:
     else:
         raise RehearsalError(
             f"{spec['source']}: no stand-in for model_type {model_type!r}; add its tiny config "
-            "to workflow_scripts/rehearsal.py"
+            "to workflow_scripts/rehearsal/stand_ins.py"
         )
     if spec.get("dtype") == "auto":  # as most hub decoders are stored
         model = model.to(torch.bfloat16)
@@ -255,7 +256,6 @@ def study_gptr2(folder: Path):
     """A tiny gptr2-nano as the study's hub checkpoints are: a GPT-2 config naming the author's
     class ``GPTR``, weights in ``pytorch_model.bin`` with 0-d norm gains, GPT-2's tokenizer.
     Returns the model (GPT-2 with those norms), for tests to compare against."""
-
     tokenizer = stand_in_tokenizer("gpt2")
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     config = transformers.GPT2Config(

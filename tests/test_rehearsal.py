@@ -241,3 +241,33 @@ def test_a_config_error_fails_the_rehearsal_before_any_job(tmp_path):
     config["figures"]["top_examples"][0]["layer"] = 99
     with pytest.raises(ConfigError, match="layer"):
         resolve(rehearsal.shrink(config, tmp_path))
+
+
+def test_a_stand_in_resnets_stream_stays_in_float16s_range():
+    """full.yaml stores the ResNets' stream as float16: at torchvision's random initialisation
+    ResNet-152's stream passes float16's range (extraction then stops, rightly), so the
+    stand-in's residual branches are scaled down; every block's output stays in range."""
+    import torch
+    import torchvision
+
+    from workflow_scripts.rehearsal.stand_ins import stand_in_resnet
+
+    def peak(model) -> float:
+        outputs = []
+        blocks = [
+            b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer
+        ]
+        hooks = [
+            b.register_forward_hook(lambda m, i, o: outputs.append(o.abs().max())) for b in blocks
+        ]
+        with torch.no_grad():
+            model.eval()(torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+        for hook in hooks:
+            hook.remove()
+        assert len(outputs) == 50
+        return max(outputs).item()
+
+    float16_max = torch.finfo(torch.float16).max
+    torch.manual_seed(0)
+    assert peak(torchvision.models.get_model("resnet152", weights=None)) > float16_max
+    assert peak(stand_in_resnet("resnet152")) < float16_max / 1000

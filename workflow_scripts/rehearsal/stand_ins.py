@@ -294,16 +294,36 @@ class StudyRMSNorm(nn.Module):
         return x / torch.sqrt(torch.mean(x**2, dim=-1, keepdim=True) + self.eps) * self.weight
 
 
+RESIDUAL_SCALE = 0.2  # a stand-in ResNet's residual branches, against its stream
+
+
+def stand_in_resnet(arch: str):
+    """A random-initialised torchvision ``arch`` whose residual branches end at a fifth of the
+    default scale (the last batch norm's gain of each block): at torchvision's initialisation
+    each block doubles the stream's variance, and a ResNet-152's passes float16's range by its
+    30th block, where trained weights stay in it."""
+    import torchvision
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None)
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, Bottleneck | BasicBlock):
+                last = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+                last.weight.mul_(RESIDUAL_SCALE)
+    return model
+
+
 def _lay_out_torchvision(torch_home: Path, arch: str) -> str:
     """torchvision's weight file of ``arch`` where ``torch.hub`` keeps its downloads, holding a
-    random initialisation (in float16: half the disk; loading casts it back)."""
+    stand-in (:func:`stand_in_resnet`; in float16: half the disk, and loading casts it back)."""
     import torchvision
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     target = torch_home / "hub" / "checkpoints" / Path(weights.url).name
     if not target.is_file():
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(arch, weights=None)
+        model = stand_in_resnet(arch)
         state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, target.with_suffix(".partial"))

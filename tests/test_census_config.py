@@ -10,7 +10,7 @@ import yaml
 from support import REPO, offline_dry_run
 
 from workflow_scripts.plan import resolve
-from workflow_scripts.sources import Source
+from workflow_scripts.sources import Source, hub_dataset
 
 CENSUS = REPO / "configs/census.yaml"
 HUB_MODELS = REPO / "configs/hub_models.yaml"
@@ -125,7 +125,7 @@ def test_every_hub_dataset_is_recorded_with_its_columns():
         for name, spec in yaml.safe_load(path.read_text())["datasets"].items():
             source = Source.parse(spec["source"])
             if source.scheme == "hf":
-                repo = "/".join(source.location.partition(":")[0].split("/")[:2])
+                repo = hub_dataset(source.location)[0]
                 assert repo in records, f"{path.name}: datasets.{name} ({repo}) is not recorded"
                 used.add(repo)
     for repo, record in records.items():

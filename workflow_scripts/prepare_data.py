@@ -35,7 +35,7 @@ from workflow_scripts import sources
 from workflow_scripts.data import builtin, store
 from workflow_scripts.data.store import DatasetError, DatasetWriter
 from workflow_scripts.parallel import ordered_map
-from workflow_scripts.sources import dataset_kind
+from workflow_scripts.sources import dataset_kind, hub_dataset
 
 log = logging.getLogger("prepare_data")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -192,9 +192,7 @@ def _builtin(rest: str, spec: dict, name: str, workers: int) -> Source:
 def _from_hub(rest: str, spec: dict, name: str, workers: int) -> Source:
     import datasets
 
-    path, _, split = rest.partition(":")  # a repo has no ':'; a split may ('train[:100]')
-    parts = path.split("/")  # <name>, <owner>/<name> or <owner>/<name>/<config>
-    repo, subset = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else None)
+    repo, subset, split = hub_dataset(rest)
     data = datasets.load_dataset(repo, subset, split=split)  # memory-mapped Arrow on disk
     label_column = spec.get("columns", {}).get("label", "label")  # the source's label column
     label = data.features.get(label_column)

@@ -58,6 +58,15 @@ class Source:
         return None
 
 
+def hub_dataset(location: str) -> tuple[str, str | None, str]:
+    """(repository, config or None, split) of an ``hf:`` dataset's location,
+    ``<name>``, ``<owner>/<name>`` or ``<owner>/<name>/<config>``, then ``:<split>`` (a
+    repository has no ':'; a split may: ``train[:100]``)."""
+    path, _, split = location.partition(":")
+    parts = path.split("/")
+    return "/".join(parts[:2]), (parts[2] if len(parts) > 2 else None), split
+
+
 def dataset_kind(spec: Mapping) -> str:
     """pairs, text or image: given by the source where it can, else by the ``kind`` key."""
     return Source.parse(spec["source"]).holds or spec["kind"]

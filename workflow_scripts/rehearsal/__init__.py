@@ -78,7 +78,7 @@ def shrink(config: dict, folder: Path) -> dict:
     for name, spec in config["models"].items():
         source = Source.parse(spec["source"])
         if source.scheme == "hf":
-            spec["source"] = str(_unpinned(source))
+            spec["source"] = str(unpinned(source))
             scale[name] = BLOCKS / spec.get("blocks", BLOCKS)
             spec.update(blocks=BLOCKS, width=WIDTH)
             for key in ("gpus", "max_memory"):  # sized for the real model
@@ -163,11 +163,12 @@ def sources(config: dict) -> list[str]:
         for spec in config[section].values():
             source = Source.parse(spec["source"])
             if source.scheme in STOOD_IN:
-                found.add(str(_unpinned(source) if section == "models" else source))
+                found.add(str(unpinned(source) if section == "models" else source))
     return sorted(found)
 
 
-def _unpinned(source: Source) -> Source:
+def unpinned(source: Source) -> Source:
+    """A hub source without its revision (``hf:<repo>``); any other source as it is."""
     if source.scheme != "hf":
         return source
     return Source("hf", source.location.partition("@")[0])

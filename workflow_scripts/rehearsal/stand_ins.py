@@ -28,8 +28,9 @@ from workflow_scripts.rehearsal import (
     image_folder,
     laid_out_in,
     sources,
+    unpinned,
 )
-from workflow_scripts.sources import Source
+from workflow_scripts.sources import Source, hub_dataset
 
 # transformers' config of a tiny model of each decoder-only model_type the records name (the
 # vocabulary and special token ids are the stand-in tokenizer's)
@@ -100,7 +101,7 @@ def lay_out(config: dict, folder: Path, record: dict | None = None) -> dict[str,
     for name, spec in config["models"].items():
         source = Source.parse(spec["source"])
         if source.scheme == "hf":
-            repo = source.location.partition("@")[0]
+            repo = unpinned(source).location
             if repo not in hub_models:
                 raise RehearsalError(
                     f"models.{name}: {spec['source']} is not in {HUB_RECORD.name}: record its "
@@ -113,14 +114,14 @@ def lay_out(config: dict, folder: Path, record: dict | None = None) -> dict[str,
     for name, spec in config["datasets"].items():
         source = Source.parse(spec["source"])
         if source.scheme == "hf":
-            path, split = _hub_dataset(source.location)
-            repo = "/".join(path.split("/")[:2])
+            repo, subset, split = hub_dataset(source.location)
             if repo not in hub_datasets:
                 raise RehearsalError(
                     f"datasets.{name}: {spec['source']} is not in {HUB_RECORD.name}: record its "
                     "columns and label names, and where they were read, first"
                 )
-            _lay_out_hub_dataset(folder / "datasets", path, split, hub_datasets[repo])
+            where = (repo, subset or "default", split.partition("[")[0])  # a slice dropped
+            _lay_out_hub_dataset(folder / "datasets", *where, hub_datasets[repo])
             done["datasets"].append(str(source))
         elif source.scheme == "imagefolder":
             _lay_out_images(image_folder(folder, source.location))
@@ -128,12 +129,6 @@ def lay_out(config: dict, folder: Path, record: dict | None = None) -> dict[str,
     every = sorted(set(laid_out_in(folder)) | set(sources(config)))
     (folder / LAID_OUT).write_text(json.dumps({"sources": every}, indent=1) + "\n")
     return done
-
-
-def _hub_dataset(location: str) -> tuple[str, str]:
-    """``owner/name[/config]`` and the split of an ``hf:`` dataset (a slice dropped)."""
-    path, _, split = location.partition(":")
-    return path, split.partition("[")[0]
 
 
 def _lay_out_hub_model(hub: Path, repo: str, record: dict, spec: dict) -> None:
@@ -331,14 +326,12 @@ def _lay_out_torchvision(torch_home: Path, arch: str) -> str:
     return arch
 
 
-def _lay_out_hub_dataset(cache: Path, path: str, split: str, record: dict) -> None:
-    """The split ``split`` of the hub dataset ``path`` (``owner/name[/config]``) in ``datasets``'
+def _lay_out_hub_dataset(cache: Path, repo: str, subset: str, split: str, record: dict) -> None:
+    """The split ``split`` of the config ``subset`` of the hub dataset ``repo`` in ``datasets``'
     cache ``cache``, where ``load_dataset`` finds it offline."""
     import datasets
     from datasets.packaged_modules.parquet.parquet import Parquet
 
-    parts = path.split("/")
-    repo, subset = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else "default")
     owner, name = repo.split("/")
     commit = commit_of(repo)
     target = cache / f"{owner}___{name}" / subset / "0.0.0" / commit
